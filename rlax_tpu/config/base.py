@@ -1,0 +1,24 @@
+"""The base config: every field of every section, with its default and documentation."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from rlax_tpu.config import sections
+
+SECTION_NAMES = (
+    "model", "tokenizer", "task", "mesh", "sft", "rl", "trainer", "inference", "store", "eval",
+    "launch",
+)
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Returns an unlocked ConfigDict with all sections at their defaults."""
+    config = ml_collections.ConfigDict()
+    # Global seed; every role derives its own RNG streams from it (see each section).
+    config.seed = 0
+    # Free-form experiment name, written to the workdir and the metrics.
+    config.name = "experiment"
+    for name in SECTION_NAMES:
+        config[name] = getattr(sections, name).defaults()
+    return config

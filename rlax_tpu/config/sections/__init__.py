@@ -1,0 +1,15 @@
+"""One module per config section: ``defaults()`` documents every field, ``validate()`` checks it."""
+
+from rlax_tpu.config.sections import (  # noqa: F401
+    eval,
+    inference,
+    launch,
+    mesh,
+    model,
+    rl,
+    sft,
+    store,
+    task,
+    tokenizer,
+    trainer,
+)

@@ -1,0 +1,44 @@
+"""Packaging for rlax_tpu: an RL system for LLMs on JAX with a parameter server."""
+
+from setuptools import find_packages, setup
+
+# Versions pinned to a set that installs and works together (see ../shared/PITFALLS.md).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "sentencepiece==0.2.3",
+    "tensorstore==0.1.86",
+    "absl-py==2.5.1",
+    "ml-collections==1.1.0",
+    "numpy>=2.0,<3",
+    "msgpack>=1.0",
+    "tensorboardX>=2.6",
+]
+
+EXTRAS = {
+    "test": [
+        "pytest>=8",
+        "pytest-timeout>=2.3",
+        "hypothesis>=6.100",
+        "transformers>=4.50",
+        "safetensors>=0.4",
+        "torch==2.13.0",
+        "ruff>=0.6",
+    ],
+    "hf": ["safetensors>=0.4", "tokenizers>=0.20"],
+    "plot": ["matplotlib>=3.8"],
+}
+
+setup(
+    name="rlax_tpu",
+    version="0.1.0",
+    description="Parameter-server reinforcement learning for LLMs on JAX/TPU",
+    packages=find_packages(include=["rlax_tpu*", "trainer*", "inference_worker*", "param_server*"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
