@@ -1,0 +1,318 @@
+"""The generation engine: a fixed set of decode slots fed by continuous batching.
+
+Host side, per iteration: (1) while slots are free and requests wait, prefill a batch of
+prompts (bucketed in batch and length, so shapes repeat and nothing recompiles after warm-up)
+and insert each prompt's n samples into free slots, sharing one prefill; (2) run a chunk of
+decode steps on device for all slots; (3) read the new tokens back once, apply stop rules,
+and free finished slots so the next waiting request takes them at once.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import time
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from inference_worker.engine import steps
+from inference_worker.engine.sampling import SamplingError, SamplingParams, request_key
+from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("eos", "stop", "length", "cache", "error")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (the message says which and why)."""
+
+
+@dataclasses.dataclass
+class Completion:
+    """One sampled completion.
+
+    tokens: the new tokens only. logprobs: each token's log-prob under the distribution it was
+    sampled from (temperature, top-k/top-p applied; 0.0 for greedy). raw_logprobs: under the
+    raw model (temperature 1, no truncation). finish_reason: 'eos' (a stop token id), 'stop'
+    (a stop sequence), 'length' (max_new_tokens), 'cache' (the KV cache is full) or 'error'.
+    """
+
+    tokens: list[int]
+    logprobs: list[float]
+    raw_logprobs: list[float]
+    finish_reason: str
+    error: str | None = None
+
+
+@dataclasses.dataclass
+class _Slot:
+    request: int
+    sample: int
+    prompt_len: int
+    params: SamplingParams
+    completion: Completion
+
+
+def _buckets(limit: int, start: int) -> list[int]:
+    out, b = [], start
+    while b < limit:
+        out.append(b)
+        b *= 2
+    out.append(limit)
+    return out
+
+
+def _bucket(value: int, buckets: Sequence[int]) -> int:
+    for b in buckets:
+        if value <= b:
+            return b
+    raise AssertionError(f"{value} exceeds the largest bucket {buckets[-1]}")
+
+
+class Engine:
+    """Batched generation over a model with a KV cache.
+
+    Args:
+      model: an nnx Transformer (see rlax_tpu.models) providing prefill/decode/logits.
+      model_cfg: its ModelConfig.
+      max_batch: decode slots (concurrent sequences).
+      max_seq_len: cache length per slot; prompt + completion must fit.
+      max_prefill_batch: prompts prefilled together at most.
+      decode_chunk: decode steps per device call.
+      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis. Params
+        should already be placed (e.g. pulled with the inference sharding rules).
+    """
+
+    def __init__(
+        self,
+        model,
+        model_cfg,
+        *,
+        max_batch: int = 32,
+        max_seq_len: int = 256,
+        max_prefill_batch: int = 8,
+        min_prefill_len: int = 16,
+        decode_chunk: int = 8,
+        mesh: jax.sharding.Mesh | None = None,
+    ):
+        if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1:
+            raise EngineError(
+                f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
+                f"{max_prefill_batch} and decode_chunk={decode_chunk} must be positive "
+                "(max_seq_len >= 2)")
+        self.model_cfg = model_cfg
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.decode_chunk = decode_chunk
+        self.mesh = mesh
+        self._graphdef, self._params = nnx.split(model)
+        self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
+        self._batch_buckets = _buckets(max_prefill_batch, 1)
+        self._insert_buckets = _buckets(max_batch, 1)
+        from rlax_tpu.models import KVCache
+
+        cache = KVCache.init(model_cfg, max_batch, max_seq_len)
+        state = init_state(cache, max_batch)
+        shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
+        if shardings is not None:
+            state = jax.device_put(state, shardings)
+        self._state = state
+        self._prefill, self._insert, self._decode = steps.compile_steps(self._graphdef, shardings)
+        self._slots: list[_Slot | None] = [None] * max_batch
+        self.stats = collections.Counter()
+
+    # ----------------------------------------------------------------------------- weights
+    @property
+    def params(self):
+        return self._params
+
+    def update_params(self, params) -> None:
+        """Swaps in new weights (same shapes and dtypes: no recompile). Accepts an nnx.State or
+        the pure-dict form of one (as pulled from the param server)."""
+        if not isinstance(params, nnx.State):
+            new = jax.tree.map(lambda x: x, self._params)
+            nnx.replace_by_pure_dict(new, params)
+            params = new
+        old_leaves = jax.tree_util.tree_leaves_with_path(self._params)
+        new_leaves = jax.tree_util.tree_leaves(params)
+        if len(old_leaves) != len(new_leaves):
+            raise EngineError(f"new params have {len(new_leaves)} leaves, the engine has {len(old_leaves)}")
+        for (path, old), new in zip(old_leaves, new_leaves, strict=True):
+            if old.shape != new.shape or old.dtype != new.dtype:
+                raise EngineError(
+                    f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
+                    f"{old.shape} {old.dtype}")
+        self._params = params
+        self.stats["weight_updates"] += 1
+
+    # ------------------------------------------------------------------------- requests
+    def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
+        """Raises EngineError / SamplingError if the request can never be served."""
+        params.validate(self.model_cfg.vocab_size)
+        if len(prompt) == 0:
+            raise EngineError("empty prompt: at least one token is needed")
+        if len(prompt) >= self.max_seq_len:
+            raise EngineError(
+                f"prompt of {len(prompt)} tokens does not fit the KV cache of max_seq_len="
+                f"{self.max_seq_len} (at least one generated token must fit)")
+        arr = np.asarray(prompt)
+        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
+            raise EngineError("prompt must be a flat list of int token ids")
+        if arr.min() < 0 or arr.max() >= self.model_cfg.vocab_size:
+            raise EngineError(f"prompt has token ids outside [0, {self.model_cfg.vocab_size})")
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+    ) -> list[list[Completion]]:
+        """Generates ``params.n`` completions for each prompt.
+
+        A request that cannot be served (empty prompt, prompt longer than the cache, invalid
+        sampling params) gets n completions with finish_reason 'error' and the reason in
+        ``.error``; the other requests are served normally.
+        """
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise EngineError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+        results: list[list[Completion | None]] = []
+        queue: collections.deque = collections.deque()
+        for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
+            try:
+                self.check_request(prompt, p)
+            except (EngineError, SamplingError) as e:
+                log.warning("request %d rejected: %s", i, e)
+                n = p.n if isinstance(p.n, int) and p.n > 0 else 1
+                results.append([Completion([], [], [], "error", str(e)) for _ in range(n)])
+                self.stats["rejected_requests"] += 1
+                continue
+            results.append([None] * p.n)
+            # Groups larger than the slot count are served in parts; each part shares a prefill.
+            for start in range(0, p.n, self.max_batch):
+                queue.append((i, list(map(int, prompt)), p, start, min(p.n, start + self.max_batch)))
+        t0 = time.perf_counter()
+        while queue or any(s is not None for s in self._slots):
+            self._admit(queue)
+            self._decode_chunk(results)
+        self.stats["generate_seconds"] += time.perf_counter() - t0
+        return results  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------------- internals
+    def _admit(self, queue: collections.deque) -> None:
+        """Prefills waiting requests into free slots (continuous batching)."""
+        while queue:
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            batch, need = [], 0
+            while queue and len(batch) < self._batch_buckets[-1]:
+                count = queue[0][4] - queue[0][3]
+                if need + count > len(free):
+                    break
+                batch.append(queue.popleft())
+                need += count
+            if not batch:
+                return
+            self._prefill_insert(batch, free)
+
+    def _prefill_insert(self, batch, free: list[int]) -> None:
+        plen = _bucket(max(len(b[1]) for b in batch), self._len_buckets)
+        bsz = _bucket(len(batch), self._batch_buckets)
+        tokens = np.zeros((bsz, plen), np.int32)
+        lengths = np.ones((bsz,), np.int32)
+        for row, (_, prompt, _, _, _) in enumerate(batch):
+            tokens[row, : len(prompt)] = prompt
+            lengths[row] = len(prompt)
+        logits, kv = self._prefill(self._params, tokens, lengths)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
+
+        rows = [(row, b, s) for row, b in enumerate(batch) for s in range(b[3], b[4])]
+        k = _bucket(len(rows), self._insert_buckets)
+        src = np.zeros((k,), np.int32)
+        dst = np.full((k,), self.max_batch, np.int32)  # out of range: dropped by the scatter
+        prompt_lens = np.zeros((k,), np.int32)
+        budget = np.zeros((k,), np.int32)
+        keys = np.zeros((k, 2), np.uint32)
+        temp = np.ones((k,), np.float32)
+        top_k = np.zeros((k,), np.int32)
+        top_p = np.ones((k,), np.float32)
+        stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
+        for j, (row, (req, prompt, p, _, _), sample_idx) in enumerate(rows):
+            slot = free[j]
+            src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
+            # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
+            budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
+            keys[j] = np.asarray(request_key(p.seed, sample_idx))
+            temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
+            ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
+            stop_ids[j, : len(ids)] = ids
+            if self.stats["slot_uses"] >= self.max_batch:
+                self.stats["slot_refills"] += 1
+            self.stats["slot_uses"] += 1
+            self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+        self._state, first, logp, raw = self._insert(
+            self._state, kv, logits, src, dst, prompt_lens, budget, keys, temp, top_k, top_p, stop_ids)
+        first, logp, raw = jax.device_get((first, logp, raw))
+        for j in range(len(rows)):
+            self._append(free[j], [int(first[j])], [float(logp[j])], [float(raw[j])])
+
+    def _decode_chunk(self, results) -> None:
+        self._finish_done(results)
+        if all(s is None for s in self._slots):
+            return
+        keep = jnp.asarray([s is not None for s in self._slots])
+        self._state, toks, logp, raw, valid = self._decode(
+            self._params, self._state, keep, num_steps=self.decode_chunk)
+        toks, logp, raw, valid = jax.device_get((toks, logp, raw, valid))
+        self.stats["decode_calls"] += 1
+        self.stats["decode_steps"] += self.decode_chunk
+        for slot, s in enumerate(self._slots):
+            if s is None:
+                continue
+            v = valid[:, slot]
+            if v.any():
+                self._append(slot, toks[v, slot].tolist(), logp[v, slot].tolist(), raw[v, slot].tolist())
+            elif not s.completion.finish_reason:
+                # The device stopped a slot the host rules did not: a bug, never a silent hang.
+                raise RuntimeError(f"slot {slot} stalled without a finish reason: {s}")
+        self._finish_done(results)
+
+    def _append(self, slot: int, tokens, logps, raws) -> None:
+        s = self._slots[slot]
+        c = s.completion
+        if c.finish_reason:
+            return
+        for tok, lp, rl in zip(tokens, logps, raws, strict=True):
+            c.tokens.append(tok)
+            c.logprobs.append(lp)
+            c.raw_logprobs.append(rl)
+            self.stats["tokens_generated"] += 1
+            reason = self._stop_reason(s)
+            if reason:
+                c.finish_reason = reason
+                return
+
+    def _stop_reason(self, s: _Slot) -> str:
+        c, p = s.completion, s.params
+        if c.tokens[-1] in p.stop_token_ids:
+            return "eos"
+        for seq in p.stop_sequences:
+            if len(c.tokens) >= len(seq) and tuple(c.tokens[-len(seq):]) == tuple(seq):
+                return "stop"
+        if len(c.tokens) >= p.max_new_tokens:
+            return "length"
+        if s.prompt_len + len(c.tokens) >= self.max_seq_len:
+            return "cache"
+        return ""
+
+    def _finish_done(self, results) -> None:
+        for slot, s in enumerate(self._slots):
+            if s is not None and s.completion.finish_reason:
+                results[s.request][s.sample] = s.completion
+                self._slots[slot] = None

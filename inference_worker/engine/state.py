@@ -1,0 +1,64 @@
+"""The engine's device-side decode state: one row per slot, a KV cache shared by all slots."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+MAX_STOP_IDS = 8  # stop token ids checked on device per slot; more are checked on the host
+
+
+class DecodeState(NamedTuple):
+    """Per-slot decode state. N = number of slots.
+
+    A slot holds ``lengths`` tokens in the cache and ``tokens``, the last sampled token, which is
+    fed (and written to the cache) by the next decode step.
+    """
+
+    cache: object  # the model's KVCache: k, v [L, N, S, Hkv, D]
+    tokens: jax.Array  # [N] int32
+    lengths: jax.Array  # [N] int32, tokens already in the cache
+    step: jax.Array  # [N] int32, tokens generated so far (also the RNG fold index)
+    remaining: jax.Array  # [N] int32, decode steps still allowed (budget and cache capacity)
+    active: jax.Array  # [N] bool
+    keys: jax.Array  # [N, 2] uint32 per-completion base keys
+    temperature: jax.Array  # [N] f32
+    top_k: jax.Array  # [N] int32
+    top_p: jax.Array  # [N] f32
+    stop_ids: jax.Array  # [N, MAX_STOP_IDS] int32, -1 padded
+
+
+def init_state(cache, num_slots: int) -> DecodeState:
+    n = num_slots
+    return DecodeState(
+        cache=cache,
+        tokens=jnp.zeros((n,), jnp.int32),
+        lengths=jnp.zeros((n,), jnp.int32),
+        step=jnp.zeros((n,), jnp.int32),
+        remaining=jnp.zeros((n,), jnp.int32),
+        active=jnp.zeros((n,), bool),
+        keys=jnp.zeros((n, 2), jnp.uint32),
+        temperature=jnp.ones((n,), jnp.float32),
+        top_k=jnp.zeros((n,), jnp.int32),
+        top_p=jnp.ones((n,), jnp.float32),
+        stop_ids=jnp.full((n, MAX_STOP_IDS), -1, jnp.int32),
+    )
+
+
+def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_heads: int):
+    """Cache split over kv heads on the 'tensor' axis when it divides; everything else replicated."""
+    if mesh is None:
+        return None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    tensor = mesh.shape.get("tensor", 1)
+    split = num_kv_heads % tensor == 0
+    kv_spec = PartitionSpec(None, None, None, "tensor", None) if split else PartitionSpec()
+    kv_sharding = NamedSharding(mesh, kv_spec)
+    cache_shardings = jax.tree.map(lambda _: kv_sharding, state.cache)
+    return state._replace(
+        cache=cache_shardings,
+        **{f: replicated for f in DecodeState._fields if f != "cache"},
+    )

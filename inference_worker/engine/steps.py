@@ -1,0 +1,133 @@
+"""The engine's compiled functions: prefill, insert into slots, and a multi-step decode loop.
+
+They are plain functions of (model state, decode state, ...) so weights can be swapped without
+recompiling (the weights are an argument, never a closure constant). Decoding runs
+``num_steps`` tokens per call in a ``lax.scan`` on device: one host round trip per chunk, not
+per token, which is what makes small-batch decode fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from inference_worker.engine.sampling import sample
+from inference_worker.engine.state import DecodeState
+
+
+def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array):
+    """Runs the prompts (right-padded to a bucket) and returns last-token logits and their K/V.
+
+    tokens: [B, P] int32; lengths: [B] int32 prompt lengths (>= 1).
+    Returns (logits [B, V] f32 at each prompt's last token, kv cache of length P).
+    """
+    model = nnx.merge(graphdef, params)
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+    hidden, kv = model.prefill(tokens, positions, segment_ids)
+    last = hidden[jnp.arange(b), lengths - 1]
+    return model.logits(last).astype(jnp.float32), kv
+
+
+def insert(
+    state: DecodeState,
+    kv,
+    logits: jax.Array,
+    src: jax.Array,
+    dst: jax.Array,
+    prompt_lens: jax.Array,
+    budget: jax.Array,
+    keys: jax.Array,
+    temperature: jax.Array,
+    top_k: jax.Array,
+    top_p: jax.Array,
+    stop_ids: jax.Array,
+):
+    """Copies prefilled prompts into decode slots and samples each completion's first token.
+
+    src: [K] rows of the prefill batch; dst: [K] slots (== num_slots for padding rows, which
+    are dropped). Several slots may share one src row: the n samples of a prompt share its
+    prefill. budget: [K] tokens this completion may still generate after the first.
+    Returns (state, first tokens [K], their logp [K], raw logp [K]).
+    """
+    tokens, logp, raw_logp = sample(
+        logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
+    p = kv.k.shape[2]
+
+    def put(cache_arr, new_arr):
+        return cache_arr.at[:, dst, :p].set(new_arr[:, src].astype(cache_arr.dtype), mode="drop")
+
+    cache = jax.tree.map(put, state.cache, kv)
+
+    def setrow(arr, values):
+        return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
+
+    state = state._replace(
+        cache=cache,
+        tokens=setrow(state.tokens, tokens),
+        lengths=setrow(state.lengths, prompt_lens),
+        step=setrow(state.step, jnp.ones_like(src)),
+        remaining=setrow(state.remaining, budget),
+        active=setrow(state.active, budget > 0),
+        keys=setrow(state.keys, keys),
+        temperature=setrow(state.temperature, temperature),
+        top_k=setrow(state.top_k, top_k),
+        top_p=setrow(state.top_p, top_p),
+        stop_ids=setrow(state.stop_ids, stop_ids),
+    )
+    # A first token that is already a stop id ends the completion before any decode step.
+    first_stops = jnp.any(stop_ids == tokens[:, None], axis=-1)
+    state = state._replace(active=state.active.at[dst].min(~first_stops, mode="drop"))
+    return state, tokens, logp, raw_logp
+
+
+def decode(graphdef, params, state: DecodeState, keep: jax.Array, num_steps: int):
+    """Runs ``num_steps`` decode steps for every active slot.
+
+    keep: [N] bool; slots the host has released are deactivated first.
+    Returns (state, tokens [num_steps, N], logp, raw_logp, valid [num_steps, N]); ``valid``
+    marks the tokens a slot really produced (it stops on a stop id or when its budget ends).
+    """
+    model = nnx.merge(graphdef, params)
+    max_len = state.cache.k.shape[2]
+    state = state._replace(active=state.active & keep)
+
+    def body(state: DecodeState, _):
+        positions = jnp.minimum(state.lengths, max_len - 1)
+        logits, cache = model.decode(state.tokens, positions, state.cache, positions + 1)
+        tokens, logp, raw_logp = sample(
+            logits, state.keys, state.step, state.temperature, state.top_k, state.top_p)
+        act = state.active
+        hit_stop = jnp.any(state.stop_ids == tokens[:, None], axis=-1)
+        remaining = jnp.where(act, state.remaining - 1, state.remaining)
+        new = state._replace(
+            cache=cache,
+            tokens=jnp.where(act, tokens, state.tokens),
+            lengths=jnp.where(act, state.lengths + 1, state.lengths),
+            step=jnp.where(act, state.step + 1, state.step),
+            remaining=remaining,
+            active=act & ~hit_stop & (remaining > 0),
+        )
+        return new, (tokens, logp, raw_logp, act)
+
+    state, outs = jax.lax.scan(body, state, None, length=num_steps)
+    return (state, *outs)
+
+
+def compile_steps(graphdef, state_shardings, donate: bool = True):
+    """jit-compiled prefill / insert / decode closed over the (static) model graph."""
+    donate_state = (0,) if donate else ()
+    prefill_fn = jax.jit(functools.partial(prefill, graphdef))
+    insert_fn = jax.jit(insert, donate_argnums=donate_state, out_shardings=(
+        state_shardings, None, None, None) if state_shardings is not None else None)
+    decode_fn = jax.jit(
+        functools.partial(decode, graphdef),
+        static_argnames=("num_steps",),
+        donate_argnums=(1,) if donate else (),
+        out_shardings=(state_shardings, None, None, None, None) if state_shardings is not None else None,
+    )
+    return prefill_fn, insert_fn, decode_fn
