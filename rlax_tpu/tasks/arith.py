@@ -18,7 +18,7 @@ _INT = re.compile(r"[+-]?\d{1,30}")
 
 def _render(nums: list[int], ops: list[str]) -> str:
     out = str(nums[0])
-    for op, n in zip(ops, nums[1:]):
+    for op, n in zip(ops, nums[1:], strict=True):
         out += op + str(n)
     return out
 

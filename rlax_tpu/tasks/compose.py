@@ -66,7 +66,7 @@ class ComposeTask(SyntheticTask):
     def solution_text(self, problem: Problem) -> str:
         ops = list(problem.meta["ops"])
         states = apply_ops(list(problem.meta["input"]), ops)
-        lines = [f"{op}: {_fmt(s)}" for op, s in zip(ops, states)]
+        lines = [f"{op}: {_fmt(s)}" for op, s in zip(ops, states, strict=True)]
         return "\n".join(lines) + f"\n{ANSWER_MARK} {problem.answer}"
 
     def check(self, problem: Problem, answer: str) -> tuple[bool, bool, str]:

@@ -21,15 +21,15 @@ MAX_TARGET = 999
 _PREC = {"+": 1, "-": 1, "*": 2, "/": 2}
 
 
-def _wrap(expr: str, prec: int, need: bool) -> str:
+def _wrap(expr: str, need: bool) -> str:
     return f"({expr})" if need else expr
 
 
 def _combine(a: tuple[int, str, int], b: tuple[int, str, int], op: str) -> tuple[int, str, int]:
     (va, ea, pa), (vb, eb, pb) = a, b
     p = _PREC[op]
-    left = _wrap(ea, pa, pa < p)
-    right = _wrap(eb, pb, pb < p or (pb == p and op in "-/"))
+    left = _wrap(ea, pa < p)
+    right = _wrap(eb, pb < p or (pb == p and op in "-/"))
     value = {"+": va + vb, "-": va - vb, "*": va * vb, "/": va // vb if vb else 0}[op]
     return value, f"{left}{op}{right}", p
 
