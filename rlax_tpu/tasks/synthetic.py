@@ -57,7 +57,9 @@ class SyntheticTask(Task):
             if is_eval_prompt(prompt, self.eval_fraction) == want_eval:
                 meta = {"task": self.name, "difficulty": difficulty, **meta}
                 return Problem(prompt_id_for(self.name, prompt), prompt, answer, meta)
-        raise RuntimeError(f"{self.name}: no {split} problem after {_MAX_REJECTS} draws")
+        raise ConfigError("task.eval_fraction", f"{self.name}: no {split} problem in {_MAX_REJECTS} "
+                          f"draws at difficulty {lo}..{hi}; the problem space is too small for "
+                          f"eval_fraction={self.eval_fraction} (raise the difficulty or max_number)")
 
     def train_problems(self, n: int, seed: int) -> list[Problem]:
         """n training problems (duplicates possible when the problem space is small)."""
