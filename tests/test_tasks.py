@@ -110,7 +110,7 @@ def _write(path, lines):
 def test_jsonl_task(tmp_path):
     rows = [json.dumps({"q": f"What is {i}+{i}?", "a": str(2 * i), "source": "t"}) for i in range(200)]
     path = _write(tmp_path / "d.jsonl", rows[:100] + [""] + rows[100:])
-    task = _task("jsonl", path=path, prompt_field="q", answer_field="a", eval_fraction=0.2)
+    task = _task("jsonl", path=path, prompt_field="q", answer_field="a", eval_fraction=0.2, num_train=10)
     train, ev = task.train_problems(1000, 0), task.eval_problems(1000, 0)
     assert len(train) + len(ev) == 200 and 10 < len(ev) < 70
     assert not {p.prompt for p in train} & {p.prompt for p in ev}
@@ -120,6 +120,8 @@ def test_jsonl_task(tmp_path):
     assert task.reward(p, f"so \\boxed{{{p.answer}}}").correct
     assert task.reward(p, task.solution_text(p)).correct
     assert not task.reward(p, "#### -1").correct
+    assert len(tasks.prompt_dataset(task, "train", 0, repeat=False)) == len(train)   # whole split
+    assert len(tasks.prompt_dataset(task, "eval", 0, num=5)) == 5
     # a separate eval file; prompts also in the train file are dropped from eval
     ev_path = _write(tmp_path / "e.jsonl", [json.dumps({"q": "new?", "a": "1"}), rows[0]])
     task2 = _task("jsonl", path=path, eval_path=ev_path, prompt_field="q", answer_field="a")

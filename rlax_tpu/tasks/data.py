@@ -30,6 +30,8 @@ class PromptSource:
             raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
         self.task, self.split, self.seed = task, split, int(seed)
         default = task.config.num_train if split == "train" else task.config.num_eval
+        if split == "train" and hasattr(task, "split"):  # a dataset file: all of its train split
+            default = len(task.split("train"))
         n = int(default if num is None else num)
         self._lazy = split == "train" and hasattr(task, "problem_at")
         if self._lazy:
@@ -61,9 +63,9 @@ def prompt_dataset(task: Task, split: str, seed: int, num: int | None = None,
                    shuffle: bool | None = None, repeat: bool | None = None) -> grain.MapDataset:
     """A grain MapDataset of problem dicts for split 'train' or 'eval'.
 
-    num defaults to config.task.num_train / num_eval. train defaults to shuffle + repeat forever
-    (a new order each epoch); eval to neither. Iterate with `iter(ds.to_iter_dataset())`; its
-    get_state()/set_state() resume exactly.
+    num defaults to config.task.num_train (a JSONL task: its whole train split) / num_eval.
+    train defaults to shuffle + repeat forever (a new order each epoch); eval to neither.
+    Iterate with `iter(ds.to_iter_dataset())`; its get_state()/set_state() resume exactly.
     """
     is_train = split == "train"
     source = PromptSource(task, split, seed, num)

@@ -48,7 +48,7 @@ def defaults() -> ml_collections.ConfigDict:
     c.format_weight = 0.0
     # Wall-clock budget for parsing one completion; past it the reward is 0 (reason 'timeout').
     c.reward_timeout_s = 1.0
-    # Number of training prompts per epoch (synthetic tasks; jsonl uses the whole file) and of
+    # Number of training prompts per epoch (synthetic tasks; jsonl uses its whole training split) and of
     # held-out eval prompts (distinct prompts; jsonl uses at most the held-out split).
     c.num_train = 4096
     c.num_eval = 256
