@@ -244,3 +244,22 @@ def test_pass_at_k_matches_comb_and_errors():
     for bad in [(0, 0, 1), (5, 6, 1), (5, 2, 6), (5, 2, 0)]:
         with pytest.raises(ValueError):
             pass_at_k(*bad)
+
+
+def test_dataloader_resume_and_repr_check():
+    import grain
+
+    def loader(**overrides):
+        src = tasks.PromptSource(_task("arith", num_train=20, **overrides), "train", 0)
+        sampler = grain.samplers.IndexSampler(len(src), shuffle=True, seed=1, num_epochs=None)
+        return iter(grain.DataLoader(data_source=src, sampler=sampler, worker_count=0))
+
+    it = loader()
+    [next(it) for _ in range(25)]
+    state = it.get_state()
+    tail = [next(it)["prompt_id"] for _ in range(5)]
+    it2 = loader()
+    it2.set_state(state)
+    assert [next(it2)["prompt_id"] for _ in range(5)] == tail
+    with pytest.raises(ValueError, match="does not match"):
+        loader(difficulty=2).set_state(state)        # other data: the stable repr differs
