@@ -16,6 +16,7 @@ from rlax_tpu.replay.records import (
     decode_task,
     encode_rollout,
     encode_task,
+    task_digest,
 )
 from rlax_tpu.replay.sampling import ReuseBuffer, filter_zero_variance, is_zero_variance
 from rlax_tpu.replay.worker import Lease, ReplayWorker, install_sigterm_handler
@@ -24,5 +25,5 @@ __all__ = [
     "SCHEMA_VERSION", "Admitted", "Lease", "PollResult", "QueueFull", "RecordError", "ReplayController",
     "ReplayWorker", "ReuseBuffer", "RolloutGroup", "Sample", "Task", "decode_rollout", "decode_task",
     "encode_rollout", "encode_task", "filter_zero_variance", "install_sigterm_handler",
-    "is_zero_variance",
+    "is_zero_variance", "task_digest",
 ]

@@ -28,8 +28,8 @@ from rlax_tpu.replay.records import (
     Task,
     decode_rollout,
     decode_task,
-    digest,
     encode_task,
+    task_digest,
 )
 from rlax_tpu.replay.sampling import ReuseBuffer
 from rlax_tpu.store import KVStore
@@ -157,19 +157,23 @@ class ReplayController:
                     n_samples=int(n_samples),
                     seed=_derive_seed(self.seed, number) if seed is None else int(seed),
                     version=int(version), attempt=int(attempt))
-        raw = encode_task(task)
+        dig = task_digest(task)
         key = keys.TASKS + tid
-        if not self.kv.create(key, raw):
-            # Issued before a restart from an older state: keep it if identical, else replace it.
-            entry = self.kv.read(key)
-            if entry.value == raw:
+        if not self.kv.create(key, encode_task(task)):
+            # Issued before a restart from an older state: keep it if it asks for the same work,
+            # else replace it (a rollout of the old content is then rejected by its digest).
+            try:
+                same = task_digest(decode_task(self.kv.get(key))) == dig
+            except RecordError:
+                same = False
+            if same:
                 self.counters["reissued_same"] += 1
             else:
                 self.counters["reissued_changed"] += 1
                 log.info("replay: task %s re-issued with different content; replacing it", tid)
-                self.kv.put(key, raw)
+                self.kv.put(key, encode_task(task))
         self._next = number + 1
-        self._issued[tid] = digest(raw)
+        self._issued[tid] = dig
         self.counters["issued"] += 1
         return task
 

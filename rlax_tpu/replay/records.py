@@ -60,7 +60,7 @@ class RolloutGroup:
     samples: tuple[Sample, ...]
     worker_id: str
     timings: dict  # plain JSON-able floats, e.g. {"leased_at":..., "generate_s":..., "done_at":...}
-    task_digest: str = ""  # digest() of the task bytes it answers; guards against re-issued ids
+    task_digest: str = ""  # task_digest() of the task it answers; guards against re-issued ids
 
     @property
     def min_version(self) -> int:
@@ -72,8 +72,13 @@ class RolloutGroup:
         return np.asarray([s.reward for s in self.samples], np.float32)
 
 
-def digest(raw: bytes) -> str:
-    """Short content digest of an encoded task, carried by its rollout group."""
+def task_digest(task: Task) -> str:
+    """Short digest of what a task asks for, carried by its rollout group.
+
+    The issue version is left out: a task re-issued after a restart with the same prompt, spec
+    and seed but a newer issue version is the same work, and its rollout stays valid.
+    """
+    raw = encode_task(dataclasses.replace(task, version=0))
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 

@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-seconds", type=float, default=0.0, help="fake generation time per task")
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--version", type=int, default=0, help="policy version stamped on samples")
+    p.add_argument("--version-key", default="", help="store key holding the version (overrides)")
     p.add_argument("--batch", type=int, default=1, help="tasks leased at once")
     p.add_argument("--idle-exit", type=float, default=0.0, help="exit after this long without work")
     p.add_argument("--poll", type=float, default=0.02)
@@ -68,13 +69,16 @@ def main(argv: list[str] | None = None) -> int:
                 break
             time.sleep(args.poll)
             continue
+        if args.version_key:  # like pulling the newest weights before generating
+            raw = kv.get(args.version_key)
+            worker.version = int(raw) if raw else args.version
         for lease in leases:
             _emit(event="leased", worker=args.worker_id, task=lease.task_id)
         t0 = time.time()
         if args.gen_seconds:
             time.sleep(args.gen_seconds)
         for lease in leases:
-            samples = fake_samples(lease.task, args.version, args.new_tokens)
+            samples = fake_samples(lease.task, worker.version, args.new_tokens)
             won = worker.submit(lease, samples, {"generate_s": time.time() - t0})
             _emit(event="submitted", worker=args.worker_id, task=lease.task_id, won=won)
             done += 1

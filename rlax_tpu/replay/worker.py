@@ -29,12 +29,13 @@ from rlax_tpu.replay.records import (
     Sample,
     Task,
     decode_task,
-    digest,
     encode_rollout,
+    task_digest,
 )
 from rlax_tpu.store import KVStore
 
 log = logging.getLogger(__name__)
+EXPIRY_SCAN = 64  # most lease records read per expiry scan
 COUNTERS = ("leased", "taken_over", "renewed", "lost", "submitted", "late_writes_ignored",
             "released", "corrupt_tasks", "corrupt_leases", "lease_conflicts")
 
@@ -90,6 +91,7 @@ class ReplayWorker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._last_expiry_scan = 0.0
+        self._scan_pos = 0
         self._rng = random.Random(hash((worker_id, os.getpid())))
 
     @classmethod
@@ -133,15 +135,20 @@ class ReplayWorker:
         return got
 
     def _take_expired(self, candidates: list[str], want: int) -> list[Lease]:
-        # Reading lease values costs one read each: do it at most a few times per lease period.
+        # Reading lease values costs one read each: do it at most a few times per lease period,
+        # and read at most EXPIRY_SCAN of them, resuming where the last scan stopped, so that the
+        # cost per poll stays flat however many tasks are leased.
         now = time.time()
         if not candidates or now - self._last_expiry_scan < min(1.0, self.lease_seconds / 4):
             return []
         self._last_expiry_scan = now
+        start = self._scan_pos % len(candidates)
+        batch = (candidates[start:] + candidates[:start])[:EXPIRY_SCAN]
+        self._scan_pos = start + len(batch)
         got = []
         with self._lock:
             mine = set(self._held)
-        for tid in candidates:
+        for tid in batch:
             if len(got) >= want:
                 break
             if tid in mine:
@@ -189,7 +196,7 @@ class ReplayWorker:
         entry = self.kv.read(key)
         if parse_lease(entry.value) is None or parse_lease(entry.value)["token"] != token:
             return None
-        lease = Lease(task, digest(traw), token, now, rec["expires_at"], entry.generation)
+        lease = Lease(task, task_digest(task), token, now, rec["expires_at"], entry.generation)
         with self._lock:
             self._held[tid] = lease
         self.counters["leased"] += 1
