@@ -147,18 +147,42 @@ class ReplayController:
     def issue(self, prompt_id: str, prompt_tokens, spec: dict, n_samples: int, version: int,
               seed: int | None = None, attempt: int = 0) -> Task:
         """Writes the next task; raises QueueFull when max_in_flight tasks are outstanding."""
-        if self.free_slots() <= 0:
-            raise QueueFull(f"{len(self._issued)} tasks in flight, max_in_flight={self.max_in_flight}")
+        return self.issue_many([dict(prompt_id=prompt_id, prompt_tokens=prompt_tokens, spec=spec,
+                                     n_samples=n_samples, seed=seed, attempt=attempt)], version)[0]
+
+    def issue_many(self, requests: Sequence[dict], version: int) -> list[Task]:
+        """Issues several tasks at once (their writes run concurrently).
+
+        Each request is a dict of ``issue`` arguments: prompt_id, prompt_tokens, spec, n_samples
+        and optionally seed, attempt. Raises QueueFull (issuing nothing) if they do not all fit.
+        """
+        if len(requests) > self.free_slots():
+            raise QueueFull(f"{len(requests)} tasks do not fit: {len(self._issued)} in flight, "
+                            f"max_in_flight={self.max_in_flight}")
         self._fence()
-        number = self._next
-        tid = keys.task_id(number)
-        task = Task(task_id=tid, prompt_id=str(prompt_id),
-                    prompt_tokens=np.asarray(prompt_tokens, np.int32), spec=dict(spec),
-                    n_samples=int(n_samples),
-                    seed=_derive_seed(self.seed, number) if seed is None else int(seed),
-                    version=int(version), attempt=int(attempt))
+        tasks = []
+        for i, r in enumerate(requests):
+            number = self._next + i
+            seed = r.get("seed")
+            seed = _derive_seed(self.seed, number) if seed is None else int(seed)
+            tasks.append(Task(
+                task_id=keys.task_id(number), prompt_id=str(r["prompt_id"]),
+                prompt_tokens=np.asarray(r["prompt_tokens"], np.int32), spec=dict(r["spec"]),
+                n_samples=int(r["n_samples"]), seed=seed,
+                version=int(version), attempt=int(r.get("attempt", 0))))
+        outcomes = list(self._pool.map(self._write_task, tasks))
+        for task, (dig, outcome) in zip(tasks, outcomes, strict=True):
+            self._issued[task.task_id] = dig
+            if outcome:
+                self.counters[outcome] += 1
+        self._next += len(tasks)
+        self.counters["issued"] += len(tasks)
+        return tasks
+
+    def _write_task(self, task: Task) -> tuple[str, str]:
+        """Creates the task record; returns (digest, counter to bump or '')."""
         dig = task_digest(task)
-        key = keys.TASKS + tid
+        key = keys.TASKS + task.task_id
         if not self.kv.create(key, encode_task(task)):
             # Issued before a restart from an older state: keep it if it asks for the same work,
             # else replace it (a rollout of the old content is then rejected by its digest).
@@ -167,15 +191,11 @@ class ReplayController:
             except RecordError:
                 same = False
             if same:
-                self.counters["reissued_same"] += 1
-            else:
-                self.counters["reissued_changed"] += 1
-                log.info("replay: task %s re-issued with different content; replacing it", tid)
-                self.kv.put(key, encode_task(task))
-        self._next = number + 1
-        self._issued[tid] = dig
-        self.counters["issued"] += 1
-        return task
+                return dig, "reissued_same"
+            log.info("replay: task %s re-issued with different content; replacing it", task.task_id)
+            self.kv.put(key, encode_task(task))
+            return dig, "reissued_changed"
+        return dig, ""
 
     def issue_replacements(self, dropped: Sequence[Admitted], version: int,
                            max_attempts: int) -> tuple[list[Task], list[Admitted]]:

@@ -77,9 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.time()
         if args.gen_seconds:
             time.sleep(args.gen_seconds)
-        for lease in leases:
-            samples = fake_samples(lease.task, worker.version, args.new_tokens)
-            won = worker.submit(lease, samples, {"generate_s": time.time() - t0})
+        results = [(lease, fake_samples(lease.task, worker.version, args.new_tokens),
+                    {"generate_s": time.time() - t0}) for lease in leases]
+        for lease, won in zip(leases, worker.submit_many(results), strict=True):
             _emit(event="submitted", worker=args.worker_id, task=lease.task_id, won=won)
             done += 1
         idle_since = time.time()

@@ -21,6 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
@@ -93,6 +94,11 @@ class ReplayWorker:
         self._last_expiry_scan = 0.0
         self._scan_pos = 0
         self._rng = random.Random(hash((worker_id, os.getpid())))
+        self._pool = ThreadPoolExecutor(max(2, self.max_leases), thread_name_prefix="replay-worker")
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.counters[name] += 1
 
     @classmethod
     def from_config(cls, kv: KVStore, config, worker_id: str) -> ReplayWorker:
@@ -123,12 +129,9 @@ class ReplayWorker:
         window = free[: max(4 * want, 8)]
         self._rng.shuffle(window)
         got: list[Lease] = []
-        for tid in window:
-            if len(got) >= want:
-                break
-            lease = self._claim(tid, None)
-            if lease is not None:
-                got.append(lease)
+        while window and len(got) < want:  # claims run concurrently, topped up after conflicts
+            batch, window = window[: want - len(got)], window[want - len(got):]
+            got += [lease for lease in self._pool.map(lambda t: self._claim(t, None), batch) if lease]
         if len(got) < want:
             got += self._take_expired(
                 [t for t in tasks if t in leased and t not in done and t not in self._bad], want - len(got))
@@ -158,13 +161,13 @@ class ReplayWorker:
                 continue
             rec = parse_lease(entry.value)
             if rec is None:
-                self.counters["corrupt_leases"] += 1
+                self._count("corrupt_leases")
                 log.warning("replay: corrupt lease record %s%s; taking it over", keys.LEASES, tid)
             elif float(rec["expires_at"]) > time.time():
                 continue
             lease = self._claim(tid, entry.generation)
             if lease is not None:
-                self.counters["taken_over"] += 1
+                self._count("taken_over")
                 got.append(lease)
         return got
 
@@ -179,7 +182,7 @@ class ReplayWorker:
                 raise RecordError(f"record under {keys.TASKS}{tid} is task {task.task_id!r}")
         except RecordError as e:
             log.warning("replay: corrupt task %s%s skipped: %s", keys.TASKS, tid, e)
-            self.counters["corrupt_tasks"] += 1
+            self._count("corrupt_tasks")
             self._bad.add(tid)
             return None
         now = time.time()
@@ -190,7 +193,7 @@ class ReplayWorker:
         ok = (self.kv.create(key, _json(rec)) if generation is None
               else self.kv.cas(key, _json(rec), generation))
         if not ok:
-            self.counters["lease_conflicts"] += 1
+            self._count("lease_conflicts")
             return None
         # The CAS returned no generation to us through the facade: read it back (ours unless lost).
         entry = self.kv.read(key)
@@ -199,7 +202,7 @@ class ReplayWorker:
         lease = Lease(task, task_digest(task), token, now, rec["expires_at"], entry.generation)
         with self._lock:
             self._held[tid] = lease
-        self.counters["leased"] += 1
+        self._count("leased")
         return lease
 
     def renew(self, lease: Lease) -> bool:
@@ -214,12 +217,12 @@ class ReplayWorker:
             if not self.kv.cas(key, _json(rec), lease.generation):
                 lease.lost = True
                 self._held.pop(lease.task_id, None)
-                self.counters["lost"] += 1
+                self._count("lost")
                 log.info("replay: lease on %s lost (expired and taken over, or acknowledged)", key)
                 return False
             lease.generation = self.kv.read(key).generation
             lease.expires_at = rec["expires_at"]
-            self.counters["renewed"] += 1
+            self._count("renewed")
             return True
 
     def renew_all(self) -> int:
@@ -240,12 +243,16 @@ class ReplayWorker:
                              timings=timings, task_digest=lease.task_digest)
         won = self.kv.create(keys.ROLLOUTS + lease.task_id, encode_rollout(group))
         if won:
-            self.counters["submitted"] += 1
+            self._count("submitted")
         else:
-            self.counters["late_writes_ignored"] += 1
+            self._count("late_writes_ignored")
             log.info("replay: result for %s already present; ours ignored", lease.task_id)
         self.release(lease, count=False)
         return won
+
+    def submit_many(self, results: Sequence[tuple[Lease, Sequence[Sample], dict | None]]) -> list[bool]:
+        """``submit`` for several (lease, samples, timings) at once; the writes run concurrently."""
+        return list(self._pool.map(lambda r: self.submit(*r), results))
 
     def release(self, lease: Lease, count: bool = True) -> bool:
         """Gives a lease back (deletes it if still ours) so that another worker can take the task."""
@@ -256,7 +263,7 @@ class ReplayWorker:
             lease.lost = True
             ok = self.kv.cas(keys.LEASES + lease.task_id, None, lease.generation)
         if ok and count:
-            self.counters["released"] += 1
+            self._count("released")
         return ok
 
     def release_all(self) -> int:
