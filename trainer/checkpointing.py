@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -92,6 +93,8 @@ class Checkpointer:
                 f"cannot save step {step}: a newer checkpoint (step {latest}) exists in "
                 f"{self.directory}; orbax would skip this and every later save"
             )
+        if jax.process_count() > 1:
+            state = globalize_host_local(state)
         args = {STATE_ITEM: ocp.args.StandardSave(state)}
         args.update({name: ocp.args.JsonSave(value) for name, value in json_items.items()})
         # orbax would wait for the previous async save inside save() anyway; waiting here first
@@ -203,6 +206,29 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def globalize_host_local(tree: Any) -> Any:
+    """Turns host-local leaves into replicated global arrays (multi-host saves need global arrays).
+
+    On several hosts orbax refuses single-device jax arrays (e.g. a step counter created with
+    ``jnp.int32(s)`` outside jit). Every host holds the same value for such leaves (the trainer is
+    one SPMD program), so they are saved as arrays replicated over all devices. Leaves that are
+    already global (sharded over devices of several hosts) are returned unchanged.
+    """
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("hosts",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def convert(leaf):
+        if not isinstance(leaf, jax.Array) or not leaf.is_fully_addressable:
+            return leaf
+        if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            data = convert(jax.random.key_data(leaf))
+            return jax.random.wrap_key_data(data, impl=jax.random.key_impl(leaf))
+        value = np.asarray(leaf)
+        return jax.make_array_from_callback(value.shape, replicated, lambda index: value[index])
+
+    return jax.tree.map(convert, tree)
 
 
 def _key_name(entry: Any) -> str:
