@@ -16,7 +16,9 @@ committed -- the controller uses that to delete replay records the checkpoint co
 is noticed at the next ``save``, ``wait``, ``poll`` or ``committed_steps`` call (never from the
 background thread, so callbacks need no locking). Every host runs the same calls in the same
 order (orbax saves are collective); only the primary host should act on callbacks that touch
-shared storage.
+shared storage. On several hosts, host-local leaves (single-device arrays such as a step counter
+made outside jit, typed PRNG keys) are saved as replicated global arrays (orbax rejects them
+otherwise); give them a global sharding (e.g. ``NamedSharding(mesh, P())``) when restoring.
 """
 
 from __future__ import annotations
