@@ -100,11 +100,13 @@ def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
         base = ps.kv.sub(prefix)
         specs = [tensor_io.array_spec(leaf.shape, leaf.dtype, leaf.chunks, ps.options.compression)
                  for leaf in snap.leaves]
-        opened = [tensor_io.open_for_write(base / layout.array_key(leaf.name), spec, ps.context, leader)
-                  for leaf, spec in zip(snap.leaves, specs)]
-        futures = [tensor_io.write_chunks(arr, leaf.pieces) for arr, leaf in zip(opened, snap.leaves)]
+        # All opens (metadata writes), then all chunk writes, are in flight at once.
+        opening = [tensor_io.open_for_write(base / layout.array_key(leaf.name), spec, ps.context, leader)
+                   for leaf, spec in zip(snap.leaves, specs, strict=True)]
+        futures = [tensor_io.write_chunks(f.result(), leaf.pieces)
+                   for f, leaf in zip(opening, snap.leaves, strict=True)]
         nbytes = chunks = 0
-        for i, (leaf, futs) in enumerate(zip(snap.leaves, futures)):
+        for i, (leaf, futs) in enumerate(zip(snap.leaves, futures, strict=True)):
             for f in futs:
                 f.result()
             chunks += len(futs)
@@ -144,7 +146,8 @@ def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
                 pass
         if isinstance(e, (PublishError, FencedError)):
             raise
-        raise PublishError(f"publish of version {plan.version} (step {snap.step}) to {kv.url} failed: {e}") from e
+        raise PublishError(
+            f"publish of version {plan.version} (step {snap.step}) to {kv.url} failed: {e}") from e
 
 
 def _commit(ps, plan: Plan, body: dict) -> None:

@@ -312,7 +312,7 @@ class ParamStore:
                     "metadata": {"shape": entries[name]["shape"], "data_type": entries[name]["dtype"]}}
             opens.append(ts.open(spec, kvstore=base / key, context=self.context))
         pending = []
-        for (name, t), fut in zip(named, opens):
+        for (name, t), fut in zip(named, opens, strict=True):
             key = entries[name]["key"]
             try:
                 arr = fut.result()

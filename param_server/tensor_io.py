@@ -40,10 +40,10 @@ def array_spec(shape, dtype: str, chunks, compression: str) -> dict:
     }
 
 
-def open_for_write(kvstore: ts.KvStore, spec: dict, context: ts.Context, create: bool) -> ts.TensorStore:
+def open_for_write(kvstore: ts.KvStore, spec: dict, context: ts.Context, create: bool) -> ts.Future:
     """Process 0 creates the metadata; other hosts assume it and write only chunk keys."""
     opts = {"create": True} if create else {"assume_metadata": True}
-    return ts.open(spec, kvstore=kvstore, context=context, **opts).result()
+    return ts.open(spec, kvstore=kvstore, context=context, **opts)
 
 
 def write_chunks(arr: ts.TensorStore, pieces: list[tuple[tuple, np.ndarray]]) -> list[ts.Future]:

@@ -96,7 +96,8 @@ class VariableClient:
                 self._stop.wait(self.poll_interval_s)
 
     def _fetch(self, latest: int) -> None:
-        candidates = [v for v in reversed(self.store.versions()) if v <= latest and v not in self.bad_versions]
+        candidates = [v for v in reversed(self.store.versions())
+                      if v <= latest and v not in self.bad_versions]
         floor = self._fetched
         for v in candidates:
             if floor is not None and v <= floor:

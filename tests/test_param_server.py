@@ -69,7 +69,7 @@ def target_for(params, mesh=None, specs=None, float_dtype=jnp.bfloat16):
 
 
 def assert_equal_bf16(pulled, params):
-    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params), strict=True):
         want = np.asarray(b).astype(a.dtype) if a.dtype != b.dtype else np.asarray(b)
         np.testing.assert_array_equal(np.asarray(a), want)
 
@@ -88,10 +88,12 @@ def test_round_trip(store):
     assert v == 1
     assert_equal_bf16(pulled, params)
     leaf = pulled["layers"][1]["attn"]["q_proj"]["kernel"]
-    assert leaf.dtype == jnp.bfloat16 and leaf.sharding == target["layers"][1]["attn"]["q_proj"]["kernel"].sharding
+    assert leaf.dtype == jnp.bfloat16
+    assert leaf.sharding == target["layers"][1]["attn"]["q_proj"]["kernel"].sharding
     assert pulled["count"].dtype == jnp.int32 and int(pulled["count"]) == 1
     manifest = store.read_manifest(1)
-    assert manifest["step"] == 10 and manifest["leaves"]["layers/0/attn/q_proj/kernel"]["source_dtype"] == "float32"
+    assert manifest["step"] == 10
+    assert manifest["leaves"]["layers/0/attn/q_proj/kernel"]["source_dtype"] == "float32"
     assert store.publish(make_params(2), step=20) == 2
     assert store.versions() == [1, 2] and store.latest()["step"] == 20
     assert_equal_bf16(store.pull(target, version=1)[0], params)
@@ -103,7 +105,7 @@ def test_pull_into_other_mesh_equals_original(store):
     store.publish(params, step=1)
     target = target_for(params, float_dtype=jnp.float32)
     pulled, _ = store.pull(target)
-    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params), strict=True):
         assert a.sharding.mesh.axis_names == ("tensor",)
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b.astype(jnp.bfloat16)).astype(a.dtype))
     # each device got only its slice
@@ -116,7 +118,7 @@ def test_publish_float32(tmp_path):
     params = make_params(4)
     store.publish(params, step=1)
     pulled, _ = store.pull(target_for(params, float_dtype=jnp.float32))
-    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params)):
+    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(params), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -270,7 +272,7 @@ def test_odd_leaf_names_round_trip():
     store = ParamStore.open("memory://")
     params = {"a b": {"MANIFEST.json": jnp.ones((2,))}, "..": jnp.arange(3), "x~y": jnp.zeros(())}
     store.publish(params, step=0)
-    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype if x.dtype == jnp.int32 else jnp.bfloat16),
-                          params)
+    target = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype if x.dtype == jnp.int32 else jnp.bfloat16), params)
     pulled, _ = store.pull(target)
     assert_equal_bf16(pulled, params)

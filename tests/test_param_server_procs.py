@@ -32,14 +32,15 @@ def _target(mesh, spec_fn, seed=1):
     def make(path, x):
         from param_server.layout import leaf_name
 
-        return jax.ShapeDtypeStruct(x.shape, np.float32, sharding=NamedSharding(mesh, spec_fn(leaf_name(path))))
+        sharding = NamedSharding(mesh, spec_fn(leaf_name(path)))
+        return jax.ShapeDtypeStruct(x.shape, np.float32, sharding=sharding)
 
     return jax.tree_util.tree_map_with_path(make, ps_child.global_values(seed))
 
 
 def _assert_close(pulled, seed):
     want = ps_child.global_values(seed)
-    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(want)):
+    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(want), strict=True):
         # published as bf16: compare to the bf16 rounding of the reference
         np.testing.assert_array_equal(np.asarray(a), b.astype(jax.numpy.bfloat16).astype(np.float32))
 
