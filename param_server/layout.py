@@ -58,7 +58,13 @@ def manifest_key(dirname: str) -> str:
 
 
 def leaf_name(path: tuple) -> str:
-    """'layers/0/attn/q_proj/kernel' from a jax tree path."""
+    """'layers/0/attn/q_proj/kernel' from a jax tree path.
+
+    A final ``.value`` attribute (an ``nnx.Variable`` inside an ``nnx.State``) is dropped, so a
+    State and its ``to_pure_dict()`` name their leaves alike.
+    """
+    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+        path = path[:-1]
     parts = []
     for k in path:
         if isinstance(k, jax.tree_util.DictKey):

@@ -43,7 +43,7 @@ class Options:
     pin_ttl_s: float = 600.0
     chunk_mib: float = 32
     compression: str = "none"
-    io_concurrency: int = 16
+    io_concurrency: int = 32
     file_io_sync: bool = True
     poll_interval_s: float = 0.5
     commit_timeout_s: float = 600.0

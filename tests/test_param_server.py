@@ -276,3 +276,18 @@ def test_odd_leaf_names_round_trip():
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype if x.dtype == jnp.int32 else jnp.bfloat16), params)
     pulled, _ = store.pull(target)
     assert_equal_bf16(pulled, params)
+
+
+def test_nnx_state_and_pure_dict_share_leaf_names():
+    from flax import nnx
+
+    model = nnx.Linear(4, 8, rngs=nnx.Rngs(0))
+    state = nnx.state(model, nnx.Param)
+    store = ParamStore.open("memory://")
+    store.publish(state, step=0)
+    assert sorted(store.read_manifest(1)["leaves"]) == ["bias", "kernel"]
+    pure = nnx.to_pure_dict(state)
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32), pure)
+    pulled, _ = store.pull(target)
+    np.testing.assert_array_equal(np.asarray(pulled["kernel"]),
+                                  np.asarray(pure["kernel"].astype(jnp.bfloat16)).astype(np.float32))

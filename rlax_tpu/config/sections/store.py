@@ -31,7 +31,7 @@ def defaults() -> ml_collections.ConfigDict:
     # Per-chunk compression: 'none' (bf16 weights barely compress) or 'zstd' (level 1).
     c.compression = "none"
     # Parallel chunk reads/writes (tensorstore file_io_concurrency and data_copy_concurrency).
-    c.io_concurrency = 16
+    c.io_concurrency = 32
     # fsync every written file (file:// only). False is faster but a power loss (not a kill -9)
     # could lose a version that LATEST already names.
     c.file_io_sync = True
