@@ -305,19 +305,16 @@ class ParamStore:
         named, treedef = layout.flatten(target)
         _check_tree(named, entries, version)
         base = self.kv.sub(layout.dir_prefix(manifest["dir"]))
-        opens = []
-        for name, _ in named:
-            key = entries[name]["key"]
-            spec = {"driver": "zarr3", "open": True, "fill_missing_data_reads": False,
-                    "metadata": {"shape": entries[name]["shape"], "data_type": entries[name]["dtype"]}}
-            opens.append(ts.open(spec, kvstore=base / key, context=self.context))
+        # All opens, then all reads of every leaf, are in flight at once.
+        opens = [tensor_io.open_for_read(base / entries[name]["key"], entries[name], self.context)
+                 for name, _ in named]
         pending = []
         for (name, t), fut in zip(named, opens, strict=True):
             key = entries[name]["key"]
             try:
                 arr = fut.result()
             except Exception as e:
-                raise tensor_io._classify(version, name, key, e) from e
+                raise tensor_io.classify(version, name, key, e) from e
             sharding = _sharding_of(t)
             indices = list({tensor_io.index_key(i): i for i in
                             sharding.addressable_devices_indices_map(tuple(t.shape)).values()}.values())

@@ -51,7 +51,7 @@ def write_chunks(arr: ts.TensorStore, pieces: list[tuple[tuple, np.ndarray]]) ->
     return [arr[index].write(data) for index, data in pieces]
 
 
-def _classify(version: int, leaf: str, key: str, err: Exception) -> Exception:
+def classify(version: int, leaf: str, key: str, err: Exception) -> Exception:
     msg = str(err)
     if "DATA_LOSS" in msg or "igest mismatch" in msg or "checksum" in msg.lower():
         return CorruptVersionError(
@@ -62,8 +62,7 @@ def _classify(version: int, leaf: str, key: str, err: Exception) -> Exception:
     return CorruptVersionError(version, f"version {version}: leaf {leaf!r} ({key}) cannot be read: {msg}")
 
 
-def open_for_read(kvstore: ts.KvStore, entry: dict, context: ts.Context, version: int, leaf: str,
-                  key: str) -> ts.TensorStore:
+def open_for_read(kvstore: ts.KvStore, entry: dict, context: ts.Context) -> ts.Future:
     spec = {
         "driver": "zarr3",
         "open": True,
@@ -71,10 +70,7 @@ def open_for_read(kvstore: ts.KvStore, entry: dict, context: ts.Context, version
         # The manifest's shape and dtype are constraints: altered zarr.json metadata is refused.
         "metadata": {"shape": list(entry["shape"]), "data_type": entry["dtype"]},
     }
-    try:
-        return ts.open(spec, kvstore=kvstore, context=context).result()
-    except Exception as e:
-        raise _classify(version, leaf, key, e) from e
+    return ts.open(spec, kvstore=kvstore, context=context)
 
 
 class PendingRead:
@@ -82,7 +78,7 @@ class PendingRead:
 
     def __init__(self, arr: ts.TensorStore, indices: list[tuple], version: int, leaf: str, key: str):
         self.version, self.leaf, self.key = version, leaf, key
-        self.futures = {_index_key(i): arr[i].read() for i in indices}
+        self.futures = {index_key(i): arr[i].read() for i in indices}
 
     def results(self) -> dict[Any, np.ndarray]:
         out = {}
@@ -90,12 +86,10 @@ class PendingRead:
             try:
                 out[k] = f.result()
             except Exception as e:
-                raise _classify(self.version, self.leaf, self.key, e) from e
+                raise classify(self.version, self.leaf, self.key, e) from e
         return out
 
 
-def _index_key(index: tuple) -> tuple:
+def index_key(index: tuple) -> tuple:
+    """A hashable form of a tuple of slices."""
     return tuple((s.start, s.stop, s.step) if isinstance(s, slice) else s for s in index)
-
-
-index_key = _index_key
