@@ -291,3 +291,26 @@ def test_nnx_state_and_pure_dict_share_leaf_names():
     pulled, _ = store.pull(target)
     np.testing.assert_array_equal(np.asarray(pulled["kernel"]),
                                   np.asarray(pure["kernel"].astype(jnp.bfloat16)).astype(np.float32))
+
+
+def test_variable_client_skips_a_corrupt_version(tmp_path):
+    store = ParamStore.open(f"file://{tmp_path}/store")
+    p1, p3 = make_params(1), make_params(3)
+    store.publish(p1, step=1)
+    store.publish(make_params(2), step=2)
+    chunk = [f for f in _chunk_files(tmp_path, store.committed_dir(2)) if os.path.isfile(f)][0]
+    with open(chunk, "r+b") as f:
+        f.seek(3)
+        byte = f.read(1)
+        f.seek(3)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    client = VariableClient(store, target_for(p1), reader="w", poll_interval_s=0.05)
+    try:
+        assert client.update_and_wait(timeout=30) and client.version == 1
+        assert client.bad_versions == {2}
+        assert_equal_bf16(client.params, p1)
+        store.publish(p3, step=3)
+        assert client.update_and_wait(timeout=30) and client.version == 3
+        assert_equal_bf16(client.params, p3)
+    finally:
+        client.close()
