@@ -78,7 +78,8 @@ def decode_attention_pallas(
     b, hq, d = q.shape
     _, s, hkv, _ = k_cache.shape
     g = hq // hkv
-    block_k = min(block_k, s)
+    # A power of two <= S (the shifted last block covers any remainder); S < 16 only interprets.
+    block_k = min(block_k, 1 << (s.bit_length() - 1))
     rows = max(MIN_ROWS, pl.next_power_of_2(g))
     scale = float(d**-0.5 if scale is None else scale)
     qg = q.reshape(b, hkv, g, d)

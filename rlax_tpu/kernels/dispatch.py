@@ -124,5 +124,10 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
     interp = _interpret(interpret)
     _check_kernel_inputs(where, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, d,
                          {"block_k": block_k}, interp)
+    if k_cache.shape[1] == 0:
+        raise KernelError(f"{where}: empty cache (S = 0) is unsupported by the Pallas kernel")
+    if k_cache.shape[1] < 16 and not interp:
+        raise KernelError(f"{where}: cache length {k_cache.shape[1]} < 16 is unsupported by the compiled "
+                          "kernel (KV tiles are powers of two >= 16)")
     return decode_attention_pallas(q, k_cache, v_cache, lengths, scale=scale, block_k=block_k,
                                    interpret=interp)

@@ -304,9 +304,9 @@ def flash_attention_pallas(
     """
     b, t, hq, d = q.shape
     s = k.shape[1]
-    # Small inputs: one block (rounded to 16 so Triton's dot and Mosaic's sublanes are happy).
-    block_q = min(block_q, _round_up(t, 16))
-    block_k = min(block_k, _round_up(s, 16))
+    # Short inputs: one block, still a power of two >= 16 (Triton's arange/dot, Mosaic sublanes).
+    block_q = min(block_q, pl.next_power_of_2(max(t, 16)))
+    block_k = min(block_k, pl.next_power_of_2(max(s, 16)))
     tp, sp = _round_up(t, block_q), _round_up(s, block_k)
     q_seg, kv_seg = q_segment_ids, kv_segment_ids
     if tp != t:
