@@ -45,10 +45,11 @@ def _compare_flash(q, k, v, w, tol, **kw):
     return out, grads
 
 
-def test_flash_causal_gqa2_odd_lengths():
-    # Odd T = S, not a multiple of the block; causal skips the fully masked kv blocks.
+def test_flash_causal_gqa2_odd_lengths_multihead_programs():
+    # Odd T = S, not a multiple of the block; causal skips the fully masked kv blocks. Four q heads
+    # (two kv heads) per program: the multi-head path TPU takes for head_dim < 128.
     q, k, v, w = _qkv(2, 37, 37, 4, 2, 32)
-    _compare_flash(q, k, v, w, F32_TOL, causal=True, block_q=16, block_k=16)
+    _compare_flash(q, k, v, w, F32_TOL, causal=True, block_q=16, block_k=16, heads_per_program=4)
 
 
 def _segments(b, t):
@@ -82,15 +83,17 @@ def test_flash_bf16_causal_mha_t_ne_s_segments():
     assert out.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("hq,hkv", [(2, 2), (4, 2), (4, 1)])
-def test_decode_matches_reference(hq, hkv):
+@pytest.mark.parametrize("hq,hkv,kv_heads_per_program", [(2, 2, None), (4, 2, 2), (4, 1, None)])
+def test_decode_matches_reference(hq, hkv, kv_heads_per_program):
     b, s, d = 6, 37, 32  # S not a multiple of the block: the last block is shifted back
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
     q = jax.random.normal(ks[0], (b, hq, d))
     kc = jax.random.normal(ks[1], (b, s, hkv, d))
     vc = jax.random.normal(ks[2], (b, s, hkv, d))
     lengths = jnp.array([0, 1, s, 16, 17, 33], jnp.int32)  # empty, one, full, block, +1, ragged
-    run = jax.jit(lambda *a, impl: decode_attention(*a, impl=impl, block_k=16), static_argnames="impl")
+    run = jax.jit(lambda *a, impl: decode_attention(*a, impl=impl, block_k=16,
+                                                    kv_heads_per_program=kv_heads_per_program),
+                  static_argnames="impl")
     out = run(q, kc, vc, lengths, impl="pallas")
     ref = run(q, kc, vc, lengths, impl="reference")
     np.testing.assert_allclose(out, ref, atol=F32_TOL, rtol=F32_TOL)
@@ -144,6 +147,8 @@ def test_dispatcher_rejects_unsupported_inputs():
     with pytest.raises(KernelError, match="head_dim 48"):
         flash_attention(jnp.zeros((1, 8, 2, 48)), jnp.zeros((1, 8, 1, 48)), jnp.zeros((1, 8, 1, 48)),
                         impl="pallas")
+    with pytest.raises(KernelError, match="heads_per_program=3"):
+        flash_attention(q, k, v, impl="pallas", heads_per_program=3)
     with pytest.raises(KernelError, match="block_k=24"):
         flash_attention(q, k, v, impl="pallas", block_k=24)
     with pytest.raises(KernelError, match="kv_segment_ids"):

@@ -44,7 +44,7 @@ def _check_heads(where: str, hq: int, hkv: int) -> None:
         raise KernelError(f"{where}: query heads {hq} must be a multiple of kv heads {hkv} (GQA)")
 
 
-def _check_kernel_inputs(where: str, arrays: dict, head_dim: int, blocks: dict, interpret: bool) -> None:
+def _check_kernel_inputs(where: str, arrays: dict, head_dim: int, blocks: dict) -> None:
     """What the Pallas kernels (not the references) support."""
     for name, x in arrays.items():
         if jnp.dtype(x.dtype) not in KERNEL_DTYPES:
@@ -56,9 +56,6 @@ def _check_kernel_inputs(where: str, arrays: dict, head_dim: int, blocks: dict, 
     if not (_is_pow2(head_dim) and MIN_HEAD_DIM <= head_dim <= MAX_HEAD_DIM):
         raise KernelError(f"{where}: head_dim {head_dim} is unsupported by the Pallas kernel "
                           f"(a power of two in [{MIN_HEAD_DIM}, {MAX_HEAD_DIM}])")
-    if jax.default_backend() == "tpu" and not interpret and head_dim % 128:
-        # Heads are lane blocks of width head_dim in the [.., H*D] view; Mosaic needs 128 lanes.
-        raise KernelError(f"{where}: head_dim {head_dim} is unsupported on TPU (a multiple of 128)")
     for name, size in blocks.items():
         if not (_is_pow2(size) and size >= 16):
             raise KernelError(f"{where}: {name}={size} must be a power of two >= 16")
@@ -66,10 +63,11 @@ def _check_kernel_inputs(where: str, arrays: dict, head_dim: int, blocks: dict, 
 
 def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True, scale=None,
                     impl: str = "auto", block_q: int = 128, block_k: int = 128,
-                    interpret: bool | None = None):
+                    heads_per_program: int | None = None, interpret: bool | None = None):
     """Prefill / training attention. See reference.flash_attention_reference for layouts.
 
     block_q / block_k: Pallas tile sizes (clamped to the padded sequence lengths).
+    heads_per_program: q heads per Pallas program (default 1; more on TPU when head_dim < 128).
     interpret: Pallas interpret mode; default True on CPU, False elsewhere.
     """
     where = "flash_attention"
@@ -95,18 +93,22 @@ def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=
             q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal,
             scale=scale)
     interp = _interpret(interpret)
-    _check_kernel_inputs(where, {"q": q, "k": k, "v": v}, d, {"block_q": block_q, "block_k": block_k},
-                         interp)
+    _check_kernel_inputs(where, {"q": q, "k": k, "v": v}, d, {"block_q": block_q, "block_k": block_k})
+    hp, g = heads_per_program, hq // k.shape[2]
+    if hp is not None and (hp < 1 or hq % hp or (g % hp and hp % g) or (hp > g and k.shape[2] % (hp // g))):
+        raise KernelError(f"{where}: heads_per_program={hp} must divide Hq={hq} and divide "
+                          f"or be a multiple of the group size {g} (whole groups dividing Hkv)")
     return flash_attention_pallas(
         q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, causal=causal, scale=scale,
-        block_q=block_q, block_k=block_k, interpret=interp)
+        block_q=block_q, block_k=block_k, heads_per_program=heads_per_program, interpret=interp)
 
 
 def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "auto", block_k: int = 128,
-                     interpret: bool | None = None):
+                     kv_heads_per_program: int | None = None, interpret: bool | None = None):
     """Single-token decode attention over a KV cache with per-sequence lengths.
 
-    block_k: KV tile size of the Pallas kernel (clamped to S). interpret: as flash_attention.
+    block_k: KV tile size of the Pallas kernel (clamped to S). kv_heads_per_program: kv heads per
+    Pallas program (default 1; more on TPU when head_dim < 128). interpret: as flash_attention.
     """
     where = "decode_attention"
     path = _resolve(impl)
@@ -122,12 +124,15 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
     if path == "reference":
         return reference.decode_attention_reference(q, k_cache, v_cache, lengths, scale=scale)
     interp = _interpret(interpret)
-    _check_kernel_inputs(where, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, d,
-                         {"block_k": block_k}, interp)
+    _check_kernel_inputs(where, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, d, {"block_k": block_k})
+    if kv_heads_per_program is not None and (kv_heads_per_program < 1
+                                             or k_cache.shape[2] % kv_heads_per_program):
+        raise KernelError(f"{where}: kv_heads_per_program={kv_heads_per_program} must divide "
+                          f"Hkv={k_cache.shape[2]}")
     if k_cache.shape[1] == 0:
         raise KernelError(f"{where}: empty cache (S = 0) is unsupported by the Pallas kernel")
     if k_cache.shape[1] < 16 and not interp:
         raise KernelError(f"{where}: cache length {k_cache.shape[1]} < 16 is unsupported by the compiled "
                           "kernel (KV tiles are powers of two >= 16)")
     return decode_attention_pallas(q, k_cache, v_cache, lengths, scale=scale, block_k=block_k,
-                                   interpret=interp)
+                                   kv_heads_per_program=kv_heads_per_program, interpret=interp)
