@@ -88,7 +88,7 @@ def test_flash_bf16_causal_mha_t_ne_s_segments():
     assert out.dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("hq,hkv,kv_heads_per_program", [(2, 2, None), (4, 2, 2), (4, 1, None)])
+@pytest.mark.parametrize("hq,hkv,kv_heads_per_program", [(4, 2, 2), (4, 1, None)])  # GQA 1: bf16 test
 def test_decode_matches_reference(hq, hkv, kv_heads_per_program):
     b, s, d = 6, 37, 32  # S not a multiple of the block: the last block is shifted back
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
@@ -106,7 +106,7 @@ def test_decode_matches_reference(hq, hkv, kv_heads_per_program):
 
 
 def test_decode_bf16_ignores_stale_cache():
-    b, s, hq, hkv, d = 3, 32, 4, 2, 64
+    b, s, hq, hkv, d = 3, 32, 2, 2, 64
     ks = jax.random.split(jax.random.PRNGKey(4), 3)
     q = jax.random.normal(ks[0], (b, hq, d)).astype(jnp.bfloat16)
     kc = jax.random.normal(ks[1], (b, s, hkv, d)).astype(jnp.bfloat16)
@@ -132,11 +132,11 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
 
     monkeypatch.setattr(dispatch, "flash_attention_pallas", boom)
     monkeypatch.setattr(dispatch, "decode_attention_pallas", boom)
+    monkeypatch.setattr(reference, "flash_attention_reference", lambda *a, **k: "flash-ref")
+    monkeypatch.setattr(reference, "decode_attention_reference", lambda *a, **k: "decode-ref")
     q, k, v, _ = _qkv(1, 8, 8, 2, 1, 16)
-    np.testing.assert_array_equal(flash_attention(q, k, v), reference.flash_attention_reference(q, k, v))
-    lengths = jnp.array([3])
-    np.testing.assert_array_equal(decode_attention(q[:, 0], k, v, lengths),
-                                  reference.decode_attention_reference(q[:, 0], k, v, lengths))
+    assert flash_attention(q, k, v) == "flash-ref"
+    assert decode_attention(q[:, 0], k, v, jnp.array([3])) == "decode-ref"
 
 
 def test_dispatcher_rejects_unsupported_inputs():
