@@ -345,7 +345,8 @@ def flash_attention_pallas(
 
     Shapes are validated by the dispatcher. T and S are padded up to the (clamped) block sizes
     here and the pad is masked, so any lengths work. heads_per_program: q heads one program
-    handles (a divisor or multiple of Hq // Hkv; default: see heads_per_program()).
+    handles (a divisor or multiple of Hq // Hkv; default: default_heads_per_program()).
+    scale is a Python float (static).
     """
     b, t, hq, d = q.shape
     s, hkv = k.shape[1], k.shape[2]
