@@ -9,10 +9,12 @@ import json
 import os
 import sys
 
-MODE = sys.argv[1]
-NDEV = 2 if MODE == "multihost" else 8
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NDEV}"
-os.environ["JAX_PLATFORMS"] = "cpu"
+# Imported by the tests for its helpers too: only a child run may touch the environment.
+MODE = sys.argv[1] if __name__ == "__main__" else "import"
+if __name__ == "__main__":
+    NDEV = 2 if MODE == "multihost" else 8
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={NDEV}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
