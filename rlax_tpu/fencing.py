@@ -24,6 +24,10 @@ def read_run(kv: KVStore) -> dict:
     raw = kv.get(RUN_KEY)
     if raw is None:
         return {"epoch": 0}
+    return _parse_run(kv, raw)
+
+
+def _parse_run(kv: KVStore, raw: bytes) -> dict:
     try:
         run = json.loads(raw)
         int(run["epoch"])
@@ -40,7 +44,8 @@ def acquire_epoch(kv: KVStore, **info) -> int:
     """Bumps the trainer epoch by CAS and returns the new one; older trainers are now fenced."""
     while True:
         entry = kv.read(RUN_KEY)
-        run = read_run(kv) if entry.exists else {"epoch": 0}
+        # Parse the value read with the generation we CAS against (a re-read could be newer).
+        run = _parse_run(kv, entry.value) if entry.exists else {"epoch": 0}
         run = {**run, **info, "epoch": int(run["epoch"]) + 1, "acquired_at": time.time()}
         if kv.cas(RUN_KEY, json.dumps(run).encode(), entry.generation):
             return run["epoch"]

@@ -70,7 +70,8 @@ class KVStore:
         self._kv = kvstore
 
     @classmethod
-    def open(cls, url: str, workdir: str | None = None) -> KVStore:
+    def open(cls, url: str, workdir: str | None = None, context: ts.Context | None = None) -> KVStore:
+        """Opens the store at ``url``; ``context`` sets tensorstore resources (e.g. file_io_sync)."""
         url = resolve_url(url, workdir)
         if url.startswith("file://"):
             root = url[len("file://") :]
@@ -81,7 +82,7 @@ class KVStore:
             if not os.access(root, os.W_OK):
                 raise StoreError(f"store {url!r}: directory {root!r} is not writable")
         try:
-            kv = ts.KvStore.open(url).result()
+            kv = ts.KvStore.open(url, context=context).result()
         except Exception as e:  # tensorstore raises ValueError with its own wording
             raise StoreError(f"store {url!r}: cannot open: {e}") from e
         return cls(url, kv)
@@ -96,6 +97,10 @@ class KVStore:
         spec = dict(self.spec)
         spec["path"] = spec.get("path", "") + prefix
         return spec
+
+    def sub(self, prefix: str) -> ts.KvStore:
+        """The underlying kvstore rooted at ``prefix`` (shares memory:// state and the context)."""
+        return self._kv / prefix
 
     def read(self, key: str) -> Entry:
         try:

@@ -4,6 +4,6 @@
 CPU), 'reference' (jnp). Unsupported combinations raise; nothing falls back silently.
 """
 
-from rlax_tpu.kernels.dispatch import decode_attention, flash_attention
+from rlax_tpu.kernels.dispatch import KernelError, decode_attention, flash_attention
 
-__all__ = ["decode_attention", "flash_attention"]
+__all__ = ["KernelError", "decode_attention", "flash_attention"]

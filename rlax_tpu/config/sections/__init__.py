@@ -6,6 +6,7 @@ from rlax_tpu.config.sections import (  # noqa: F401
     launch,
     mesh,
     model,
+    replay,
     rl,
     sft,
     store,

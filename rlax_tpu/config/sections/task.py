@@ -1,29 +1,84 @@
-"""config.task: the prompts and their verifiable rewards."""
+"""config.task: the prompts and their verifiable rewards (see docs/tasks.md)."""
 
 import ml_collections
 
-from rlax_tpu.config.sections._checks import positive, require
+from rlax_tpu.config.sections._checks import in_range, one_of, positive, require
 
 SECTION = "task"
+
+TASK_NAMES = ("arith", "countdown", "compose", "jsonl")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Task name from the rlax_tpu.tasks registry ('arith', 'countdown', 'compose', 'jsonl').
     c.name = "arith"
-    # Difficulty knob of synthetic tasks (task-specific meaning, e.g. number of operations).
-    c.difficulty = 2
-    # JSONL dataset path for name == 'jsonl' (one object per line with prompt and answer).
+    # Difficulty range of the synthetic tasks' training problems: each problem draws its
+    # difficulty uniformly from [min_difficulty, difficulty]. Meaning per task: arith = number
+    # of operations, countdown = numbers given minus one, compose = number of composed ops.
+    c.min_difficulty = 1
+    c.difficulty = 3
+    # Difficulty range of held-out eval problems; 0 = same as the training range. Set
+    # eval_min_difficulty = difficulty + 1 to measure extrapolation to harder problems.
+    c.eval_min_difficulty = 0
+    c.eval_difficulty = 0
+    # Largest operand of synthetic problems; 0 = the task's default (arith 9, countdown 10,
+    # compose: list items are always digits 0..9 and this field is unused).
+    c.max_number = 0
+    # Fraction of the problem space reserved for eval, assigned by a hash of the prompt text so
+    # train and eval never share a prompt (synthetic tasks; jsonl without eval_path).
+    c.eval_fraction = 0.1
+    # JSONL dataset for name == 'jsonl': one object per line with prompt and answer fields.
     c.path = ""
-    # Number of synthetic training prompts and held-out eval prompts.
+    # Optional held-out JSONL file; '' = split `path` by prompt hash with eval_fraction.
+    c.eval_path = ""
+    # Field names in each JSONL object; id_field '' = derive ids from a hash of the prompt.
+    c.prompt_field = "prompt"
+    c.answer_field = "answer"
+    c.id_field = ""
+    # jsonl answer checking: 'math' (numbers, fractions, LaTeX cleanup) or 'exact' (string match
+    # after whitespace normalization).
+    c.verifier = "math"
+    # Where a jsonl completion must put its final answer: 'boxed' (\boxed{...}), 'hash'
+    # ('#### ...'), or 'any' (either, or '... answer is X'). Synthetic tasks always use '####'.
+    c.answer_format = "any"
+    # Reward = correct_weight * correct + format_weight * format_ok, where format_ok means the
+    # completion gave a parsable answer in the required format (partial credit when wrong).
+    c.correct_weight = 1.0
+    c.format_weight = 0.0
+    # Wall-clock budget for parsing one completion; past it the reward is 0 (reason 'timeout').
+    c.reward_timeout_s = 1.0
+    # Number of training prompts per epoch (synthetic tasks; jsonl uses its whole training split) and of
+    # held-out eval prompts (distinct prompts; jsonl uses at most the held-out split).
     c.num_train = 4096
     c.num_eval = 256
     return c
 
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-    require(bool(c.name), "task.name", "must be set")
+    one_of(SECTION, c, "name", TASK_NAMES)
+    positive(SECTION, c, "min_difficulty")
+    positive(SECTION, c, "difficulty")
+    require(c.min_difficulty <= c.difficulty, "task.min_difficulty",
+            f"must be <= task.difficulty={c.difficulty}, got {c.min_difficulty}")
+    positive(SECTION, c, "eval_min_difficulty", allow_zero=True)
+    positive(SECTION, c, "eval_difficulty", allow_zero=True)
+    lo = c.eval_min_difficulty or c.min_difficulty
+    hi = c.eval_difficulty or c.difficulty
+    require(lo <= hi, "task.eval_min_difficulty",
+            f"eval range [{lo}, {hi}] is empty (0 means the training value)")
+    positive(SECTION, c, "max_number", allow_zero=True)
+    in_range(SECTION, c, "eval_fraction", 0.0, 0.9)
     positive(SECTION, c, "num_train")
     positive(SECTION, c, "num_eval", allow_zero=True)
     if c.name == "jsonl":
         require(bool(c.path), "task.path", "is required when task.name='jsonl'")
+        require(bool(c.prompt_field), "task.prompt_field", "must be set")
+        require(bool(c.answer_field), "task.answer_field", "must be set")
+    one_of(SECTION, c, "verifier", ("math", "exact"))
+    one_of(SECTION, c, "answer_format", ("any", "boxed", "hash"))
+    positive(SECTION, c, "correct_weight", allow_zero=True)
+    positive(SECTION, c, "format_weight", allow_zero=True)
+    require(c.correct_weight + c.format_weight > 0, "task.correct_weight",
+            "correct_weight + format_weight must be > 0")
+    positive(SECTION, c, "reward_timeout_s")

@@ -1,0 +1,411 @@
+"""ParamStore: versioned weight snapshots in tensorstore, published by the trainer, pulled by workers.
+
+See docs/param_server.md for the key layout and the guarantees. Bytes go straight between each
+role and the storage service; the only synchronization is tensorstore's compare-and-swap.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import threading
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tensorstore as ts
+
+from param_server import layout, pins, publish, tensor_io
+from param_server.errors import (
+    BadVersionError,
+    CorruptVersionError,
+    IncompleteVersionError,
+    PublishError,
+    TreeMismatchError,
+    VersionNotFoundError,
+)
+from rlax_tpu import fencing
+from rlax_tpu.store import KVStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """The param-server fields of config.store (see rlax_tpu/config/sections/store.py)."""
+
+    publish_dtype: str = "bfloat16"
+    gc_keep: int = 3
+    pin_ttl_s: float = 600.0
+    chunk_mib: float = 32
+    compression: str = "none"
+    io_concurrency: int = 32
+    file_io_sync: bool = True
+    poll_interval_s: float = 0.5
+    commit_timeout_s: float = 600.0
+    max_inflight: int = 2  # queued async publishes before publish_async waits (bounds host memory)
+
+    @classmethod
+    def from_config(cls, c, **overrides) -> Options:
+        if c is not None and "store" in c:
+            c = c.store
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: c[k] for k in fields if c is not None and k in c}
+        return cls(**{**values, **overrides})
+
+
+class ParamStore:
+    """Versioned weights in a kvstore. ``ParamStore.open(url)`` for readers and publishers."""
+
+    def __init__(self, kv: KVStore, options: Options | None = None, epoch: int | None = None):
+        self.kv = kv
+        self.options = options or Options()
+        limit = {"limit": int(self.options.io_concurrency)}
+        self.context = ts.Context({"data_copy_concurrency": limit})
+        self.epoch = epoch
+        self.last_publish_stats: dict = {}
+        self._next_version = 0
+        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._inflight: list[concurrent.futures.Future] = []
+        self._failure: BaseException | None = None
+        self._lock = threading.Lock()
+
+    @classmethod
+    def open(cls, url: str | KVStore = "", workdir: str | None = None, *, config=None,
+             epoch: int | None = None, **overrides) -> ParamStore:
+        """Opens the store at ``url`` (file://, gs://, memory://; '' = file://<workdir>/store/).
+
+        ``config`` is the run config or its store section; keyword overrides win over it.
+        A ``KVStore`` may be passed instead of a URL (memory:// stores are private to one open).
+        """
+        options = Options.from_config(config, **overrides)
+        if isinstance(url, KVStore):
+            return cls(url, options, epoch)
+        if not url and config is not None:
+            url = (config.store if "store" in config else config).url
+        limit = {"limit": int(options.io_concurrency)}
+        context = ts.Context({"file_io_sync": bool(options.file_io_sync), "file_io_concurrency": limit})
+        return cls(KVStore.open(url, workdir, context=context), options, epoch)
+
+    @property
+    def url(self) -> str:
+        return self.kv.url
+
+    # ----------------------------------------------------------------------------------- queries
+
+    @staticmethod
+    def parse_latest(raw: bytes) -> dict:
+        try:
+            rec = json.loads(raw)
+            rec["version"] = int(rec["version"])
+            rec["dir"] = str(rec["dir"])
+            rec.setdefault("fence_epoch", rec.get("epoch", 0))
+            return rec
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptVersionError(-1, f"{layout.LATEST} is corrupt ({e})") from e
+
+    def latest(self) -> dict | None:
+        """The LATEST record ({"version", "dir", "step", "epoch", "committed_at", ...}) or None."""
+        raw = self.kv.get(layout.LATEST)
+        return None if raw is None else self.parse_latest(raw)
+
+    def latest_version(self) -> int | None:
+        rec = self.latest()
+        return None if rec is None else rec["version"]
+
+    def versions(self) -> list[int]:
+        """Committed versions still present, ascending (LATEST included)."""
+        out = set()
+        for key in self.kv.list(layout.COMMITTED):
+            try:
+                out.add(int(key[len(layout.COMMITTED) + 1:]))
+            except ValueError:
+                continue
+        latest = self.latest_version()
+        if latest is not None:
+            out.add(latest)
+        return sorted(out)
+
+    def version_info(self, version: int) -> dict:
+        latest = self.latest()
+        if latest is not None and latest["version"] == version:
+            return latest
+        raw = self.kv.get(layout.committed_key(version))
+        if raw is None:
+            raise VersionNotFoundError(
+                f"version {version} is not in {self.url} (never committed or garbage-collected); "
+                f"versions present: {self.versions()}")
+        return json.loads(raw)
+
+    def committed_dir(self, version: int) -> str:
+        return self.version_info(version)["dir"]
+
+    def ensure_committed_index(self, latest: dict) -> None:
+        """Repairs the index entry of LATEST if its publisher died right after the CAS."""
+        key = layout.committed_key(latest["version"])
+        if self.kv.get(key) is None:
+            self.kv.put(key, json.dumps(latest).encode())
+
+    def wait_for_newer(self, version: int | None, timeout: float | None = None) -> int | None:
+        """Polls LATEST until it is newer than ``version``; returns it, or None on timeout."""
+        deadline = None if timeout is None else time.time() + timeout
+        while True:
+            latest = self.latest_version()
+            if latest is not None and (version is None or latest > version):
+                return latest
+            if deadline is not None and time.time() >= deadline:
+                return None
+            wait = self.options.poll_interval_s
+            if deadline is not None:
+                wait = min(wait, max(0.0, deadline - time.time()))
+            time.sleep(wait)
+
+    # ------------------------------------------------------------------------------------ fencing
+
+    def acquire_epoch(self, **info) -> int:
+        """Makes this store object the run's publisher: bumps run.json's epoch and fences LATEST."""
+        epoch = fencing.acquire_epoch(self.kv, **info)
+        while True:  # mark LATEST so a stale publisher's CAS against an older generation fails
+            entry = self.kv.read(layout.LATEST)
+            if not entry.exists:
+                break
+            rec = self.parse_latest(entry.value)
+            rec["fence_epoch"] = max(epoch, rec["fence_epoch"])
+            if self.kv.cas(layout.LATEST, json.dumps(rec).encode(), entry.generation):
+                break
+        self.epoch = epoch
+        return epoch
+
+    # ------------------------------------------------------------------------------------ publish
+
+    def publish(self, params: Any, step: int) -> int:
+        """Publishes ``params`` as a new version; returns it once it is visible (LATEST advanced)."""
+        return self._submit(params, step, surface_errors=False).result()
+
+    def publish_async(self, params: Any, step: int) -> concurrent.futures.Future:
+        """Copies device to host now; writes and commits in a background thread.
+
+        Returns a future whose result is the version. A failed earlier async publish is re-raised
+        here (and by ``flush``), so errors surface in the trainer even if nobody waits on futures.
+        """
+        return self._submit(params, step, surface_errors=True)
+
+    def _submit(self, params: Any, step: int, surface_errors: bool) -> concurrent.futures.Future:
+        self._raise_failure()
+        while len(self._inflight) >= self.options.max_inflight:
+            concurrent.futures.wait(self._inflight[:1])  # back-pressure: storage slower than training
+            self._reap()
+        snap = publish.snapshot(params, step, self.options.publish_dtype,
+                                int(self.options.chunk_mib * 2**20))
+        plan = self._plan(snap)
+        if self._executor is None:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="param-publish")
+        fut = self._executor.submit(publish.write_and_commit, self, snap, plan)
+        if surface_errors:
+            fut.add_done_callback(self._on_done)
+        self._inflight.append(fut)
+        return fut
+
+    def flush(self) -> None:
+        """Waits for every pending async publish; raises the first failure."""
+        concurrent.futures.wait(list(self._inflight))
+        self._reap()
+        self._raise_failure()
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+
+    def _on_done(self, fut: concurrent.futures.Future) -> None:
+        if fut.exception() is not None:
+            with self._lock:
+                self._failure = self._failure or fut.exception()
+
+    def _reap(self) -> None:
+        self._inflight = [f for f in self._inflight if not f.done()]
+
+    def _raise_failure(self) -> None:
+        self._reap()
+        with self._lock:
+            failure, self._failure = self._failure, None
+        if failure is not None:
+            raise PublishError(f"an earlier asynchronous publish failed: {failure}") from failure
+
+    def _plan(self, snap: publish.Snapshot) -> publish.Plan:
+        """Version number and epoch, decided by process 0 and shared by all hosts."""
+        if snap.process_index == 0:
+            if self.epoch is None:
+                self.acquire_epoch(role="trainer")
+            latest = self.latest_version()
+            version = max(self._next_version, (latest or 0) + 1)
+            values = np.array([version, self.epoch], np.int64)
+        else:
+            values = np.zeros(2, np.int64)
+        if snap.process_count > 1:
+            from jax.experimental import multihost_utils
+
+            values = np.asarray(multihost_utils.broadcast_one_to_all(values))
+        version, epoch = int(values[0]), int(values[1])
+        self.epoch = epoch
+        self._next_version = version + 1  # never reuse a number: a failed attempt's dir stays unique
+        return publish.Plan(version, epoch)
+
+    # --------------------------------------------------------------------------------------- pull
+
+    def pull(self, target: Any, version: int | None = None, *, fallback: bool = False,
+             reader: str | None = None) -> tuple[Any, int]:
+        """Reads a version into the shardings and dtypes of ``target`` (ShapeDtypeStructs).
+
+        ``version=None`` reads LATEST. With ``fallback=True`` a corrupt or incomplete version is
+        skipped for the newest older good one. ``reader`` pins the version being read.
+        """
+        if version is None:
+            version = self.latest_version()
+            if version is None:
+                raise VersionNotFoundError(f"no version has been published in {self.url} yet")
+        candidates = [version]
+        if fallback:
+            candidates += [v for v in reversed(self.versions()) if v < version]
+        first_error: BadVersionError | None = None
+        for v in candidates:
+            try:
+                return self._pull_version(target, v, reader), v
+            except BadVersionError as e:
+                if not fallback:
+                    raise
+                log.warning("refusing version %d: %s", v, e)
+                first_error = first_error or e
+        raise first_error
+
+    def read_manifest(self, version: int) -> dict:
+        dirname = self.committed_dir(version)
+        raw = self.kv.get(layout.manifest_key(dirname))
+        if raw is None:
+            raise IncompleteVersionError(version, f"version {version}: manifest "
+                                         f"{self.url}{layout.manifest_key(dirname)} is missing")
+        try:
+            return layout.decode_manifest(raw)
+        except ValueError as e:
+            raise CorruptVersionError(
+                version, f"version {version}: {self.url}{layout.manifest_key(dirname)}: {e}") from e
+
+    def _pull_version(self, target: Any, version: int, reader: str | None) -> Any:
+        if reader:
+            self.pin(version, reader)
+        manifest = self.read_manifest(version)
+        entries = manifest["leaves"]
+        named, treedef = layout.flatten(target)
+        _check_tree(named, entries, version)
+        base = self.kv.sub(layout.dir_prefix(manifest["dir"]))
+        # All opens, then all reads of every leaf, are in flight at once.
+        opens = [tensor_io.open_for_read(base / entries[name]["key"], entries[name], self.context)
+                 for name, _ in named]
+        pending = []
+        for (name, t), fut in zip(named, opens, strict=True):
+            key = entries[name]["key"]
+            try:
+                arr = fut.result()
+            except Exception as e:
+                raise tensor_io.classify(version, name, key, e) from e
+            sharding = _sharding_of(t)
+            indices = list({tensor_io.index_key(i): i for i in
+                            sharding.addressable_devices_indices_map(tuple(t.shape)).values()}.values())
+            pending.append((t, sharding, tensor_io.PendingRead(arr, indices, version, name, key)))
+        leaves = []
+        for t, sharding, pr in pending:
+            data = pr.results()
+            dtype = jnp.dtype(t.dtype)
+
+            def cb(index, data=data, dtype=dtype):
+                return np.asarray(data[tensor_io.index_key(index)]).astype(dtype, copy=False)
+
+            leaves.append(jax.make_array_from_callback(tuple(t.shape), sharding, cb))
+        return jax.tree_util.tree_unflatten(treedef, leaves)
+
+    # ---------------------------------------------------------------------------------- pins, gc
+
+    def pin(self, version: int, reader: str, ttl_s: float | None = None) -> dict:
+        return pins.pin(self.kv, version, reader, self.options.pin_ttl_s if ttl_s is None else ttl_s)
+
+    def unpin(self, reader: str) -> None:
+        pins.unpin(self.kv, reader)
+
+    def pins(self, now: float | None = None) -> dict[str, dict]:
+        return pins.read_pins(self.kv, now)
+
+    def gc(self, keep: int | None = None, now: float | None = None) -> dict:
+        """Deletes committed versions beyond the newest ``keep``, except LATEST and pinned ones;
+        also orphaned attempts (crashed publishes older than LATEST) and expired pins."""
+        keep = self.options.gc_keep if keep is None else keep
+        if keep < 1:
+            raise ValueError(f"gc keep={keep}: must be >= 1")
+        latest = self.latest()
+        if latest is None:
+            return {"deleted": [], "kept": [], "orphans": [], "expired_pins": []}
+        self.ensure_committed_index(latest)
+        current_pins = self.pins(now)
+        pinned = pins.active_versions(current_pins)
+        committed = self.versions()
+        keep_set = set(committed[-keep:]) | {latest["version"]} | pinned
+        committed_dirs = {}
+        deleted = []
+        for v in committed:
+            try:
+                committed_dirs[v] = self.committed_dir(v)
+            except VersionNotFoundError:
+                continue
+            if v in keep_set:
+                continue
+            # Index first: the version leaves versions() before its bytes go.
+            self.kv.delete(layout.committed_key(v))
+            self.kv.delete_prefix(layout.dir_prefix(committed_dirs[v]))
+            self.kv.delete(layout.ATTEMPTS + committed_dirs[v])
+            deleted.append(v)
+        orphans = []
+        for key in self.kv.list(layout.ATTEMPTS):
+            dirname = key[len(layout.ATTEMPTS):]
+            parsed = layout.parse_dir(dirname)
+            if parsed is None or parsed[0] > latest["version"] or committed_dirs.get(parsed[0]) == dirname:
+                continue  # possibly in progress, or committed
+            self.kv.delete_prefix(layout.dir_prefix(dirname))
+            self.kv.delete(key)
+            orphans.append(dirname)
+        expired = []
+        for key, p in current_pins.items():
+            if p.get("expired") and self.kv.cas(key, None, p["generation"]):
+                expired.append(key[len(layout.PINS):])
+        return {"deleted": deleted, "kept": sorted(set(committed) - set(deleted)), "orphans": orphans,
+                "expired_pins": expired}
+
+
+def _sharding_of(t: Any) -> jax.sharding.Sharding:
+    sharding = getattr(t, "sharding", None)
+    return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+def _check_tree(named: list[tuple[str, Any]], entries: dict, version: int) -> None:
+    names = {n for n, _ in named}
+    for name, t in named:
+        if name not in entries:
+            near = sorted(entries)[:5]
+            raise TreeMismatchError(f"target leaf {name!r} is not in version {version} "
+                                    f"(published leaves include {near})")
+        e = entries[name]
+        if tuple(t.shape) != tuple(e["shape"]):
+            raise TreeMismatchError(f"leaf {name!r}: target shape {tuple(t.shape)} != published shape "
+                                    f"{tuple(e['shape'])} in version {version}")
+        want, have = jnp.dtype(t.dtype), jnp.dtype(e["dtype"])
+        if want != have and not (jnp.issubdtype(want, jnp.floating) and jnp.issubdtype(have, jnp.floating)):
+            raise TreeMismatchError(f"leaf {name!r}: target dtype {want} cannot hold published dtype {have} "
+                                    f"in version {version}")
+    missing = sorted(set(entries) - names)
+    if missing:
+        raise TreeMismatchError(f"version {version} has leaves the target lacks: {missing[:5]}")

@@ -1,0 +1,315 @@
+"""Runs every role of a config on this machine: janitor, trainer and N inference workers.
+
+    python -m rlax_tpu.launch --config=configs/X.py[:variant] --workdir=DIR [--num_workers=N]
+                              [--config.a.b=v ...] [--fresh]
+
+Each role is a separate process in its own process group (``python -m param_server.main``,
+``python -m trainer.main``, ``python -m inference_worker.main --worker_id=i``), given the same
+``--config`` and ``--config.*`` overrides verbatim, with its output appended to
+``<workdir>/logs/<role>.log``. The launcher prints a status line every
+``config.launch.status_every_s`` and echoes the trainer's progress lines.
+
+Nothing is restarted silently: if any role exits while the trainer is still running, the launcher
+names it with its exit status and the end of its log, stops the others (SIGTERM, then SIGKILL
+after ``config.launch.grace_s``) and exits 1. When the trainer exits 0 the others are stopped and
+the launcher exits 0. SIGINT/SIGTERM to the launcher stops every role the same way and exits
+128+signal (a second Ctrl-C skips the grace period). An existing workdir is resumed (the roles do
+that); ``--fresh`` deletes it first, but only if this launcher created it (marker file).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import TextIO
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MARKER = ".rlax_launch.json"
+TRAINER = "trainer"
+JANITOR = "param_server"
+# Must match trainer.metrics.PROGRESS_MARKER (not imported: launch stays free of trainer code).
+PROGRESS_MARKER = "[progress]"
+TAIL_LINES = 20
+
+
+class LaunchError(RuntimeError):
+    """Bad launcher arguments or workdir (e.g. --fresh on a directory it did not create)."""
+
+
+def load_config(config_arg: str, overrides: Sequence[str]):
+    """Parses ``--config=config_arg`` plus ``--config.*`` overrides exactly like the roles will."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from rlax_tpu.config import finalize
+
+    argv = ["launch", f"--config={config_arg}", *overrides]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=False,
+                                    sys_argv=argv)
+    fv(argv)
+    return finalize(fv.config)
+
+
+def passthrough_overrides(argv: Sequence[str]) -> list[str]:
+    """The ``--config.a.b=v`` / ``--noconfig.a.b`` arguments in ``argv``, verbatim."""
+    out = []
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config.", "--noconfig.", "-config.", "-noconfig.")):
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if "=" not in arg and arg.startswith(("--config.", "-config.")) and nxt is not None \
+                    and not nxt.startswith("-"):
+                raise LaunchError(f"write config overrides as {arg}=VALUE (got '{arg} {nxt}')")
+            out.append(arg)
+    return out
+
+
+def role_commands(config_arg: str, workdir: str, overrides: Sequence[str],
+                  num_workers: int) -> dict[str, list[str]]:
+    """Role name -> argv, in start order: janitor, trainer, workers."""
+    common = [f"--config={config_arg}", f"--workdir={workdir}", *overrides]
+    py = sys.executable
+    commands = {
+        JANITOR: [py, "-m", "param_server.main", *common],
+        TRAINER: [py, "-m", "trainer.main", *common],
+    }
+    for i in range(num_workers):
+        commands[f"worker_{i}"] = [py, "-m", "inference_worker.main", *common, f"--worker_id={i}"]
+    return commands
+
+
+def prepare_workdir(workdir: str, fresh: bool) -> None:
+    """Creates the workdir (with a marker) or reuses it; ``fresh`` deletes one we created."""
+    if "://" in workdir:
+        raise LaunchError(f"--workdir must be a local directory for rlax_tpu.launch, got {workdir!r}")
+    marker = os.path.join(workdir, MARKER)
+    if fresh and os.path.exists(workdir):
+        if not os.path.isfile(marker):
+            raise LaunchError(f"--fresh: refusing to delete {workdir!r}: it has no {MARKER} "
+                              "(it was not created by rlax_tpu.launch)")
+        print(f"[launch] --fresh: deleting {workdir}", flush=True)
+        shutil.rmtree(workdir)
+    new = not os.path.exists(workdir) or not os.listdir(workdir)
+    os.makedirs(os.path.join(workdir, "logs"), exist_ok=True)
+    if new:
+        with open(marker, "w") as f:
+            json.dump({"created_by": "rlax_tpu.launch", "created_at": time.time()}, f)
+    else:
+        print(f"[launch] resuming in existing workdir {workdir}", flush=True)
+
+
+def _describe_exit(rc: int) -> str:
+    if rc < 0:
+        try:
+            return f"killed by {signal.Signals(-rc).name}"
+        except ValueError:
+            return f"killed by signal {-rc}"
+    return f"exit code {rc}"
+
+
+def _tail(path: str, n: int = TAIL_LINES) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 64 * 1024))
+            lines = f.read().decode("utf-8", "replace").splitlines()
+    except OSError as e:
+        return f"(cannot read {path}: {e})"
+    return "\n".join("    " + line for line in lines[-n:])
+
+
+class _Role:
+    def __init__(self, name: str, argv: Sequence[str], log_path: str, env: Mapping[str, str]):
+        self.name, self.log_path = name, log_path
+        self.log = open(log_path, "ab")
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        self.log.write(f"\n===== [launch {stamp}] {' '.join(argv)}\n".encode())
+        self.log.flush()
+        self.start_offset = self.log.tell()  # where this run's output starts in the log
+        self.proc = subprocess.Popen(list(argv), stdout=self.log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            try:
+                os.killpg(self.proc.pid, sig)  # the role and anything it started
+            except ProcessLookupError:
+                pass
+
+
+class _Launcher:
+    def __init__(self, roles: dict[str, _Role], grace_s: float, status_every_s: float,
+                 tail_trainer: bool, out: TextIO):
+        self.roles, self.grace_s, self.status_every_s = roles, grace_s, status_every_s
+        self.tail_trainer, self.out = tail_trainer, out
+        self.signals: list[int] = []
+        self._tail_pos = 0  # set to the trainer's start_offset once it is started
+        self._tail_buf = b""
+
+    def say(self, msg: str) -> None:
+        print(f"[launch] {msg}", file=self.out, flush=True)
+
+    def on_signal(self, signum, frame) -> None:
+        self.signals.append(signum)
+        if len(self.signals) > 1:  # second signal: no more grace
+            for role in self.roles.values():
+                role.signal(signal.SIGKILL)
+
+    def status(self) -> None:
+        alive = [n for n, r in self.roles.items() if r.alive()]
+        self.say(f"{time.strftime('%H:%M:%S')} alive {len(alive)}/{len(self.roles)}: {' '.join(alive)}")
+
+    def echo_trainer(self) -> None:
+        if not self.tail_trainer or TRAINER not in self.roles:
+            return
+        try:
+            with open(self.roles[TRAINER].log_path, "rb") as f:
+                f.seek(self._tail_pos)
+                data = f.read()
+        except OSError:
+            return
+        self._tail_pos += len(data)
+        *lines, self._tail_buf = (self._tail_buf + data).split(b"\n")
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            if PROGRESS_MARKER in text:
+                print(f"[trainer] {text.strip()}", file=self.out, flush=True)
+
+    def stop_all(self, reason: str) -> None:
+        alive = [r for r in self.roles.values() if r.alive()]
+        if not alive:
+            return
+        self.say(f"stopping {', '.join(r.name for r in alive)} ({reason}; SIGTERM, "
+                 f"SIGKILL after {self.grace_s:g}s)")
+        for role in alive:
+            role.signal(signal.SIGTERM)
+        deadline = time.monotonic() + self.grace_s
+        while any(r.alive() for r in alive) and time.monotonic() < deadline:
+            self.echo_trainer()
+            time.sleep(0.05)
+        for role in alive:
+            if role.alive():
+                self.say(f"{role.name} did not exit within {self.grace_s:g}s: SIGKILL")
+                role.signal(signal.SIGKILL)
+        for role in alive:
+            role.proc.wait()
+        self.echo_trainer()
+
+    def loop(self) -> int:
+        next_status = time.monotonic() + self.status_every_s
+        while True:
+            if self.signals:
+                name = signal.Signals(self.signals[0]).name
+                self.stop_all(f"launcher got {name}")
+                return 128 + self.signals[0]
+            self.echo_trainer()
+            for name, role in self.roles.items():
+                rc = role.proc.poll()
+                if rc is None:
+                    continue
+                if name == TRAINER and rc == 0:
+                    self.say("trainer finished (exit code 0)")
+                    self.stop_all("run finished")
+                    return 0
+                self.say(f"role {name} died unexpectedly ({_describe_exit(rc)}); last lines of "
+                         f"{role.log_path}:\n{_tail(role.log_path)}")
+                self.stop_all(f"{name} died")
+                return 1
+            if time.monotonic() >= next_status:
+                self.status()
+                next_status = time.monotonic() + self.status_every_s
+            time.sleep(0.1)
+
+
+def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_workers: int | None = None,
+        *, fresh: bool = False, commands: Mapping[str, Sequence[str]] | None = None,
+        out: TextIO | None = None) -> int:
+    """Starts every role, supervises them, returns the launcher's exit status.
+
+    ``commands`` (role -> argv, in start order; a role named 'trainer' decides success) replaces
+    the real role command lines, for tests. ``num_workers`` defaults to config.launch.num_workers.
+    """
+    out = out if out is not None else sys.stdout
+    config = load_config(config_arg, overrides)
+    lc = config.launch
+    workers = lc.num_workers if num_workers is None else int(num_workers)
+    if workers < 0:
+        raise LaunchError(f"--num_workers must be >= 0, got {workers}")
+    prepare_workdir(workdir, fresh)
+    if commands is None:
+        commands = role_commands(config_arg, workdir, overrides, workers)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    log_dir = os.path.join(workdir, "logs")
+
+    roles: dict[str, _Role] = {}
+    launcher = _Launcher(roles, float(lc.grace_s), float(lc.status_every_s), bool(lc.tail_trainer), out)
+    previous = {s: signal.signal(s, launcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        for name, argv in commands.items():
+            roles[name] = _Role(name, argv, os.path.join(log_dir, f"{name}.log"), env)
+            launcher.say(f"started {name} (pid {roles[name].proc.pid}), log: {roles[name].log_path}")
+        if TRAINER in roles:
+            launcher._tail_pos = roles[TRAINER].start_offset
+        launcher.status()
+        return launcher.loop()
+    finally:
+        launcher.stop_all("launcher exiting")
+        for s, h in previous.items():
+            signal.signal(s, h)
+        for role in roles.values():
+            role.log.close()
+
+
+def main(argv: Sequence[str]) -> None:
+    from absl import flags
+
+    from rlax_tpu.config import ConfigError
+
+    del argv
+    f = flags.FLAGS
+    if not f.workdir:
+        raise SystemExit("rlax_tpu.launch: --workdir is required")
+    config_arg = _config_arg(sys.argv[1:])
+    try:
+        rc = run(config_arg, f.workdir, passthrough_overrides(sys.argv[1:]), f.num_workers, fresh=f.fresh)
+    except (LaunchError, ConfigError) as e:
+        raise SystemExit(f"rlax_tpu.launch: {e}") from None
+    sys.exit(rc)
+
+
+def _config_arg(argv: Sequence[str]) -> str:
+    for i, arg in enumerate(argv):
+        if arg.startswith(("--config=", "-config=")):
+            return arg.split("=", 1)[1]
+        if arg in ("--config", "-config") and i + 1 < len(argv):
+            return argv[i + 1]
+    raise SystemExit("rlax_tpu.launch: --config=configs/X.py[:variant] is required")
+
+
+def _define_flags() -> None:
+    from absl import flags
+    from ml_collections import config_flags
+
+    config_flags.DEFINE_config_file("config", None, "Experiment config: configs/X.py[:variant].",
+                                    lock_config=False)
+    flags.DEFINE_string("workdir", None, "Run directory (local); logs go to <workdir>/logs.")
+    flags.DEFINE_integer("num_workers", None, "Inference workers (default config.launch.num_workers).")
+    flags.DEFINE_bool("fresh", False, "Delete the workdir first (only one this launcher created).")
+
+
+if __name__ == "__main__":
+    from absl import app
+
+    _define_flags()
+    app.run(main)

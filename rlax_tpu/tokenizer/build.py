@@ -1,0 +1,53 @@
+"""tokenizer.build(config.tokenizer, workdir, corpus) -> Tokenizer."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Iterable
+
+from rlax_tpu.config.errors import ConfigError
+from rlax_tpu.tokenizer.base import Tokenizer, render_template
+from rlax_tpu.tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
+
+TRAINED_RELPATH = os.path.join("tokenizer", "spm.model")
+
+
+def trained_path(workdir: str) -> str:
+    return os.path.join(workdir, TRAINED_RELPATH)
+
+
+def build(config, workdir: str | None = None, corpus: Iterable[str] | None = None) -> Tokenizer:
+    """Builds the tokenizer described by config.tokenizer.
+
+    kind 'sentencepiece': loads config.tokenizer.path (.model). kind 'hf': loads a tokenizer.json
+    (needs the `tokenizers` package). kind 'train': reuses <workdir>/tokenizer/spm.model if it
+    exists, else trains a BPE model on corpus (e.g. task.corpus()) plus the template text and
+    writes it there atomically, so a resumed run gets the identical tokenizer.
+    """
+    c = config.tokenizer if "tokenizer" in config and "kind" not in config else config
+    template, system = c.prompt_template, c.system_prompt
+    if c.kind == "sentencepiece":
+        if not c.path or not os.path.isfile(c.path):
+            raise ConfigError("tokenizer.path", f"sentencepiece model file not found: {c.path!r}")
+        return SentencePieceTokenizer(c.path, template, system)
+    if c.kind == "hf":
+        from rlax_tpu.tokenizer.hf import HFTokenizer
+
+        if not c.path or not os.path.exists(c.path):
+            raise ConfigError("tokenizer.path", f"Hugging Face tokenizer file not found: {c.path!r}")
+        return HFTokenizer(c.path, c.bos_token, c.eos_token, c.pad_token, template, system)
+    if c.kind == "train":
+        if not workdir:
+            raise ConfigError("tokenizer.kind", "'train' needs a workdir to keep the trained model in")
+        path = trained_path(workdir)
+        if not os.path.isfile(path):
+            if corpus is None:
+                raise ConfigError("tokenizer.kind", f"'train' needs a corpus (e.g. task.corpus()) "
+                                  f"and {path!r} does not exist yet")
+            # The template's own text (e.g. chat markers) belongs in the vocabulary too.
+            frame = render_template(template, "", system)
+            train_sentencepiece(itertools.chain([frame] if frame.strip() else [], corpus), path,
+                                int(c.vocab_size))
+        return SentencePieceTokenizer(path, template, system)
+    raise ConfigError("tokenizer.kind", f"must be one of ('sentencepiece', 'hf', 'train'), got {c.kind!r}")

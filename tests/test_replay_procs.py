@@ -1,0 +1,190 @@
+"""Replay queue with real processes: kill -9, SIGTERM, controller restart, staleness, 3 workers."""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from rlax_tpu.replay import ReplayController, keys
+from rlax_tpu.replay.testing_worker import fake_samples
+from rlax_tpu.store import KVStore
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+pytestmark = pytest.mark.slow
+
+
+class Proc:
+    """A child process whose JSON-lines stdout is collected by a thread."""
+
+    def __init__(self, argv):
+        env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        self.p = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+        self.events: queue.Queue = queue.Queue()
+        self.seen: list[dict] = []
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            try:
+                self.events.put(json.loads(line))
+            except ValueError:
+                pass
+
+    def wait_for(self, pred, timeout=20.0) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                ev = self.events.get(timeout=0.05)
+            except queue.Empty:
+                assert self.p.poll() is None or not self.events.empty(), f"exited rc={self.p.returncode}"
+                continue
+            self.seen.append(ev)
+            if pred(ev):
+                return ev
+        raise AssertionError(f"timed out; events so far: {self.seen[-5:]}")
+
+    def stop(self):
+        if self.p.poll() is None:
+            self.p.kill()
+        self.p.wait(timeout=10)
+
+
+def worker(url, wid, *extra):
+    return Proc([sys.executable, "-m", "rlax_tpu.replay.testing_worker", "--url", url,
+                 "--worker-id", wid, *map(str, extra)])
+
+
+@pytest.fixture
+def store(tmp_path):
+    url = f"file://{tmp_path}/store/"
+    procs = []
+    yield url, KVStore.open(url), procs
+    for p in procs:
+        p.stop()
+
+
+def _issue(ctl, n, n_samples=2):
+    return [ctl.issue(f"p{i}", np.arange(4) + i, {"mixed_rewards": True}, n_samples, 0) for i in range(n)]
+
+
+def _admit_all(ctl, step, want, timeout=30.0):
+    got = []
+    deadline = time.time() + timeout
+    while len(got) < want and time.time() < deadline:
+        got += ctl.poll(step).admitted
+        time.sleep(0.02)
+    return got
+
+
+def test_killed_worker_task_is_taken_over_and_admitted_once(store):
+    url, kv, procs = store
+    ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
+    (task,) = _issue(ctl, 1)
+    a = worker(url, "a", "--lease-seconds", 0.6, "--gen-seconds", 60)
+    procs.append(a)
+    a.wait_for(lambda e: e["event"] == "leased")
+    time.sleep(0.5)  # a renews its lease while "generating"
+    assert json.loads(kv.get(keys.LEASES + task.task_id))["worker"] == "a"
+    a.p.send_signal(signal.SIGKILL)
+    a.p.wait()
+    assert kv.list(keys.LEASES) == [keys.LEASES + task.task_id]  # a died holding it
+    b = worker(url, "b", "--lease-seconds", 0.6)
+    procs.append(b)
+    b.wait_for(lambda e: e["event"] == "submitted" and e["won"])
+    (adm,) = _admit_all(ctl, 0, 1)
+    assert adm.group.worker_id == "b" and adm.task.task_id == task.task_id
+    want = fake_samples(task, 0, 16)
+    assert all(np.array_equal(s.tokens, w.tokens) for s, w in zip(adm.group.samples, want, strict=True))
+    time.sleep(0.3)
+    assert ctl.poll(0).admitted == [] and ctl.counters["admitted"] == 1
+
+
+def test_sigterm_releases_leases_at_once(store):
+    url, kv, procs = store
+    ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
+    _issue(ctl, 3)
+    a = worker(url, "a", "--lease-seconds", 30, "--gen-seconds", 60, "--batch", 3)
+    procs.append(a)
+    for _ in range(3):
+        a.wait_for(lambda e: e["event"] == "leased")
+    assert len(kv.list(keys.LEASES)) == 3
+    a.p.send_signal(signal.SIGTERM)
+    assert a.p.wait(timeout=10) == 143
+    assert kv.list(keys.LEASES) == []  # given back at once, not after 30 s
+    assert json.loads(kv.get(keys.WORKERS + "a"))["state"] == "stopped"
+    t0 = time.time()
+    procs.append(worker(url, "b", "--lease-seconds", 30))
+    assert len(_admit_all(ctl, 0, 3)) == 3 and time.time() - t0 < 20
+
+
+def test_staleness_bound_is_enforced(store):
+    url, kv, procs = store
+    ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
+    tasks = _issue(ctl, 4)
+    old = worker(url, "old", "--version", 0, "--max-tasks", 4)
+    procs.append(old)
+    assert old.p.wait(timeout=30) == 0 and len(kv.list(keys.ROLLOUTS)) == 4
+    res = ctl.poll(step=2)  # 2 - 0 > 1
+    assert res.admitted == [] and len(res.dropped_stale) == 4 and ctl.in_flight == 4
+    procs.append(worker(url, "new", "--version", 1))
+    got = _admit_all(ctl, 2, 4)
+    assert sorted(a.task.task_id for a in got) == [t.task_id for t in tasks]
+    assert all(a.staleness == 1 and a.group.worker_id == "new" for a in got)
+
+
+def test_restarted_controller_loses_no_task_and_admits_none_twice(store, tmp_path):
+    url, kv, procs = store
+    ckpt = str(tmp_path / "ckpt.json")
+    for i in range(2):
+        procs.append(worker(url, f"w{i}", "--lease-seconds", 1, "--version-key", "testing/version",
+                            "--gen-seconds", 0.02))
+    argv = [sys.executable, os.path.join(ROOT, "tests", "replay_fake_trainer.py"), "--url", url,
+            "--ckpt", ckpt, "--prompts", 30, "--batch", 3, "--ckpt-every", 3]
+    argv = list(map(str, argv))
+    kills = 0
+    for kill_at in (4, 5):  # mid-way between checkpoints (3, 6, ...), tasks issued after C
+        t = Proc(argv)
+        procs.append(t)
+        start = t.wait_for(lambda e: e["event"] == "start")
+        t.wait_for(lambda e, s=start["step"] + kill_at: e["event"] == "step" and e["step"] >= s)
+        t.p.send_signal(signal.SIGKILL)
+        t.p.wait()
+        kills += 1
+    t = Proc(argv)
+    procs.append(t)
+    done = t.wait_for(lambda e: e["event"] == "done", timeout=60)
+    with open(ckpt) as f:
+        final = json.load(f)
+    assert sorted(final["trained"]) == sorted(f"p{i}" for i in range(30))  # each exactly once
+    assert done["max_staleness"] <= 1 and kills == 2
+    assert done["counters"]["reissued_same"] >= 1  # tasks issued after C were found, not lost
+    assert kv.list(keys.TASKS) == [] and kv.list(keys.ROLLOUTS) == []  # all acked and cleaned
+
+
+def test_three_workers_two_hundred_tasks_each_admitted_once(store):
+    url, kv, procs = store
+    ctl = ReplayController(kv, max_in_flight=48, max_staleness=0)
+    for i in range(3):
+        procs.append(worker(url, f"w{i}", "--lease-seconds", 2, "--batch", 4))
+    admitted, n, deadline = [], 200, time.time() + 60
+    while len(admitted) < n and time.time() < deadline:
+        while ctl.free_slots() and ctl.next_task_number < n:
+            i = ctl.next_task_number
+            ctl.issue(f"p{i}", [i], {"mixed_rewards": True}, 2, 0)
+        admitted += ctl.poll(0).admitted
+        time.sleep(0.01)
+    ids = [a.task.task_id for a in admitted]
+    assert len(ids) == n and sorted(ids) == [keys.task_id(i) for i in range(n)]
+    by_worker = {w: sum(a.group.worker_id == w for a in admitted) for w in ("w0", "w1", "w2")}
+    assert all(by_worker.values()), by_worker
+    time.sleep(0.2)
+    assert ctl.poll(0).admitted == [] and ctl.counters["admitted"] == n
+    ctl.ack(ctl.state_dict())
+    assert kv.list(keys.TASKS) == [] and kv.list(keys.ROLLOUTS) == []
