@@ -1,0 +1,150 @@
+"""Generation throughput: our engine vs transformers `generate` (torch CPU), same weights.
+
+For each model size it builds a random Qwen2 model with transformers, saves it, loads it with
+rlax_tpu.models.load_hf, and generates the same batch (same prompts, same prompt and output
+lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampled with both.
+It also measures this machine's matmul FLOP/s in the same run and reports the engine's achieved
+FLOP/s as a fraction of it. Prints one JSON object.
+
+  .venv/bin/python scripts/bench_generate.py            # small + ~100M models
+  .venv/bin/python scripts/bench_generate.py --sizes=small --batch=32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+
+import numpy as np
+
+SIZES = {
+    # ~1.6M params: overhead-bound, where batching and on-device loops matter most.
+    "small": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2),
+    # ~100M params: compute-bound on this CPU.
+    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
+                 num_attention_heads=12, num_key_value_heads=4),
+}
+
+
+def matmul_flops(jax, jnp, n: int = 1024, reps: int = 20) -> float:
+    """This machine's f32 matmul FLOP/s through XLA (the roofline we compare against)."""
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        out = f(a)
+    out.block_until_ready()
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def build_hf(size: str, path: str):
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(**SIZES[size], max_position_embeddings=512, tie_word_embeddings=True,
+                                   rope_theta=10000.0)
+    model = transformers.Qwen2ForCausalLM(cfg).eval()
+    model.save_pretrained(path)
+    return model
+
+
+def time_hf(model, prompts: np.ndarray, new_tokens: int, sample: bool, reps: int) -> float:
+    import torch
+
+    ids = torch.tensor(prompts, dtype=torch.long)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, eos_token_id=None,
+                  pad_token_id=0, attention_mask=torch.ones_like(ids))
+    kwargs.update(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else
+                  dict(do_sample=False))
+    with torch.no_grad():
+        model.generate(ids, **kwargs)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            out = model.generate(ids, **kwargs)
+        elapsed = (time.perf_counter() - t0) / reps
+    assert out.shape[1] == prompts.shape[1] + new_tokens
+    return elapsed
+
+
+def time_engine(engine, prompts: np.ndarray, new_tokens: int, sample: bool, reps: int) -> float:
+    from inference_worker.engine import SamplingParams
+
+    params = SamplingParams(temperature=1.0 if sample else 0.0, max_new_tokens=new_tokens, seed=1)
+    lists = prompts.tolist()
+    engine.generate(lists, params)  # warm-up: compiles every shape used below
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        outs = engine.generate(lists, params)
+    elapsed = (time.perf_counter() - t0) / reps
+    assert all(len(o[0].tokens) == new_tokens for o in outs)
+    return elapsed
+
+
+def flops_per_token(cfg, context: int) -> float:
+    """Forward FLOPs for one decoded token: 2 x matmul params + attention over the context."""
+    h, L = cfg.hidden_size, cfg.num_layers
+    d = cfg.head_dim
+    attn_proj = h * d * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
+    mlp = 3 * h * cfg.intermediate_size
+    head = h * cfg.vocab_size
+    return 2 * (L * (attn_proj + mlp) + head) + 2 * L * cfg.num_heads * d * context * 2
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="small,100m")
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--prompt_len", type=int, default=32)
+    ap.add_argument("--new_tokens", type=int, default=64)
+    ap.add_argument("--reps", type=int, default=2)
+    args = ap.parse_args()
+
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    from inference_worker.engine import Engine
+    from rlax_tpu import models
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    peak = matmul_flops(jax, jnp)
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+                          "jax_backend": jax.default_backend(), "matmul_flops": peak},
+              "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "results": {}}
+    rng = np.random.default_rng(0)
+    for size in args.sizes.split(","):
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model = build_hf(size, tmp)
+            model, cfg = models.load_hf(tmp)
+        n_params = sum(p.numel() for p in hf_model.parameters())
+        prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
+        engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
+                        max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+        entry = {"params": n_params}
+        for mode in ("greedy", "sampled"):
+            sample = mode == "sampled"
+            t_hf = time_hf(hf_model, prompts, args.new_tokens, sample, args.reps)
+            t_ours = time_engine(engine, prompts, args.new_tokens, sample, args.reps)
+            toks = args.batch * args.new_tokens
+            achieved = toks * flops_per_token(cfg, args.prompt_len + args.new_tokens // 2) / t_ours
+            entry[mode] = {
+                "engine_tokens_per_s": toks / t_ours,
+                "transformers_tokens_per_s": toks / t_hf,
+                "speedup_vs_transformers": t_hf / t_ours,
+                "engine_flops_fraction_of_matmul_peak": achieved / peak,
+            }
+        report["results"][size] = entry
+        print(json.dumps({size: entry}), flush=True)
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
