@@ -8,7 +8,8 @@ maps each logical name to a mesh axis (or a tuple of axes, or None = replicated)
 Dimensions that a mesh axis does not divide: by default that dimension is replicated instead
 (e.g. 2 KV heads on tensor=4), so any checkpoint runs on any mesh; pass ``strict=True`` to get
 a ShardingError naming the param, dimension and mesh axis instead. A mesh axis used by an
-earlier dimension of the same param is not reused (the later dimension is replicated).
+earlier dimension of the same param is not reused (the later dimension is replicated), and
+mesh axes of size 1 are left out of the PartitionSpecs.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ def _spec(logical: Sequence[str | None], mesh: Mesh, rules: Rules, shape=None, n
         if lname is not None and lname not in table:
             raise ShardingError(f"param {name or '?'}: logical axis {lname!r} has no rule in the table")
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-        axes = tuple(a for a in axes if a not in used)
+        # Size-1 mesh axes are dropped: same layout, simpler specs.
+        axes = tuple(a for a in axes if a not in used and mesh.shape[a] > 1)
         size = prod(mesh.shape[a] for a in axes)
         if shape is not None and axes and shape[dim] % size:
             if strict:
@@ -136,9 +138,10 @@ def shard_batch(batch, mesh: Mesh):
 def create_sharded(model_cfg, mesh: Mesh, rules: Rules, seed: int = 0, *, strict: bool = False):
     """Randomly initialized Transformer whose params are created directly in their shardings
     (eval_shape, then one jit with out_shardings): no param is ever whole on one device."""
+    from rlax_tpu.models import init_rngs
     from rlax_tpu.models.transformer import Transformer
 
-    make = lambda: Transformer(model_cfg, rngs=nnx.Rngs(seed))
+    make = lambda: Transformer(model_cfg, rngs=init_rngs(seed))
     gdef, abs_state = nnx.split(nnx.eval_shape(make))
     shardings = param_shardings(abs_state, mesh, rules, strict=strict)
     state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()

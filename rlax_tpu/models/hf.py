@@ -126,6 +126,7 @@ class _Entry:
 def hf_mapping(cfg: ModelConfig) -> dict[tuple, _Entry]:
     """Our state path -> _Entry."""
     h, d, i, v = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size, cfg.vocab_size
+    nq = cfg.num_heads
     ident = lambda a: a
     m: dict[tuple, _Entry] = {("embed",): _Entry("model.embed_tokens.weight", (v, h), ident, ident),
                               ("norm", "scale"): _Entry("model.norm.weight", (h,), ident, ident)}
@@ -144,7 +145,6 @@ def hf_mapping(cfg: ModelConfig) -> dict[tuple, _Entry]:
                 m[("layers", li, "attn", f"{proj}_bias")] = _Entry(
                     p + f"self_attn.{proj}_proj.bias", (n * d,),
                     lambda a, n=n: a.reshape(n, d), lambda a, n=n: a.reshape(n * d))
-        nq = cfg.num_heads
         m[("layers", li, "attn", "o_proj")] = _Entry(
             p + "self_attn.o_proj.weight", (h, nq * d),
             lambda a: a.T.reshape(nq, d, h), lambda a: a.reshape(nq * d, h).T)
