@@ -150,3 +150,17 @@ def test_build_from_config_section(ckpts):
     model, cfg = models.build(c, 0)
     assert cfg.rope_scaling_dict["factor"] == 8.0 and not cfg.qkv_bias
     assert model.embed[...].shape == (c.vocab_size, c.hidden_size)
+
+
+def test_model_config_errors_name_the_field():
+    from rlax_tpu.config import ConfigError
+    from rlax_tpu.models import ModelConfig
+
+    base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=4,
+                num_kv_heads=2, head_dim=2)
+    with pytest.raises(ConfigError, match="config.model.num_kv_heads"):
+        ModelConfig(**{**base, "num_kv_heads": 3})
+    with pytest.raises(ConfigError, match="config.model.dtype"):
+        ModelConfig(**base, dtype="float16")
+    with pytest.raises(ConfigError, match="config.model.rope_scaling.*missing"):
+        ModelConfig(**base, rope_scaling={"factor": 8.0})
