@@ -90,7 +90,7 @@ class Transformer(nnx.Module):
         return chunked_target_logprobs(h, self.output_weight(), targets,
                                        chunk or self.cfg.logprob_chunk, return_entropy)
 
-    def prefill(self, tokens, positions, segment_ids) -> tuple[jax.Array, KVCache]:
+    def prefill(self, tokens, positions=None, segment_ids=None) -> tuple[jax.Array, KVCache]:
         """Hidden states [B, T, H] and the k/v of every position: KVCache with S = T."""
         h, ks, vs = self._trunk(tokens, positions, segment_ids)
         return h, KVCache(jnp.stack(ks), jnp.stack(vs))
