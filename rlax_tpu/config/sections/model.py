@@ -24,6 +24,11 @@ def defaults() -> ml_collections.ConfigDict:
     # Per-head dimension; 0 means hidden_size // num_heads.
     c.head_dim = 0
     c.rope_theta = 10000.0
+    # Llama-3 style rope scaling; rope_scaling_factor = 0 disables it (plain RoPE).
+    c.rope_scaling_factor = 0.0
+    c.rope_low_freq_factor = 1.0
+    c.rope_high_freq_factor = 4.0
+    c.rope_original_max_position_embeddings = 8192
     c.rms_norm_eps = 1e-6
     c.max_position_embeddings = 2048
     # Whether the output projection shares the embedding matrix.
@@ -35,6 +40,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.attention_impl = "auto"
     # Vocabulary chunk for target log-probs: the [B, T, V] logits are never built at once.
     c.logprob_chunk = 1024
+    # Rematerialize each decoder layer in the backward pass (less activation memory, ~1/3 more
+    # compute). Training only; inference never differentiates.
+    c.remat = False
     return c
 
 
@@ -52,3 +60,11 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
             f"num_heads={c.num_heads} must be a multiple of num_kv_heads={c.num_kv_heads}")
     require(c.head_dim > 0 or c.hidden_size % c.num_heads == 0, "model.head_dim",
             "is 0 (derived) but hidden_size is not divisible by num_heads")
+    positive(SECTION, c, "head_dim", allow_zero=True)
+    positive(SECTION, c, "rope_theta")
+    positive(SECTION, c, "rope_scaling_factor", allow_zero=True)
+    if c.rope_scaling_factor:
+        require(c.rope_high_freq_factor > c.rope_low_freq_factor > 0, "model.rope_high_freq_factor",
+                f"needs rope_high_freq_factor > rope_low_freq_factor > 0, got "
+                f"{c.rope_high_freq_factor} and {c.rope_low_freq_factor}")
+        positive(SECTION, c, "rope_original_max_position_embeddings")
