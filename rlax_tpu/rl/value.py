@@ -31,9 +31,9 @@ class ValueHead(nnx.Module):
                  dtype=jnp.float32):
         del rngs  # deterministic init; kept for the usual NNX constructor shape
         self.dtype = dtype
-        self.kernel = nnx.Param(jnp.zeros((hidden_size,), param_dtype), sharding_names=("embed",),
+        self.kernel = nnx.Param(jnp.zeros((hidden_size,), param_dtype), out_sharding=("embed",),
                                 eager_sharding=False)
-        self.bias = nnx.Param(jnp.zeros((), param_dtype), sharding_names=(), eager_sharding=False)
+        self.bias = nnx.Param(jnp.zeros((), param_dtype), out_sharding=(), eager_sharding=False)
 
     def __call__(self, hidden: jax.Array) -> jax.Array:
         h = hidden.astype(self.dtype)
