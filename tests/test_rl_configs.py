@@ -92,3 +92,11 @@ def test_bad_rl_values_name_the_field(field, value):
         config.rl.overlong_buffer = 4
     with pytest.raises(ConfigError, match=rf"config\.rl\.{field}"):
         finalize(config)
+
+
+def test_build_loss_ignores_rl_fields_it_does_not_own():
+    # Other components may add their own rl.* fields (e.g. data-side selection knobs).
+    config = get_base_config()
+    config.rl.some_controller_knob = 3
+    config.rl.policy_loss = "cispo"
+    assert rl.build_loss(config.rl).settings.policy_loss == "cispo"

@@ -43,11 +43,18 @@ class RLSettings:
 
 
 def as_settings(cfg: Any) -> RLSettings:
-    """Accepts an RLSettings, a config.rl ConfigDict or a dict; unknown keys are an error."""
+    """Accepts an RLSettings, a config.rl ConfigDict or a plain dict.
+
+    A ConfigDict may carry rl.* fields that other parts (e.g. the controller) read; those are
+    ignored here. A plain dict must name only loss fields (typos fail).
+    """
     if isinstance(cfg, RLSettings):
         return cfg
-    items = cfg.to_dict() if hasattr(cfg, "to_dict") else dict(cfg)
     names = {f.name for f in dataclasses.fields(RLSettings)}
+    if hasattr(cfg, "to_dict"):
+        items = {k: v for k, v in cfg.to_dict().items() if k in names}
+    else:
+        items = dict(cfg)
     unknown = sorted(set(items) - names)
     if unknown:
         from rlax_tpu.config.errors import ConfigError
