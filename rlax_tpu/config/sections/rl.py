@@ -1,22 +1,140 @@
-"""config.rl: the RL objective (advantages, policy loss, KL, off-policy correction)."""
+"""config.rl: the RL objective (advantages, policy loss, KL, off-policy correction).
+
+The string fields select functions from the registries in ``rlax_tpu/rl`` (see docs/rl.md);
+``rlax_tpu.rl.build_loss(config.rl)`` turns this section into the loss the trainer uses.
+"""
 
 import ml_collections
 
-from rlax_tpu.config.sections._checks import positive
+from rlax_tpu.config.sections._checks import one_of, positive, require
 
 SECTION = "rl"
+WHITEN = ("none", "batch", "batch_scale")
+KL_MODES = ("loss", "reward")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Samples per prompt (the GRPO group size).
+    # Samples per prompt (the GRPO group size). Groups are contiguous rows of the batch unless
+    # the batch carries explicit 'group_ids'.
     c.group_size = 8
     # A rollout from policy version v is admitted at trainer step s only if s - v <= this.
     # 0 is strictly on-policy.
     c.max_staleness = 1
+
+    # --- advantages (rlax_tpu/rl/advantages.py) ---
+    # Estimator: 'grpo' (group mean/std), 'drgrpo' (group mean, no std), 'rloo' (leave-one-out
+    # baseline), 'reinforce_pp' (REINFORCE++: token returns, global batch normalization),
+    # 'reinforce_pp_baseline' (group mean then global std), 'gae' (PPO, needs a value head).
+    c.advantage = "grpo"
+    # Epsilon added to every standard deviation used to normalize advantages.
+    c.adv_eps = 1e-6
+    # Whitening applied after the estimator over all valid tokens of the batch: 'none',
+    # 'batch' (subtract mean, divide by std) or 'batch_scale' (divide by std, keep the mean).
+    c.whiten_advantages = "none"
+    # Discount over tokens (GAE and REINFORCE++ returns).
+    c.gamma = 1.0
+    # GAE lambda.
+    c.gae_lambda = 0.95
+
+    # --- policy loss (rlax_tpu/rl/policy_losses.py) ---
+    # 'ppo' (clipped surrogate, optional dual clip), 'gspo' (sequence-level geometric-mean
+    # ratio, clipped), 'cispo' (clipped stop-gradient IS weight times log-prob), 'reinforce'
+    # (vanilla policy gradient, -A * log-prob).
+    c.policy_loss = "ppo"
+    # Clip range [1 - clip_eps_low, 1 + clip_eps_high] of the ratio (PPO, GSPO's sequence
+    # ratio, CISPO's IS weight). clip_eps_high > clip_eps_low is DAPO's clip-higher. For CISPO
+    # a clip_eps_low >= 1 leaves the weight without a lower bound.
+    c.clip_eps_low = 0.2
+    c.clip_eps_high = 0.2
+    # Dual clip constant c (> 1) bounding the PPO loss of negative-advantage tokens by -c * A;
+    # 0 disables it.
+    c.dual_clip_c = 0.0
+
+    # --- aggregation (rlax_tpu/rl/aggregation.py) ---
+    # 'token_mean' (mean over all valid tokens of the batch), 'seq_mean_token_mean' (mean over
+    # sequences of each sequence's token mean), 'seq_mean_token_sum_norm' (Dr.GRPO: token sum
+    # divided by the constant agg_max_len, then mean over sequences).
+    c.loss_agg = "token_mean"
+    # Dr.GRPO's constant normalizer (the maximum completion length); 0 uses the padded T of
+    # the batch, which makes the loss depend on padding.
+    c.agg_max_len = 0
+
+    # --- KL to the reference policy and entropy (rlax_tpu/rl/kl.py) ---
+    # Coefficient beta of the KL term; 0 disables it (no reference log-probs needed).
+    c.kl_coef = 0.0
+    # Estimator of KL(pi || ref) from sampled tokens: 'k1' (log-ratio), 'k2' (half squared
+    # log-ratio) or 'k3' (low-variance, exp(-x) - 1 + x).
+    c.kl_estimator = "k3"
+    # 'loss': beta * KL is added to the loss; 'reward': -beta * KL is a per-token reward
+    # penalty folded into the advantages on the data side.
+    c.kl_mode = "loss"
+    # Coefficient of the entropy bonus (loss -= coef * entropy); 0 reports entropy only.
+    c.entropy_coef = 0.0
+
+    # --- off-policy correction (rlax_tpu/rl/off_policy.py) ---
+    # 'none' (ratio against the proximal policy, no behavior correction), 'tis' (truncated
+    # IS: weight min(pi_prox / pi_behav, is_cap)), 'decoupled' (decoupled PPO: weight
+    # pi_prox / pi_behav, tokens whose weight exceeds is_cap are dropped).
+    c.off_policy = "none"
+    # Cap C of the behavior importance weight; for 'decoupled', 0 means no cap.
+    c.is_cap = 2.0
+
+    # --- PPO value side (rlax_tpu/rl/value.py) ---
+    # Weight of the value loss (used when advantage == 'gae').
+    c.value_coef = 0.5
+    # Value clip range around the rollout-time values; 0 disables value clipping.
+    c.value_clip = 0.2
+
+    # --- reward shaping and filtering (rlax_tpu/rl/shaping.py) ---
+    # DAPO soft overlong penalty: completions longer than overlong_max_len - overlong_buffer
+    # lose up to overlong_penalty reward linearly; 0 disables it.
+    c.overlong_buffer = 0
+    # Maximum completion length L_max of the soft penalty (usually inference.max_new_tokens);
+    # must be > overlong_buffer when the penalty is on.
+    c.overlong_max_len = 0
+    # Penalty at (and beyond) overlong_max_len.
+    c.overlong_penalty = 1.0
+    # Overlong filtering: truncated completions (no EOS) get no loss.
+    c.overlong_filter = False
+    # Dynamic sampling (DAPO): the controller drops groups whose rewards are all equal and
+    # refills the batch with new groups.
+    c.dynamic_sampling = False
     return c
 
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    # Imported here: the rl package imports jax and this module is loaded by every role.
+    from rlax_tpu import rl
+
     positive(SECTION, c, "group_size")
     positive(SECTION, c, "max_staleness", allow_zero=True)
+    one_of(SECTION, c, "advantage", rl.ADVANTAGES.names())
+    one_of(SECTION, c, "policy_loss", rl.POLICY_LOSSES.names())
+    one_of(SECTION, c, "loss_agg", rl.AGGREGATIONS.names())
+    one_of(SECTION, c, "kl_estimator", rl.KL_ESTIMATORS.names())
+    one_of(SECTION, c, "off_policy", rl.OFF_POLICY.names())
+    one_of(SECTION, c, "whiten_advantages", WHITEN)
+    one_of(SECTION, c, "kl_mode", KL_MODES)
+    for f in ("adv_eps", "clip_eps_low", "clip_eps_high", "dual_clip_c", "agg_max_len",
+              "kl_coef", "entropy_coef", "is_cap", "value_coef", "value_clip", "overlong_buffer",
+              "overlong_max_len", "overlong_penalty"):
+        positive(SECTION, c, f, allow_zero=True)
+    for f in ("gamma", "gae_lambda"):
+        value = c[f]
+        require(isinstance(value, (int, float)) and 0.0 <= value <= 1.0, f"{SECTION}.{f}",
+                f"must be in [0, 1], got {value!r}")
+    require(c.dual_clip_c == 0 or c.dual_clip_c > 1, f"{SECTION}.dual_clip_c",
+            f"must be 0 (off) or > 1, got {c.dual_clip_c!r}")
+    require(c.policy_loss == "ppo" or c.dual_clip_c == 0, f"{SECTION}.dual_clip_c",
+            f"applies to policy_loss='ppo' only, got policy_loss={c.policy_loss!r}")
+    require(c.off_policy != "tis" or c.is_cap > 0, f"{SECTION}.is_cap",
+            "must be > 0 for off_policy='tis'")
+    require(isinstance(c.agg_max_len, int), f"{SECTION}.agg_max_len",
+            f"must be an int, got {c.agg_max_len!r}")
+    for f in ("overlong_filter", "dynamic_sampling"):
+        require(isinstance(c[f], bool), f"{SECTION}.{f}", f"must be a bool, got {c[f]!r}")
+    if c.overlong_buffer > 0:
+        require(c.overlong_max_len > c.overlong_buffer, f"{SECTION}.overlong_max_len",
+                f"must be > overlong_buffer={c.overlong_buffer} when the overlong penalty is on, "
+                f"got {c.overlong_max_len}")

@@ -1,0 +1,33 @@
+"""GRPO on the arithmetic task: the default demo algorithm.
+
+GRPO (Shao et al., DeepSeekMath, arXiv 2402.03300): sample rl.group_size completions per
+prompt, advantage A_i = (r_i - mean_group) / (std_group + rl.adv_eps), PPO clipped surrogate
+(rl.clip_eps_low / rl.clip_eps_high) on the ratio pi / pi_proximal, each sequence's token
+mean averaged over sequences (rl.loss_agg='seq_mean_token_mean'), optional k3 KL to the
+reference policy in the loss (rl.kl_coef).
+
+Knobs: rl.group_size, rl.clip_eps_low/high, rl.kl_coef, rl.kl_estimator, rl.max_staleness,
+rl.off_policy (truncated IS against the engine's log-probs).
+Variants: '' (default), 'smoke' (tiny and short, for tests and laptops).
+"""
+
+from rlax_tpu.config import get_base_config
+
+
+def get_config(arg: str = ""):
+    c = get_base_config()
+    c.name = "arith_grpo"
+    c.rl.advantage = "grpo"
+    c.rl.policy_loss = "ppo"
+    c.rl.clip_eps_low = 0.2
+    c.rl.clip_eps_high = 0.2
+    c.rl.loss_agg = "seq_mean_token_mean"
+    c.rl.kl_coef = 0.0
+    c.rl.kl_estimator = "k3"
+    c.rl.off_policy = "tis"
+    c.rl.is_cap = 2.0
+    if arg == "smoke":
+        c.rl.group_size = 4
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
+    return c

@@ -1,0 +1,28 @@
+"""GSPO on the arithmetic task.
+
+GSPO (Zheng et al., "Group Sequence Policy Optimization", arXiv 2507.18071): the importance
+ratio is the sequence-level geometric mean s_i = exp(mean_t log(pi / pi_old)) and the clip
+acts on s_i (rl.policy_loss='gspo'), with GRPO group advantages. Because s_i averages the log
+ratio over the sequence it sits much closer to 1 than token ratios, so the clip range is
+small: the paper uses 3e-4 / 4e-4 (rl.clip_eps_low / rl.clip_eps_high). Aggregate per
+sequence (rl.loss_agg='seq_mean_token_mean'); that makes the token form exactly sequence-level.
+Variants: '' (default), 'smoke'.
+"""
+
+from rlax_tpu.config import get_base_config
+
+
+def get_config(arg: str = ""):
+    c = get_base_config()
+    c.name = "arith_gspo"
+    c.rl.advantage = "grpo"
+    c.rl.policy_loss = "gspo"
+    c.rl.clip_eps_low = 3e-4
+    c.rl.clip_eps_high = 4e-4
+    c.rl.loss_agg = "seq_mean_token_mean"
+    c.rl.kl_coef = 0.0
+    if arg == "smoke":
+        c.rl.group_size = 4
+    elif arg:
+        raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
+    return c
