@@ -73,8 +73,8 @@ def main() -> None:
 
     db, ds, dblk = sz["db"], sz["ds"], sz["dblock"]
     dq = jax.random.normal(ks[3], (db, hq, d), dtype)
-    kc = jax.random.normal(ks[4], (db, ds, hkv, d), dtype)
-    vc = jax.random.normal(ks[5], (db, ds, hkv, d), dtype)
+    kc = jax.random.normal(ks[4], (db, hkv, ds, d), dtype)  # head-major cache
+    vc = jax.random.normal(ks[5], (db, hkv, ds, d), dtype)
     # Ragged: lengths spread over the cache, mean about half of S (the kernel skips the rest).
     lengths = (jnp.arange(db, dtype=jnp.int32) * (ds // db) + 1).astype(jnp.int32)
 

@@ -43,7 +43,7 @@ def _cases(d: int) -> dict:
     def decode(q, kc, vc, lengths):
         return decode_attention_pallas(q, kc, vc, lengths)
 
-    cache = jax.ShapeDtypeStruct((b, 1000, hkv, d), bf16)
+    cache = jax.ShapeDtypeStruct((b, hkv, 1000, d), bf16)  # head-major
     return {
         "flash_fwd": (flash, (q, kv, kv, seg)),
         "flash_fwd_bwd": (jax.grad(loss, argnums=(0, 1, 2)), (q, kv, kv, seg)),

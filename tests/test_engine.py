@@ -155,7 +155,7 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     assert [o[0].tokens for o in tp.generate(PROMPTS, greedy)] == \
         [o[0].tokens for o in engine.generate(PROMPTS, greedy)]
-    assert len(tp._state.cache.k.sharding.device_set) == 2
+    assert len(tp._state.cache.k[0].sharding.device_set) == 2
 
 
 def test_llama_greedy_and_logprobs_match_transformers(tmp_path):

@@ -93,8 +93,8 @@ def test_decode_matches_reference(hq, hkv, kv_heads_per_program):
     b, s, d = 6, 37, 32  # S not a multiple of the block: the last block is shifted back
     ks = jax.random.split(jax.random.PRNGKey(3), 3)
     q = jax.random.normal(ks[0], (b, hq, d))
-    kc = jax.random.normal(ks[1], (b, s, hkv, d))
-    vc = jax.random.normal(ks[2], (b, s, hkv, d))
+    kc = jax.random.normal(ks[1], (b, hkv, s, d))  # head-major cache
+    vc = jax.random.normal(ks[2], (b, hkv, s, d))
     lengths = jnp.array([0, 1, s, 16, 17, 33], jnp.int32)  # empty, one, full, block, +1, ragged
     run = jax.jit(lambda *a, impl: decode_attention(*a, impl=impl, block_k=16,
                                                     kv_heads_per_program=kv_heads_per_program),
@@ -109,8 +109,8 @@ def test_decode_bf16_ignores_stale_cache():
     b, s, hq, hkv, d = 3, 32, 2, 2, 64
     ks = jax.random.split(jax.random.PRNGKey(4), 3)
     q = jax.random.normal(ks[0], (b, hq, d)).astype(jnp.bfloat16)
-    kc = jax.random.normal(ks[1], (b, s, hkv, d)).astype(jnp.bfloat16)
-    vc = jax.random.normal(ks[2], (b, s, hkv, d)).astype(jnp.bfloat16)
+    kc = jax.random.normal(ks[1], (b, hkv, s, d)).astype(jnp.bfloat16)
+    vc = jax.random.normal(ks[2], (b, hkv, s, d)).astype(jnp.bfloat16)
     lengths = jnp.array([5, 32, 20], jnp.int32)
     run = jax.jit(lambda q, kc, vc: decode_attention(q, kc, vc, lengths, impl="pallas", block_k=16))
     out = run(q, kc, vc)
@@ -118,7 +118,7 @@ def test_decode_bf16_ignores_stale_cache():
                                np.asarray(decode_attention(q, kc, vc, lengths, impl="reference"), np.float32),
                                atol=BF16_TOL, rtol=BF16_TOL)
     # Garbage (even NaN) past each length must not leak into the result.
-    valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, :, None, None]
+    valid = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, :, None]
     dirty = jnp.where(valid, vc, jnp.nan)
     np.testing.assert_array_equal(np.asarray(run(q, jnp.where(valid, kc, jnp.nan), dirty), np.float32),
                                   np.asarray(out, np.float32))
@@ -136,7 +136,8 @@ def test_auto_uses_reference_on_cpu(monkeypatch):
     monkeypatch.setattr(reference, "decode_attention_reference", lambda *a, **k: "decode-ref")
     q, k, v, _ = _qkv(1, 8, 8, 2, 1, 16)
     assert flash_attention(q, k, v) == "flash-ref"
-    assert decode_attention(q[:, 0], k, v, jnp.array([3])) == "decode-ref"
+    kc, vc = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, Hkv, S, D]
+    assert decode_attention(q[:, 0], kc, vc, jnp.array([3])) == "decode-ref"
 
 
 def test_dispatcher_rejects_unsupported_inputs():
@@ -159,9 +160,10 @@ def test_dispatcher_rejects_unsupported_inputs():
     with pytest.raises(KernelError, match="kv_segment_ids"):
         flash_attention(q, k, v, q_segment_ids=jnp.ones((1, 8), jnp.int32), impl="reference")
     with pytest.raises(KernelError, match="lengths"):
-        decode_attention(q[:, 0], k, v, jnp.array([1.0]), impl="pallas")
+        decode_attention(q[:, 0], k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), jnp.array([1.0]),
+                         impl="pallas")
     with pytest.raises(KernelError, match="head_dim 8"):
-        decode_attention(jnp.zeros((1, 2, 8)), jnp.zeros((1, 4, 1, 8)), jnp.zeros((1, 4, 1, 8)),
+        decode_attention(jnp.zeros((1, 2, 8)), jnp.zeros((1, 1, 4, 8)), jnp.zeros((1, 1, 4, 8)),
                          jnp.array([2]), impl="pallas")
 
 

@@ -148,9 +148,10 @@ def test_prefill_then_decode_matches_full_forward(checkpoints):
         return nnx.merge(gdef, state).decode(tokens, pos, cache, lens)
 
     logits, kv = prefill(state, prompts, pos, seg)
-    assert kv.k.shape == (cfg.num_layers, b, t, cfg.num_kv_heads, cfg.head_dim)
+    assert len(kv.k) == cfg.num_layers and kv.k[0].shape == (b, cfg.num_kv_heads, t, cfg.head_dim)
     cache = KVCache.init(cfg, b, max_len)
-    cache = KVCache(cache.k.at[:, :, :t].set(kv.k), cache.v.at[:, :, :t].set(kv.v))
+    fill = lambda cs, ps: tuple(c.at[:, :, :t].set(p) for c, p in zip(cs, ps, strict=True))
+    cache = KVCache(fill(cache.k, kv.k), fill(cache.v, kv.v))
     seqs = [list(prompts[i, : lengths[i]]) for i in range(b)]
     step_logits = [np.asarray(logits)[np.arange(b), lengths - 1]]
     cur = lengths.copy()

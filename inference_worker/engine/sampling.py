@@ -107,10 +107,20 @@ def sample(
 
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
-    row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(keys, step)
-    sampled = jax.vmap(lambda k, row: jax.random.categorical(k, row))(row_keys, masked)
-    tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logp_all = jax.nn.log_softmax(masked, axis=-1)
+    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(logp_all):
+        # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the
+        # random bits dominated the step on CPU). Zero-probability entries can never be chosen.
+        row_keys = jax.vmap(lambda k, s: jax.random.fold_in(jax.random.wrap_key_data(k), s))(keys, step)
+        u = jax.vmap(lambda k: jax.random.uniform(k, dtype=jnp.float32))(row_keys)
+        cdf = jnp.cumsum(jnp.exp(logp_all), axis=-1)
+        idx = jnp.sum(cdf < (u * cdf[:, -1])[:, None], axis=-1)
+        return jnp.minimum(idx, vocab - 1).astype(jnp.int32)
+
+    sampled = jax.lax.cond(jnp.all(greedy), lambda _: greedy_tokens, draw, logp_all)
+    tokens = jnp.where(greedy, greedy_tokens, sampled)
     logp = jnp.take_along_axis(logp_all, tokens[:, None], axis=-1)[:, 0]
     logp = jnp.where(greedy, 0.0, logp)
     raw_logp = jnp.take_along_axis(raw_logp_all, tokens[:, None], axis=-1)[:, 0]

@@ -18,7 +18,7 @@ class DecodeState(NamedTuple):
     fed (and written to the cache) by the next decode step.
     """
 
-    cache: object  # the model's KVCache: k, v [L, N, S, Hkv, D]
+    cache: object  # the model's KVCache: k, v per layer [N, Hkv, S, D]
     tokens: jax.Array  # [N] int32
     lengths: jax.Array  # [N] int32, tokens already in the cache
     step: jax.Array  # [N] int32, tokens generated so far (also the RNG fold index)
@@ -55,7 +55,7 @@ def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_h
     replicated = NamedSharding(mesh, PartitionSpec())
     tensor = mesh.shape.get("tensor", 1)
     split = num_kv_heads % tensor == 0
-    kv_spec = PartitionSpec(None, None, None, "tensor", None) if split else PartitionSpec()
+    kv_spec = PartitionSpec(None, "tensor", None, None) if split else PartitionSpec()
     kv_sharding = NamedSharding(mesh, kv_spec)
     cache_shardings = jax.tree.map(lambda _: kv_sharding, state.cache)
     return state._replace(

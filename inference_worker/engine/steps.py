@@ -56,10 +56,10 @@ def insert(
     """
     tokens, logp, raw_logp = sample(
         logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
-    p = kv.k.shape[2]
+    p = kv.max_len
 
-    def put(cache_arr, new_arr):
-        return cache_arr.at[:, dst, :p].set(new_arr[:, src].astype(cache_arr.dtype), mode="drop")
+    def put(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
+        return cache_arr.at[dst, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
 
     cache = jax.tree.map(put, state.cache, kv)
 
@@ -93,7 +93,7 @@ def decode(graphdef, params, state: DecodeState, keep: jax.Array, num_steps: int
     marks the tokens a slot really produced (it stops on a stop id or when its budget ends).
     """
     model = nnx.merge(graphdef, params)
-    max_len = state.cache.k.shape[2]
+    max_len = state.cache.max_len
     state = state._replace(active=state.active & keep)
 
     def body(state: DecodeState, _):

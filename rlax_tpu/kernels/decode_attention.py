@@ -1,9 +1,9 @@
 """Single-token decode attention over a contiguous KV cache in Pallas (ragged lengths, GQA).
 
-Grid (B, Hkv / m): one program handles m kv heads (m = 1 except on TPU with head_dim < 128) and
-all G = Hq // Hkv query heads of each, so each K/V block is read once per group. The cache is read
-in the model's layout [B, S, Hkv, D], viewed (free reshape) as [B, S, Hkv*D] with kv head h as
-lane block h: no per-step transpose or copy. The program loops only over the
+Grid (B, Hkv / m): one program handles m kv heads and all G = Hq // Hkv query heads of each, so
+each K/V block is read once per group. The cache is head-major, [B, Hkv, S, D] (the model's
+layout): each kv head's [S, D] slab is contiguous and D is the full lane dimension, so blocks are
+plain row ranges with no transpose, copy or lane packing. The program loops only over the
 ceil(length / block_k) valid KV blocks. S need not be a multiple of block_k: the last block is
 shifted back to end at S and its already-seen rows are masked.
 """
@@ -17,26 +17,26 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from rlax_tpu.kernels.flash_attention import NEG_INF, _cols, _dot, _dot_nt, compiler_params
+from rlax_tpu.kernels.flash_attention import NEG_INF, _dot, _dot_nt, compiler_params
 
 MIN_ROWS = 16  # q rows per program are padded to this (Triton's dot needs M >= 16)
 
 
 def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, kv_heads: int, head_dim: int, scale: float,
                    block_k: int, seq_len: int):
+    # k_ref, v_ref: [m, S, D] (this program's kv heads); q_ref, o_ref: [m, rows, D].
     b = pl.program_id(0)
     length = jnp.clip(lengths_ref[b], 0, seq_len)
     num_blocks = lax.div(length + block_k - 1, block_k)  # only the valid blocks; 0 for length 0
-    for c in range(kv_heads):  # static: lane slices stay static
-        kc = _cols(c, head_dim)
+    for c in range(kv_heads):  # static
         q = q_ref[c]  # [rows, D]: the group's query heads (zero padded)
 
-        def body(i, carry, q=q, kc=kc):
+        def body(i, carry, q=q, c=c):
             acc, m, denom = carry
             nominal = i * block_k
             start = jnp.minimum(nominal, seq_len - block_k)  # keep the last block inside the cache
-            k = k_ref[pl.ds(start, block_k), kc]
-            v = v_ref[pl.ds(start, block_k), kc]
+            k = k_ref[c, pl.ds(start, block_k), :]
+            v = v_ref[c, pl.ds(start, block_k), :]
             pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             mask = (pos >= nominal) & (pos < length)
             # Zero stale V rows too: the cache past `length` may hold a previous occupant's inf/NaN,
@@ -60,14 +60,10 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, kv_heads: int, he
 
 
 def default_kv_heads_per_program(hkv: int, head_dim: int, interpret: bool) -> int:
-    """1, except compiled on TPU with head_dim < 128, where a block's lane width must be a multiple
-    of 128 (or the full Hkv*D): the fewest kv heads that reach it."""
-    if interpret or jax.default_backend() != "tpu" or head_dim % 128 == 0:
-        return 1
-    for m in range(1, hkv + 1):
-        if hkv % m == 0 and (m * head_dim) % 128 == 0:
-            return m
-    return hkv
+    """1: with the head-major cache every block's last dim is the full head_dim, which both Mosaic
+    (TPU) and Triton (GPU) accept, so no lane packing of several heads is needed."""
+    del hkv, head_dim, interpret
+    return 1
 
 
 def _lengths_spec(batch: int, interpret: bool) -> pl.BlockSpec:
@@ -96,7 +92,7 @@ def decode_attention_pallas(
     of Hkv (default: see default_kv_heads_per_program()).
     """
     b, hq, d = q.shape
-    _, s, hkv, _ = k_cache.shape
+    _, hkv, s, _ = k_cache.shape
     g = hq // hkv
     m = kv_heads_per_program or default_kv_heads_per_program(hkv, d, interpret)
     if hkv % m:
@@ -116,13 +112,13 @@ def decode_attention_pallas(
         in_specs=[
             _lengths_spec(b, interpret),
             pl.BlockSpec((None, m, rows, d), lambda bi, h: (bi, h, 0, 0)),
-            pl.BlockSpec((None, s, m * d), lambda bi, h: (bi, 0, h)),
-            pl.BlockSpec((None, s, m * d), lambda bi, h: (bi, 0, h)),
+            pl.BlockSpec((None, m, s, d), lambda bi, h: (bi, h, 0, 0)),
+            pl.BlockSpec((None, m, s, d), lambda bi, h: (bi, h, 0, 0)),
         ],
         out_specs=pl.BlockSpec((None, m, rows, d), lambda bi, h: (bi, h, 0, 0)),
         out_shape=jax.ShapeDtypeStruct((b, hkv, rows, d), q.dtype),
         interpret=interpret,
         name="rlax_decode_attention",
         compiler_params=compiler_params(interpret),
-    )(lengths.astype(jnp.int32), qg, k_cache.reshape(b, s, hkv * d), v_cache.reshape(b, s, hkv * d))
+    )(lengths.astype(jnp.int32), qg, k_cache, v_cache)
     return out[:, :, :g].reshape(b, hq, d)

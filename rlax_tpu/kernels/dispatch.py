@@ -113,12 +113,12 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
     where = "decode_attention"
     path = _resolve(impl)
     if q.ndim != 3 or k_cache.ndim != 4 or v_cache.shape != k_cache.shape:
-        raise KernelError(f"{where}: want q [B,Hq,D] and k_cache, v_cache [B,S,Hkv,D] of equal shape; "
+        raise KernelError(f"{where}: want q [B,Hq,D] and k_cache, v_cache [B,Hkv,S,D] of equal shape; "
                           f"got q {q.shape}, k_cache {k_cache.shape}, v_cache {v_cache.shape}")
     b, hq, d = q.shape
     if k_cache.shape[0] != b or k_cache.shape[3] != d:
         raise KernelError(f"{where}: q {q.shape} and k_cache {k_cache.shape} differ in batch or head_dim")
-    _check_heads(where, hq, k_cache.shape[2])
+    _check_heads(where, hq, k_cache.shape[1])
     if lengths.shape != (b,) or not jnp.issubdtype(lengths.dtype, jnp.integer):
         raise KernelError(f"{where}: lengths must be integer [B]={b,}; got {lengths.dtype} {lengths.shape}")
     if path == "reference":
@@ -126,13 +126,13 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
     interp = _interpret(interpret)
     _check_kernel_inputs(where, {"q": q, "k_cache": k_cache, "v_cache": v_cache}, d, {"block_k": block_k})
     if kv_heads_per_program is not None and (kv_heads_per_program < 1
-                                             or k_cache.shape[2] % kv_heads_per_program):
+                                             or k_cache.shape[1] % kv_heads_per_program):
         raise KernelError(f"{where}: kv_heads_per_program={kv_heads_per_program} must divide "
-                          f"Hkv={k_cache.shape[2]}")
-    if k_cache.shape[1] == 0:
+                          f"Hkv={k_cache.shape[1]}")
+    if k_cache.shape[2] == 0:
         raise KernelError(f"{where}: empty cache (S = 0) is unsupported by the Pallas kernel")
-    if k_cache.shape[1] < 16 and not interp:
-        raise KernelError(f"{where}: cache length {k_cache.shape[1]} < 16 is unsupported by the compiled "
+    if k_cache.shape[2] < 16 and not interp:
+        raise KernelError(f"{where}: cache length {k_cache.shape[2]} < 16 is unsupported by the compiled "
                           "kernel (KV tiles are powers of two >= 16)")
     return decode_attention_pallas(q, k_cache, v_cache, lengths, scale=scale, block_k=block_k,
                                    kv_heads_per_program=kv_heads_per_program, interpret=interp)

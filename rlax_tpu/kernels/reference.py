@@ -67,18 +67,19 @@ def decode_attention_reference(
 ) -> jax.Array:
     """One query token per sequence over a KV cache with per-sequence valid lengths.
 
-    q: [B, Hq, D]; k_cache, v_cache: [B, S, Hkv, D]; lengths: [B] int32, the number of valid
-    cache positions (the current token's K/V already written). Length 0 gives zeros.
+    q: [B, Hq, D]; k_cache, v_cache: [B, Hkv, S, D] (head-major: each head's [S, D] slab is
+    contiguous, so the per-step dots need no transpose of the cache); lengths: [B] int32, the
+    number of valid cache positions (the current token's K/V already written). Length 0 gives zeros.
     """
     b, hq, d = q.shape
-    _, s, hkv, _ = k_cache.shape
+    _, hkv, s, _ = k_cache.shape
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
     qg = q.reshape(b, hkv, group, d)
-    logits = jnp.einsum("bkgd,bskd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bkgd,bksd->bkgs", qg, k_cache, preferred_element_type=jnp.float32) * scale
     mask = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
     logits = jnp.where(mask, logits, NEG_INF)
     probs = jnp.where(mask, jax.nn.softmax(logits, axis=-1), 0.0)
-    out = jnp.einsum("bkgs,bskd->bkgd", probs.astype(v_cache.dtype), v_cache,
+    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, hq, d).astype(q.dtype)

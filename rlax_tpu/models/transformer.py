@@ -21,15 +21,27 @@ from rlax_tpu.models.logprobs import chunked_target_logprobs
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values (RoPE applied), k and v: [L, B, S, Hkv, D] in the compute dtype."""
+    """Keys/values (RoPE applied) in the compute dtype: k and v are tuples with one array per
+    layer, each [B, Hkv, S, D].
 
-    k: jax.Array
-    v: jax.Array
+    One buffer per layer, so a decode step updates and reads each layer's cache in place (slicing
+    a stacked [L, ...] array made XLA copy every layer's slab on every step). Head-major, so each
+    (sequence, kv head) slab [S, D] is contiguous: the decode dots need no transpose of the cache,
+    and on TPU the tiled dims are (S, D) rather than a small Hkv padded up to a tile.
+    """
+
+    k: tuple[jax.Array, ...]
+    v: tuple[jax.Array, ...]
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int) -> KVCache:
-        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-        return cls(jnp.zeros(shape, cfg.jnp_dtype), jnp.zeros(shape, cfg.jnp_dtype))
+        shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+        zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
+        return cls(zeros(), zeros())
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
 
 
 class Transformer(nnx.Module):
@@ -93,7 +105,8 @@ class Transformer(nnx.Module):
     def prefill(self, tokens, positions=None, segment_ids=None) -> tuple[jax.Array, KVCache]:
         """Hidden states [B, T, H] and the k/v of every position: KVCache with S = T."""
         h, ks, vs = self._trunk(tokens, positions, segment_ids)
-        return h, KVCache(jnp.stack(ks), jnp.stack(vs))
+        head_major = lambda xs: tuple(x.transpose(0, 2, 1, 3) for x in xs)  # [B, T, K, D] -> [B, K, T, D]
+        return h, KVCache(head_major(ks), head_major(vs))
 
     def decode(self, tokens, positions, cache: KVCache, lengths) -> tuple[jax.Array, KVCache]:
         """One token per sequence: tokens, positions, lengths [B] -> (f32 logits [B, V], cache).
@@ -108,14 +121,15 @@ class Transformer(nnx.Module):
         rows = jnp.arange(b)
         cos, sin = rope_cos_sin(cfg, positions[:, None])
         x = self._embed(tokens[:, None])  # [B, 1, H]
-        ck, cv = cache.k, cache.v
+        ck, cv = list(cache.k), list(cache.v)
         for i, block in enumerate(self.layers):
             attn = block.attn
             q, k, v = attn.qkv(block.input_norm(x), cos, sin)
-            ck = ck.at[i, rows, positions].set(k[:, 0].astype(ck.dtype))
-            cv = cv.at[i, rows, positions].set(v[:, 0].astype(cv.dtype))
+            # c[rows, :, positions] is [B, Hkv, D] (advanced indices first, then the slice).
+            ck[i] = ck[i].at[rows, :, positions].set(k[:, 0].astype(ck[i].dtype))
+            cv[i] = cv[i].at[rows, :, positions].set(v[:, 0].astype(cv[i].dtype))
             o = kernels.decode_attention(q[:, 0], ck[i], cv[i], lengths, scale=cfg.head_dim**-0.5,
                                          impl=cfg.attention_impl)
             x = x + attn.out(o[:, None].astype(x.dtype))
             x = x + block.mlp(block.post_norm(x))
-        return self.logits(self.norm(x))[:, 0], KVCache(ck, cv)
+        return self.logits(self.norm(x))[:, 0], KVCache(tuple(ck), tuple(cv))
