@@ -8,10 +8,10 @@ reference policy in the loss (rl.kl_coef).
 
 Knobs: rl.group_size, rl.clip_eps_low/high, rl.kl_coef, rl.kl_estimator, rl.max_staleness,
 rl.off_policy (truncated IS against the engine's log-probs).
-Variants: '' (default), 'smoke' (tiny and short, for tests and laptops).
+Variants: '' (the CPU demo), 'smoke' (tiny and short, for tests and the chaos test).
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
@@ -26,8 +26,4 @@ def get_config(arg: str = ""):
     c.rl.kl_estimator = "k3"
     c.rl.off_policy = "tis"
     c.rl.is_cap = 2.0
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg:
-        raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
-    return c
+    return presets.arith(c, arg)

@@ -7,6 +7,7 @@ override. ``validate(config)`` runs each section's checks and raises ``ConfigErr
 offending field.
 """
 
+from rlax_tpu.config import presets  # noqa: F401
 from rlax_tpu.config.base import get_base_config
 from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.config.loading import finalize, load_config

@@ -36,7 +36,8 @@ from rlax_tpu.store import KVStore
 
 log = logging.getLogger(__name__)
 STATE_SCHEMA = 1
-COUNTERS = ("issued", "reissued_same", "reissued_changed", "admitted", "dropped_stale", "corrupt",
+COUNTERS = ("issued", "reissued_same", "reissued_changed", "admitted", "dropped_stale", "dropped_future",
+            "corrupt",
             "mismatched", "task_missing", "garbage_deleted", "acked", "replacements")
 
 
@@ -58,6 +59,9 @@ class PollResult:
     admitted: list[Admitted]
     dropped_stale: list[str]  # task ids whose rollout was too stale: the task is generated again
     invalid: list[str]  # task ids whose rollout was corrupt or answered another task: redone too
+    # task ids whose rollout came from weights newer than the trainer's step: a future that a
+    # restart from an older checkpoint discarded. Redone with the current weights.
+    dropped_future: list[str] = dataclasses.field(default_factory=list)
 
 
 def _derive_seed(base: int, number: int) -> int:
@@ -223,8 +227,10 @@ class ReplayController:
         """Admits finished groups (oldest task first) at trainer ``step``, at most ``limit``.
 
         A group is admitted only if ``step - group.min_version <= max_staleness``; a staler one is
-        deleted so that its task is generated again. Admitted groups count as consumed in the
-        state: pass ``limit`` so that only groups this step will train on are taken.
+        deleted so that its task is generated again, and so is one with a sample from weights newer
+        than ``step`` (published by a trainer whose progress a restart discarded). Admitted groups
+        count as consumed in the state: pass ``limit`` so that only groups this step will train on
+        are taken.
         """
         result = PollResult([], [], [])
         ready = [t for t in keys.ids_under(self.kv.list(keys.ROLLOUTS), keys.ROLLOUTS)]
@@ -281,6 +287,11 @@ class ReplayController:
             self.counters["corrupt"] += 1
             self._discard(rkey, entry.generation)
             result.invalid.append(tid)
+            return
+        if max(s.version for s in group.samples) > step:
+            self.counters["dropped_future"] += 1
+            self._discard(rkey, entry.generation)
+            result.dropped_future.append(tid)
             return
         staleness = step - group.min_version
         if staleness > self.max_staleness:

@@ -18,6 +18,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.temperature = 1.0
     c.top_k = 0  # 0 disables top-k
     c.top_p = 1.0  # 1.0 disables top-p
+    # Decode steps run on device per host round trip, and prompts prefilled together at most.
+    c.decode_chunk = 16
+    c.max_prefill_batch = 8
+    # How long a worker waits for the trainer's run metadata (model config, tokenizer) and, between
+    # log lines, for the first weights.
+    c.meta_timeout_s = 600.0
+    c.weights_timeout_s = 60.0
     # The worker's own mesh (weights are resharded on pull); by default tensor-parallel only.
     c.mesh = mesh_section.defaults()
     c.mesh.fsdp = 1
@@ -26,9 +33,21 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-    for f in ("max_batch", "max_seq_len", "max_new_tokens"):
+    for f in ("max_batch", "max_seq_len", "max_new_tokens", "decode_chunk", "max_prefill_batch",
+              "meta_timeout_s", "weights_timeout_s"):
         positive(SECTION, c, f)
     positive(SECTION, c, "temperature", allow_zero=True)
     positive(SECTION, c, "top_k", allow_zero=True)
     positive(SECTION, c, "top_p")
     mesh_section.validate(c.mesh, config, section="inference.mesh")
+    if c.max_new_tokens >= c.max_seq_len:
+        from rlax_tpu.config.errors import ConfigError
+
+        raise ConfigError("inference.max_new_tokens", f"={c.max_new_tokens} leaves no room for a prompt in "
+                          f"inference.max_seq_len={c.max_seq_len}")
+    group, leases = config.rl.group_size, config.replay.worker_max_leases
+    if group * leases > c.max_batch:
+        from rlax_tpu.config.errors import ConfigError
+
+        raise ConfigError("inference.max_batch", f"={c.max_batch} slots cannot hold replay.worker_max_leases="
+                          f"{leases} groups of rl.group_size={group} at once")

@@ -29,11 +29,13 @@ def defaults() -> ml_collections.ConfigDict:
     c.zero_variance_tol = 1e-6
     # Rollout reuse: a buffer of this many recently admitted groups (0 = off, the default).
     c.reuse_buffer_size = 0
+    # The trainer stops with a clear error when no rollout arrives for this many seconds.
+    c.collect_timeout_s = 600.0
     return c
 
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-    for f in ("lease_seconds", "poll_seconds", "heartbeat_seconds", "worker_max_leases"):
+    for f in ("lease_seconds", "poll_seconds", "heartbeat_seconds", "worker_max_leases", "collect_timeout_s"):
         positive(SECTION, c, f)
     for f in ("max_in_flight", "dynamic_sampling_max_attempts", "zero_variance_tol", "reuse_buffer_size"):
         positive(SECTION, c, f, allow_zero=True)

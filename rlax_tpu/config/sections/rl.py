@@ -100,6 +100,11 @@ def defaults() -> ml_collections.ConfigDict:
     # Dynamic sampling (DAPO): the controller drops groups whose rewards are all equal and
     # refills the batch with new groups.
     c.dynamic_sampling = False
+    # Difficulty-aware prompt selection (RLAX, Motif-2): track each prompt's pass rate across its
+    # groups and stop issuing prompts that were always or never solved in at least
+    # difficulty_min_groups groups. The tracked rates are checkpointed with the controller.
+    c.difficulty_filter = False
+    c.difficulty_min_groups = 2
     return c
 
 
@@ -132,9 +137,15 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
             "must be > 0 for off_policy='tis'")
     require(isinstance(c.agg_max_len, int), f"{SECTION}.agg_max_len",
             f"must be an int, got {c.agg_max_len!r}")
-    for f in ("overlong_filter", "dynamic_sampling"):
+    positive(SECTION, c, "difficulty_min_groups")
+    for f in ("overlong_filter", "dynamic_sampling", "difficulty_filter"):
         require(isinstance(c[f], bool), f"{SECTION}.{f}", f"must be a bool, got {c[f]!r}")
     if c.overlong_buffer > 0:
         require(c.overlong_max_len > c.overlong_buffer, f"{SECTION}.overlong_max_len",
                 f"must be > overlong_buffer={c.overlong_buffer} when the overlong penalty is on, "
                 f"got {c.overlong_max_len}")
+    publish_every = config.trainer.publish_every
+    require(c.max_staleness >= publish_every - 1, "trainer.publish_every",
+            f"={publish_every} publishes weights too rarely for rl.max_staleness={c.max_staleness}: "
+            "rollouts of the newest weights could never be admitted (need publish_every <= "
+            "max_staleness + 1)")

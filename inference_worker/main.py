@@ -1,0 +1,41 @@
+"""Inference worker: python -m inference_worker.main --config=configs/X.py[:arg] --workdir=DIR.
+
+Pulls weights from the run's param server, leases tasks from the replay queue, generates with
+the engine, scores with the task's verifier and writes rollout groups back. Stateless: run as
+many as you like, kill any of them at any time.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from rlax_tpu import logs
+from rlax_tpu.config import ConfigError, finalize
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the store defaults to <workdir>/store/.")
+_WORKER_ID = flags.DEFINE_string("worker_id", "", "Unique worker name (default: <host>-<pid>).")
+_MAX_GROUPS = flags.DEFINE_integer("max_groups", 0, "Exit after this many rollout groups (0 = never).")
+
+
+def main(argv) -> None:
+    del argv
+    if _CONFIG.value is None or not _WORKDIR.value:
+        raise app.UsageError("--config and --workdir are required")
+    logs.setup()
+    try:
+        config = finalize(_CONFIG.value)
+    except ConfigError as e:  # a bad field: one clear line, no traceback
+        raise app.UsageError(str(e)) from None
+    worker_id = _WORKER_ID.value or f"{socket.gethostname()}-{os.getpid()}"
+    from inference_worker.worker import run
+
+    run(config, _WORKDIR.value, worker_id, _MAX_GROUPS.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,78 @@
+"""Shared sizes for the synthetic-task experiments in configs/ (each adds its algorithm).
+
+``arith(config, variant)`` sets model, tokenizer, task, SFT, trainer and inference for:
+  ''      the CPU demo: a ~1M-param Qwen2-style model, SFT then RL with 2 workers (~10 min);
+  'smoke' a seconds-long run for tests and the chaos test.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.ConfigDict:
+    c.task.name = "arith"
+    c.task.num_eval = 256
+    c.tokenizer.kind = "train"
+    c.tokenizer.vocab_size = 512  # an upper bound: the trained vocabulary is what the model gets
+    c.model.arch = "qwen2"
+    c.model.hidden_size = 128
+    c.model.intermediate_size = 384
+    c.model.num_layers = 4
+    c.model.num_heads = 4
+    c.model.num_kv_heads = 2
+    c.model.tie_embeddings = True
+    c.model.max_position_embeddings = 256
+    c.model.logprob_chunk = 512
+    c.mesh.fsdp = -1
+    c.sft.steps = 400
+    c.sft.batch_size = 64
+    c.sft.learning_rate = 3e-3
+    c.sft.warmup_steps = 20
+    c.sft.max_len = 64
+    c.rl.group_size = 8
+    c.rl.max_staleness = 1
+    c.trainer.steps = 60
+    c.trainer.batch_size = 8
+    c.trainer.learning_rate = 3e-4
+    c.trainer.warmup_steps = 5
+    c.trainer.grad_clip = 1.0
+    c.trainer.checkpoint_every = 10
+    c.trainer.publish_every = 1
+    c.trainer.tensorboard = False
+    c.inference.max_batch = 32
+    c.inference.max_seq_len = 64
+    c.inference.max_new_tokens = 40
+    c.inference.temperature = 1.0
+    c.replay.worker_max_leases = 4
+    c.replay.lease_seconds = 30.0
+    c.replay.poll_seconds = 0.05
+    c.replay.heartbeat_seconds = 2.0
+    c.store.publish_dtype = "float32"  # a tiny model: exact weights keep the policy on-policy
+    c.launch.num_workers = 2
+    c.eval.num_samples = 8
+    c.eval.ks = (1, 4, 8)
+    if variant == "smoke":
+        c.task.num_eval = 16
+        c.model.hidden_size = 64
+        c.model.intermediate_size = 128
+        c.model.num_layers = 2
+        c.sft.steps = 20
+        c.sft.batch_size = 16
+        c.rl.group_size = 4
+        c.trainer.steps = 4
+        c.trainer.batch_size = 2
+        c.trainer.checkpoint_every = 2
+        c.trainer.warmup_steps = 1
+        c.inference.max_batch = 8
+        c.inference.max_new_tokens = 24
+        c.inference.decode_chunk = 8
+        c.replay.worker_max_leases = 2
+        c.replay.lease_seconds = 10.0
+        c.eval.num_samples = 2
+        c.eval.ks = (1, 2)
+        c.trainer.sigterm_grace_s = 20.0
+        c.launch.grace_s = 30.0
+    elif variant:
+        raise ValueError(f"unknown variant {variant!r} (expected '' or 'smoke')")
+    return c

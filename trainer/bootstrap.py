@@ -1,0 +1,129 @@
+"""Trainer start-up: tokenizer, model, run metadata, train state, and resume or SFT warm start."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlax_tpu import models, run_meta, sharding
+from rlax_tpu import tokenizer as tokenizer_lib
+from rlax_tpu.config import ConfigError
+from rlax_tpu.models import ModelConfig
+from trainer import batching
+from trainer.learner import Learner, LearnerSpec
+from trainer.optim import make_optimizer
+from trainer.state import StateLayout, create_state, reset_optimizer
+
+log = logging.getLogger(__name__)
+
+
+def local_dir(workdir: str) -> str:
+    """Where host-local files go (tokenizer, metrics): the workdir, or a temp dir for gs:// runs."""
+    if workdir.startswith("gs://"):
+        return os.path.join("/tmp/rlax_tpu", workdir[len("gs://"):].strip("/").replace("/", "_"))
+    return workdir
+
+
+def build_tokenizer(config, workdir: str, task, kv):
+    """Process 0 builds (or trains) the tokenizer and writes it to the store; others read it."""
+    if jax.process_index() == 0:
+        tok = tokenizer_lib.build(config, local_dir(workdir), corpus=task.corpus())
+        run_meta.write_tokenizer(kv, tok)
+        return tok
+    return run_meta.wait_for_meta(kv, config, os.path.join(local_dir(workdir), "tokenizer"), 600)[1]
+
+
+def model_config(config, tok) -> ModelConfig:
+    """The architecture: from the HF checkpoint, or from config.model with the tokenizer's vocab."""
+    if config.model.hf_path:
+        import json
+
+        from rlax_tpu.models.hf import config_from_hf
+
+        path = os.path.join(config.model.hf_path, "config.json")
+        if not os.path.isfile(path):
+            raise ConfigError("model.hf_path", f"no config.json in {config.model.hf_path!r}")
+        with open(path) as f:
+            cfg = config_from_hf(json.load(f), dtype=config.model.param_dtype, where=path)
+        cfg = cfg.replace(dtype=config.model.dtype, attention_impl=config.model.attention_impl,
+                          logprob_chunk=config.model.logprob_chunk, remat=config.model.remat)
+    else:
+        cfg = ModelConfig.from_config(config.model)
+        if config.tokenizer.kind == "train":
+            cfg = cfg.replace(vocab_size=tok.vocab_size)  # a trained tokenizer fixes the vocabulary
+    if cfg.vocab_size < tok.vocab_size:
+        raise ConfigError("model.vocab_size", f"={cfg.vocab_size} is smaller than the tokenizer's "
+                                              f"vocabulary of {tok.vocab_size}")
+    return cfg
+
+
+def build_model(config, model_cfg: ModelConfig, mesh):
+    if config.model.hf_path:
+        model, _ = models.load_hf(config.model.hf_path, dtype=config.model.param_dtype, mesh=mesh,
+                                  rules=sharding.TRAIN_RULES)
+        return model
+    return sharding.create_sharded(model_cfg, mesh, sharding.TRAIN_RULES, seed=config.seed)
+
+
+def sft_section(config) -> ml_collections.ConfigDict:
+    """The optimizer settings of the SFT warm start: the trainer's, with config.sft's rate/steps."""
+    sec = ml_collections.ConfigDict(config.trainer.to_dict())
+    sec.learning_rate = config.sft.learning_rate
+    sec.warmup_steps = min(config.sft.warmup_steps, config.sft.steps)
+    sec.steps = max(config.sft.steps, 1)
+    sec.schedule = "cosine"
+    return sec
+
+
+def sft_pairs(task, tok, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    pairs = []
+    for problem in task.train_problems(n, seed):
+        prompt = tok.encode(tok.apply_template(problem.prompt), add_bos=tok.bos_id is not None)
+        answer = tok.encode(task.solution_text(problem)) + [tok.eos_id]
+        pairs.append((prompt, answer))
+    return pairs
+
+
+def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, should_stop) -> dict:
+    """SFT warm start on prompt -> worked-solution traces; prompt tokens carry no loss."""
+    c = config.sft
+    optimizer, schedule = make_optimizer(sft_section(config), total_steps=c.steps)
+    spec = LearnerSpec(micro_batches=config.trainer.micro_batches, logprob_chunk=config.model.logprob_chunk,
+                       remat=config.trainer.remat, compute_entropy=False)
+    learner = Learner(mesh, layout, optimizer, spec, loss=None)
+    state = reset_optimizer(state, optimizer, layout)
+    pairs = sft_pairs(task, tok, c.steps * c.batch_size, config.seed + 17)
+    rng = np.random.default_rng(config.seed)
+    rng.shuffle(pairs)
+    log.info("SFT: %d steps of %d traces", c.steps, c.batch_size)
+    for i in range(c.steps):
+        if should_stop():
+            raise KeyboardInterrupt("stopped during SFT (it is redone from the start on resume)")
+        chunk = pairs[i * c.batch_size:(i + 1) * c.batch_size]
+        host = batching.sft_batch(chunk, c.max_len)
+        state, m = learner.sft_step(state, learner.place(host))
+        metrics.write(i + 1, {**jax.device_get(m), "sft/lr": float(schedule(i))},
+                      tokens=float(host["mask"].sum()))
+    return state
+
+
+def initial_state(config, model_cfg: ModelConfig, mesh, rl_optimizer) -> tuple[dict, StateLayout]:
+    model = build_model(config, model_cfg, mesh)
+    with_value = config.rl.advantage == "gae"
+    return create_state(model, model_cfg, mesh, rl_optimizer, seed=config.seed, with_value_head=with_value)
+
+
+def zero_step(state: dict) -> dict:
+    return {**state, "step": jax.device_put(jnp.zeros((), jnp.int32), state["step"].sharding)}
+
+
+def describe(model_cfg: ModelConfig, state: dict) -> dict[str, Any]:
+    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
+    return {"params": n, "vocab": model_cfg.vocab_size, "layers": model_cfg.num_layers,
+            "hidden": model_cfg.hidden_size}

@@ -1,0 +1,174 @@
+"""The learner: jit-compiled SFT and RL steps and the log-prob recompute, sharded on the mesh.
+
+Every step is a plain function of (state, batch) under ``jax.jit`` with explicit in/out
+shardings; the train state is donated, so params and optimizer moments are updated in place.
+Batches are numpy on the host and placed once with the batch sharding before the call; the call
+itself runs under ``jax.transfer_guard("disallow")`` so an accidental host<->device copy inside a
+step fails loudly instead of silently slowing training down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from rlax_tpu import rl, sharding
+from rlax_tpu.models.logprobs import chunked_target_logprobs
+from trainer.state import StateLayout
+
+SEQ_KEYS = ("tokens", "targets", "positions", "segment_ids")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerSpec:
+    """Static settings of the compiled steps."""
+
+    micro_batches: int
+    logprob_chunk: int
+    remat: bool
+    compute_entropy: bool
+
+
+def _model_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef=None, value_params=None,
+                   return_entropy=False):
+    """Per-token log-probs of mb['targets'] (and entropy, values) without full [B,T,V] logits."""
+    model = nnx.merge(graphdef, params)
+    hidden_fn = model.hidden
+    if spec.remat:
+        hidden_fn = jax.checkpoint(hidden_fn)
+    h = hidden_fn(mb["tokens"], mb["positions"], mb["segment_ids"])
+    out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
+                                  return_entropy)
+    logp, ent = out if return_entropy else (out, None)
+    values = None
+    if value_graphdef is not None:
+        values = nnx.merge(value_graphdef, value_params)(h)
+    return logp, ent, values
+
+
+def _split(batch: dict, m: int, i: int) -> dict:
+    return {k: jax.tree.map(lambda x: x[i * (x.shape[0] // m):(i + 1) * (x.shape[0] // m)], v)
+            for k, v in batch.items()}
+
+
+def _accumulate(loss_and_grad, params, batch: dict, m: int):
+    """Sums grads (and averages metrics) over m micro-batches: same update, less memory."""
+    grads, metrics = None, None
+    for i in range(m):
+        (_, mets), g = loss_and_grad(params, _split(batch, m, i) if m > 1 else batch)
+        grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
+        metrics = mets if metrics is None else jax.tree.map(jnp.add, metrics, mets)
+    scale = 1.0 / m
+    return jax.tree.map(lambda g: g * scale, grads), jax.tree.map(lambda x: x * scale, metrics)
+
+
+def _apply(state, grads, optimizer):
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+
+
+def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec):
+    """Next-token NLL on the answer tokens (batch['mask']), prompt tokens masked out."""
+
+    def loss_fn(trainable, mb):
+        logp, _, _ = _model_forward(layout.graphdef, trainable["model"], mb, spec)
+        mask = mb["mask"].astype(jnp.float32)
+        n = jnp.maximum(mask.sum(), 1.0)
+        nll = -(logp * mask).sum() / n
+        return nll, {"sft/nll": nll, "sft/tokens": mask.sum()}
+
+    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch,
+                                 spec.micro_batches)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return _apply(state, grads, optimizer), metrics
+
+
+def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, loss: rl.RLLoss):
+    """One RL update. Advantages are computed on the whole batch first (groups never straddle
+    micro-batches), then the loss is accumulated over micro-batches."""
+    s = loss.settings
+    adv = rl.compute_advantages(
+        s, batch["rewards"], None, batch["mask"], group_ids=batch["group_ids"],
+        values=batch.get("old_values"), logp=batch.get("proximal_logp"), ref_logp=batch.get("ref_logp"),
+        lengths=batch.get("lengths"), sample_mask=batch.get("sample_mask"))
+    batch = {**batch, "advantages": adv.advantages, "shaped_rewards": adv.rewards}
+    if adv.returns is not None:
+        batch["returns"] = adv.returns
+
+    def loss_fn(trainable, mb):
+        logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec,
+                                           layout.value_graphdef, trainable.get("value"),
+                                           return_entropy=spec.compute_entropy)
+        return loss(logp, mb, values=values, entropy=ent)
+
+    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch,
+                                 spec.micro_batches)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["reward_shaped_mean"] = jnp.mean(adv.rewards)
+    return _apply(state, grads, optimizer), metrics
+
+
+def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
+    """The proximal ("old") policy's log-probs (and values) of a batch, without gradients."""
+    logp, _, values = _model_forward(layout.graphdef, params["model"], batch, spec,
+                                     layout.value_graphdef, params.get("value"))
+    return logp, values
+
+
+class Learner:
+    """Owns the compiled steps for one mesh, layout and optimizer."""
+
+    def __init__(self, mesh: jax.sharding.Mesh, layout: StateLayout, optimizer: optax.GradientTransformation,
+                 spec: LearnerSpec, loss: rl.RLLoss | None):
+        self.mesh, self.layout, self.spec = mesh, layout, spec
+        self.batch_sharding = sharding.batch_sharding(mesh, 2)
+        self.row_sharding = sharding.batch_sharding(mesh, 1)
+        state_sh = layout.shardings
+        self._sft = jax.jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
+                            in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                            donate_argnums=(0,))
+        self._rl = None
+        if loss is not None:
+            self._rl = jax.jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec,
+                                                 loss=loss),
+                               in_shardings=(state_sh, None), out_shardings=(state_sh, None),
+                               donate_argnums=(0,))
+        self._recompute = jax.jit(functools.partial(recompute, layout=layout, spec=spec),
+                                  in_shardings=(state_sh["params"], None))
+
+    def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Puts a host batch on the mesh: rows over ('data', 'fsdp')."""
+        placed = {}
+        for k, v in batch.items():
+            sh = self.batch_sharding if v.ndim == 2 else self.row_sharding
+            placed[k] = jax.device_put(v, sh)
+        return placed
+
+    def sft_step(self, state, batch):
+        with jax.transfer_guard("disallow"):
+            return self._sft(state, batch)
+
+    def rl_step(self, state, batch):
+        with jax.transfer_guard("disallow"):
+            return self._rl(state, batch)
+
+    def recompute(self, params, batch):
+        with jax.transfer_guard("disallow"):
+            return self._recompute(params, batch)
+
+
+def check_batch_divides_mesh(rows: int, mesh: jax.sharding.Mesh, micro_batches: int, field: str) -> None:
+    """A clear start-up error when the batch cannot be split over the mesh."""
+    from rlax_tpu.config import ConfigError
+
+    shards = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    if rows % (shards * micro_batches):
+        raise ConfigError(field, f"the batch of {rows} sequences must be divisible by data*fsdp={shards} "
+                                 f"x trainer.micro_batches={micro_batches} (mesh {dict(mesh.shape)})")

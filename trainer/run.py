@@ -1,0 +1,257 @@
+"""The trainer: ``run(config, workdir)``.
+
+Start-up: fence older trainers (epoch in run.json), build the tokenizer and model, write the run
+metadata workers need, then resume from the newest complete checkpoint or warm-start with SFT.
+Loop: issue tasks and wait for admitted rollout groups, recompute proximal log-probs, take one RL
+step, publish weights every ``publish_every`` steps without blocking, checkpoint every
+``checkpoint_every`` steps (acknowledging consumed rollouts once that checkpoint is committed).
+SIGTERM/SIGINT: stop at the next step boundary, save, exit 0.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from param_server import ParamStore
+from rlax_tpu import rl, run_meta, sharding
+from rlax_tpu import tasks as tasks_lib
+from rlax_tpu.store import KVStore
+from trainer import batching, bootstrap
+from trainer.checkpointing import Checkpointer
+from trainer.controller import Controller
+from trainer.learner import Learner, LearnerSpec, check_batch_divides_mesh
+from trainer.metrics import MetricsWriter, Timer, histogram_fields
+from trainer.optim import make_optimizer
+from trainer.signals import GracefulExit
+from trainer.state import abstract_state, reset_optimizer
+
+log = logging.getLogger(__name__)
+JSON_ITEMS = ("controller", "meta")
+CONSOLE_KEYS = ("reward/mean", "reward/pass_rate", "loss", "entropy", "mismatch/max_abs_ratio_minus_1",
+                "staleness/mean", "time/wait_rollouts", "time/train", "eval/pass@1")
+
+
+class Trainer:
+    def __init__(self, config, workdir: str):
+        self.config, self.workdir = config, workdir
+        self.primary = jax.process_index() == 0
+        self.local = bootstrap.local_dir(workdir)
+        os.makedirs(self.local, exist_ok=True)
+        self.mesh = sharding.make_mesh(config.mesh)
+        self.rows = config.trainer.batch_size * config.rl.group_size
+        check_batch_divides_mesh(self.rows, self.mesh, config.trainer.micro_batches, "trainer.batch_size")
+        self.kv = KVStore.open(config.store.url, workdir)
+        self.store = ParamStore.open(self.kv, config=config)
+        self.epoch = self.store.acquire_epoch(workdir=workdir, pid=os.getpid()) if self.primary else None
+        self.task = tasks_lib.get_task(config.task)
+        self.tok = bootstrap.build_tokenizer(config, workdir, self.task, self.kv)
+        self.model_cfg = bootstrap.model_config(config, self.tok)
+        if self.primary:
+            run_meta.write_model_config(self.kv, self.model_cfg)
+        self.loss = rl.build_loss(config.rl)
+        self.optimizer, self.schedule = make_optimizer(config.trainer, total_steps=config.trainer.steps)
+        self.ckpt = Checkpointer(workdir, keep=config.trainer.keep_checkpoints,
+                                 async_save=config.trainer.async_checkpoint)
+        self.metrics = MetricsWriter(self.local, total_steps=config.trainer.steps,
+                                     log_every=config.trainer.log_every, tensorboard=config.trainer.tensorboard,
+                                     is_primary=self.primary, console_keys=CONSOLE_KEYS)
+        self.stop = GracefulExit(config.trainer.sigterm_grace_s)
+        self._pending_acks: dict[int, dict] = {}
+        self._saved: set[int] = set()
+        self._publish = None
+
+    # ------------------------------------------------------------------ state
+    def _init_or_restore(self):
+        state, layout = bootstrap.initial_state(self.config, self.model_cfg, self.mesh, self.optimizer)
+        with_ref = self.config.rl.kl_coef > 0
+        latest = self.ckpt.latest_step()
+        if latest is not None:
+            target = abstract_state({**state, "ref": state["params"]["model"]} if with_ref else state)
+            state, items = self.ckpt.restore(latest, target, JSON_ITEMS)
+            items["controller"] = items.get("controller") or None
+            log.info("resumed from checkpoint %d in %s", latest, self.workdir)
+            return state, layout, items.get("controller"), latest
+        if self.config.sft.steps > 0:
+            sft_metrics = MetricsWriter(os.path.join(self.local, "sft"), total_steps=self.config.sft.steps,
+                                        log_every=max(1, self.config.sft.steps // 20), tensorboard=False,
+                                        is_primary=self.primary, console_keys=("sft/nll", "sft/lr"))
+            with sft_metrics:
+                state = bootstrap.run_sft(self.config, state, layout, self.mesh, self.task, self.tok,
+                                          sft_metrics, lambda: self.stop.requested)
+            state = bootstrap.zero_step(state)
+        state = reset_optimizer(state, self.optimizer, layout)
+        if with_ref:  # a frozen copy of the starting policy for the KL term
+            state["ref"] = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
+        return state, layout, None, None
+
+    def _save(self, step: int, state, controller: Controller | None) -> None:
+        ctl = controller.state_dict() if controller is not None else None
+        # Every process saves the same items (orbax writes them once); non-primary ones have no
+        # controller, and process 0's state is the one that counts.
+        items = {"meta": {"step": step, "epoch": self.epoch, "time": time.time()}, "controller": ctl or {}}
+        self._saved.add(step)
+        if self.ckpt.save(step, state, items):
+            if ctl is not None:
+                self._pending_acks[step] = ctl["replay"]
+
+    def _on_commit(self, controller: Controller):
+        def ack(step: int) -> None:
+            ctl = self._pending_acks.pop(step, None)
+            if ctl is not None and self.primary:
+                n = controller.replay.ack(ctl)
+                log.info("checkpoint %d committed; acknowledged %d consumed rollouts", step, n)
+        return ack
+
+    def _publish_async(self, params, step: int) -> None:
+        if self._publish is not None:
+            self._publish.result()  # a failed publish surfaces here, in the trainer
+        self._publish = self.store.publish_async(params["model"], step)
+
+    # ------------------------------------------------------------------ eval
+    def _evaluate(self, state, step: int, evals: list) -> None:
+        from inference_worker.engine import Engine
+        from rlax_tpu.eval import evaluate
+
+        c = self.config
+        if not self.primary or c.task.num_eval == 0 or jax.process_count() > 1:
+            return
+        params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
+        engine = Engine(nnx.merge(self.layout.graphdef, params), self.model_cfg,
+                        max_batch=c.inference.max_batch, max_seq_len=c.inference.max_seq_len,
+                        max_prefill_batch=c.inference.max_prefill_batch, decode_chunk=c.inference.decode_chunk)
+        problems = self.task.eval_problems(c.task.num_eval, c.seed)
+        t0 = time.time()
+        report = evaluate(engine, self.tok, self.task, problems, num_samples=c.eval.num_samples, ks=c.eval.ks,
+                          temperature=c.eval.temperature, max_new_tokens=c.inference.max_new_tokens,
+                          seed=c.seed + 1000)
+        report = {"step": step, "eval_s": time.time() - t0, **report}
+        evals.append(report)
+        with open(os.path.join(self.local, "eval.jsonl"), "a") as f:
+            f.write(json.dumps(report) + "\n")
+        log.info("eval at step %d: %s", step, {k: v for k, v in report.items() if k.startswith("pass@")})
+        self.metrics.write(step, {f"eval/{k}": v for k, v in report.items() if k != "step"})
+
+    # ------------------------------------------------------------------ loop
+    def run(self) -> int:
+        c = self.config
+        self.stop.install()
+        state, self.layout, ctl_state, resumed = self._init_or_restore()
+        step = int(jax.device_get(state["step"]))
+        info = bootstrap.describe(self.model_cfg, state)
+        log.info("model %s; mesh %s; epoch %s; starting at step %d", info, dict(self.mesh.shape), self.epoch,
+                 step)
+        controller = Controller(c, self.kv, self.tok, self.task, epoch=self.epoch, state=ctl_state) \
+            if self.primary else None
+        self.ckpt.on_commit(self._on_commit(controller))
+        if self.stop.requested:
+            return self._finish(state, step, controller)
+        if resumed is None and step == 0:
+            self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
+        # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
+        self.store.publish(state["params"]["model"], step)
+        evals: list = []
+        if step == 0 and resumed is None and c.eval.num_samples:
+            self._evaluate(state, 0, evals)
+        spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
+                           remat=c.trainer.remat, compute_entropy=True)
+        learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
+        timer = Timer()
+        while step < c.trainer.steps and not self.stop.requested:
+            with timer("wait_rollouts"):
+                groups, cstats = self._collect(controller, step)
+            if self.stop.requested:
+                break
+            host = batching.rl_batch(groups, c.inference.max_seq_len) if self.primary else \
+                batching.empty_rl_batch(self.rows, c.inference.max_seq_len)
+            host = _broadcast(host)
+            versions = host.pop("versions")
+            batch = learner.place(host)
+            with timer("recompute"):
+                prox, old_values = learner.recompute(state["params"], batch)
+                batch["proximal_logp"] = prox
+                if old_values is not None:
+                    batch["old_values"] = old_values
+                if "ref" in state:
+                    batch["ref_logp"] = learner.recompute({"model": state["ref"]}, batch)[0]
+            with timer("train"):
+                state, m = learner.rl_step(state, batch)
+                m = jax.device_get(m)
+            step += 1
+            with timer("publish"):
+                if step % c.trainer.publish_every == 0 or step == c.trainer.steps:
+                    self._publish_async(state["params"], step)
+            record = {**m, **timer.pop(), "lr": float(self.schedule(step - 1))}
+            if self.primary:
+                record.update(controller.group_metrics(groups))
+                record.update({f"collect/{k}": v for k, v in cstats.items()})
+                record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
+                record.update(_mismatch(host, jax.device_get(prox)))
+            self.metrics.write(step, record, tokens=float(host["mask"].sum()))
+            if step % c.trainer.checkpoint_every == 0:
+                self._save(step, state, controller)
+            if c.eval.every and step % c.eval.every == 0 and step < c.trainer.steps:
+                self._evaluate(state, step, evals)
+            self.ckpt.poll()
+        result = self._finish(state, step, controller)
+        if step >= c.trainer.steps and c.eval.num_samples:
+            self._evaluate(state, step, evals)
+        return result
+
+    def _collect(self, controller, step):
+        if controller is None:
+            return [], {}
+        c = self.config
+        return controller.collect(step, c.trainer.batch_size, should_stop=lambda: self.stop.requested,
+                                  timeout_s=c.replay.collect_timeout_s, poll_s=c.replay.poll_seconds)
+
+    def _finish(self, state, step: int, controller) -> int:
+        """Final (or SIGTERM) checkpoint of the current step, published weights, clean shutdown."""
+        if step not in self._saved and step not in self.ckpt.committed_steps():
+            self._save(step, state, controller)
+        self.ckpt.wait()
+        self.ckpt.poll()
+        if self._publish is not None:
+            self._publish.result()
+        self.metrics.flush()
+        if controller is not None:
+            controller.close()
+        why = f" ({self.stop.signal_name})" if self.stop.requested else ""
+        log.info("trainer stopped at step %d%s; checkpoint saved", step, why)
+        return step
+
+
+def _mismatch(host: dict, prox: np.ndarray) -> dict:
+    """Engine (behavior) vs trainer (proximal) log-probs of the same tokens: the RLAX drift check."""
+    mask = host["mask"]
+    if not mask.any():
+        return {}
+    diff = (prox - host["behavior_logp"])[mask]
+    ratio = np.exp(diff)
+    return {"mismatch/max_abs_logp_diff": float(np.abs(diff).max()),
+            "mismatch/max_abs_ratio_minus_1": float(np.abs(ratio - 1).max()),
+            "mismatch/mean_logp_diff": float(diff.mean())}
+
+
+def _broadcast(host: dict) -> dict:
+    if jax.process_count() == 1:
+        return host
+    from jax.experimental import multihost_utils
+
+    return jax.tree.map(np.asarray, multihost_utils.broadcast_one_to_all(host))
+
+
+def run(config, workdir: str) -> int:
+    trainer = Trainer(config, workdir)
+    try:
+        return trainer.run()
+    finally:
+        trainer.stop.uninstall()
+        trainer.metrics.close()
+        trainer.ckpt.close()

@@ -1,0 +1,74 @@
+"""The train state: params (pure dicts), optimizer state, step and RNG, created sharded.
+
+Params are plain nested dicts of arrays (``nnx.to_pure_dict``): optax, orbax and the param server
+all see the same plain pytree, and ``nnx.merge(graphdef, params)`` rebuilds the model inside jit.
+The trainable tree is ``{"model": ...}`` plus ``{"value": ...}`` when the loss needs a value head
+(PPO with GAE); only ``"model"`` is published to workers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from rlax_tpu import rl, sharding
+from trainer.optim import opt_state_shardings
+
+
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Static facts about the train state: graph definitions and shardings."""
+
+    graphdef: Any  # the model's nnx graphdef
+    value_graphdef: Any  # the value head's, or None
+    shardings: Any  # pytree of NamedSharding matching the state
+
+
+def _value_head(model_cfg, seed: int):
+    return rl.ValueHead(model_cfg.hidden_size, rngs=nnx.Rngs(seed), param_dtype=model_cfg.jnp_param_dtype)
+
+
+def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation, *,
+                 seed: int, with_value_head: bool) -> tuple[dict, StateLayout]:
+    """The initial train state around an already sharded model (see sharding.create_sharded)."""
+    graphdef, params_state = nnx.split(model)
+    trainable = {"model": nnx.to_pure_dict(params_state)}
+    value_graphdef = None
+    if with_value_head:
+        head = _value_head(model_cfg, seed + 1)
+        value_graphdef, vstate = nnx.split(head)
+        vshard = sharding.param_shardings(head, mesh, sharding.TRAIN_RULES)
+        trainable["value"] = jax.device_put(nnx.to_pure_dict(vstate), nnx.to_pure_dict(vshard))
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), trainable)
+    opt_shardings = opt_state_shardings(optimizer, abstract)
+    opt_state = jax.jit(optimizer.init, out_shardings=opt_shardings)(trainable)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = {
+        "params": trainable,
+        "opt_state": opt_state,
+        "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
+        "rng": jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed)), replicated),
+    }
+    shardings = {
+        "params": jax.tree.map(lambda x: x.sharding, trainable),
+        "opt_state": opt_shardings,
+        "step": replicated,
+        "rng": replicated,
+    }
+    return state, StateLayout(graphdef, value_graphdef, shardings)
+
+
+def abstract_state(state: dict) -> dict:
+    """ShapeDtypeStructs with shardings: the restore target for orbax."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+
+
+def reset_optimizer(state: dict, optimizer: optax.GradientTransformation, layout: StateLayout) -> dict:
+    """Fresh optimizer moments for the same params (e.g. after the SFT warm start)."""
+    init = jax.jit(optimizer.init, out_shardings=layout.shardings["opt_state"])
+    return {**state, "opt_state": init(state["params"])}
