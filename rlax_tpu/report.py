@@ -1,0 +1,99 @@
+"""Run report: the before/after evaluation table and a PNG of the reward and eval curves.
+
+  python -m rlax_tpu.report --workdir=DIR [--plot=DIR/report.png]
+
+Reads <workdir>/eval.jsonl (written by the trainer before RL, every eval.every steps and at the
+end) and <workdir>/metrics.jsonl (one line per RL step).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: the rest of the file is still good
+    return out
+
+
+def latest_by_step(records: list[dict]) -> list[dict]:
+    """After restarts a step may be logged twice: the last record of each step wins."""
+    by_step = {}
+    for r in records:
+        if "step" in r:
+            by_step[int(r["step"])] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def table(evals: list[dict]) -> str:
+    if not evals:
+        return "no evaluation recorded (eval.jsonl is missing or empty)"
+    first, last = evals[0], evals[-1]
+    keys = sorted((k for k in first if k.startswith("pass@")), key=lambda k: int(k.split("@")[1]))
+    rows = [f"{'held-out':<12}{'before RL (step %d)' % first['step']:>22}{'after RL (step %d)' % last['step']:>22}"
+            f"{'change':>10}"]
+    for k in keys:
+        b, a = 100 * first[k], 100 * last.get(k, float("nan"))
+        rows.append(f"{k:<12}{b:>21.1f}%{a:>21.1f}%{a - b:>+9.1f}")
+    rows.append(f"{'problems':<12}{first['num_problems']:>22}{last['num_problems']:>22}")
+    rows.append(f"{'samples':<12}{first['num_samples']:>22}{last['num_samples']:>22}")
+    return "\n".join(rows)
+
+
+def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install -e '.[plot]'): no plot written", file=sys.stderr)
+        return False
+    steps = [m["step"] for m in metrics if "reward/mean" in m]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot(steps, [m["reward/mean"] for m in metrics if "reward/mean" in m], label="mean reward")
+    ax1.plot(steps, [m["reward/pass_rate"] for m in metrics if "reward/mean" in m], label="train pass rate")
+    ax1.set_xlabel("RL step")
+    ax1.set_title("training rollouts")
+    ax1.legend()
+    for k in sorted((k for k in (evals[0] if evals else {}) if k.startswith("pass@")),
+                    key=lambda k: int(k.split("@")[1])):
+        ax2.plot([e["step"] for e in evals], [100 * e[k] for e in evals], marker="o", label=k)
+    ax2.set_xlabel("RL step")
+    ax2.set_ylabel("%")
+    ax2.set_title("held-out evaluation")
+    ax2.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", required=True)
+    ap.add_argument("--plot", default="", help="PNG path (default: <workdir>/report.png)")
+    args = ap.parse_args(argv)
+    evals = latest_by_step(read_jsonl(os.path.join(args.workdir, "eval.jsonl")))
+    metrics = latest_by_step(read_jsonl(os.path.join(args.workdir, "metrics.jsonl")))
+    print(table(evals))
+    path = args.plot or os.path.join(args.workdir, "report.png")
+    if metrics and plot(metrics, evals, path):
+        print(f"plot: {path}")
+    return 0 if evals else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
