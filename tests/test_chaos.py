@@ -92,13 +92,9 @@ def _in_progress(workdir: str) -> list[str]:
              if "tmp" in d] if os.path.isdir(os.path.join(workdir, "checkpoints")) else []
     attempts = os.path.join(workdir, "store", "params", "attempts")
     committed = os.path.join(workdir, "store", "params", "committed")
-    done = set()
-    if os.path.isdir(committed):
-        for name in os.listdir(committed):
-            with open(os.path.join(committed, name)) as f:
-                done.add(json.load(f)["dir"])
-    if os.path.isdir(attempts):
-        found += [f"publish {d}" for d in os.listdir(attempts) if d not in done]
+    newest = max((int(n[1:]) for n in os.listdir(committed)), default=-1) if os.path.isdir(committed) else -1
+    if os.path.isdir(attempts):  # attempts of versions above the newest committed one: in flight
+        found += [f"publish {d}" for d in os.listdir(attempts) if int(d[1:9]) > newest]
     return found
 
 
@@ -107,12 +103,12 @@ def _schedule(rng: random.Random) -> list[tuple[int, str, float, float, int]]:
 
     An event fires when a metrics line for a step >= its trigger appears after the previous event
     fired, so a restarted trainer (which redoes steps) still reaches every trigger. A trainer
-    event with a start-up delay also kills the trainer it starts, that long into its start-up
-    (restore, or the publish of the resumed weights).
+    event with a start-up delay also kills the trainer it starts, that long after it logs that it
+    resumed from a checkpoint (when it publishes the resumed weights and issues tasks).
     """
     events = [
         (2, "trainer", 0.0, 0.0, -1),  # right after step 2's line: v(2) publish and checkpoint 2 in flight
-        (rng.randint(3, 5), "trainer", rng.uniform(0.0, 0.5), rng.uniform(3.0, 12.0), -1),  # mid-step
+        (rng.randint(3, 5), "trainer", rng.uniform(0.0, 0.5), rng.uniform(0.0, 1.0), -1),  # mid-step
         (rng.choice([6, 8]), "trainer", 0.0, 0.0, -1),  # another checkpoint step
     ]
     for step in sorted(rng.sample(range(1, STEPS - 2), 3)):
@@ -144,7 +140,7 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
         role.start()
     try:
         seen = 0  # RL records already looked at
-        armed: list[tuple[float, tuple]] = []  # (due time, event) of triggered events
+        armed: list[tuple[float | None, tuple]] = []  # (due time, event) of triggered events
         while True:
             now = time.monotonic()
             assert now - t0 < DEADLINE_S, f"chaos run too slow; fired {fired}\n{trainer.tail()}"
@@ -162,13 +158,16 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
                     not any(ev[1].startswith("trainer") for _, ev in armed):
                 ev = events.pop(0)
                 armed.append((now + ev[2], ev))
-            for due, ev in [a for a in armed if a[0] <= now]:
+            for i, (due, ev) in enumerate(armed):  # the start-up kill counts from the resume line
+                if due is None and "resumed from checkpoint" in open(trainer.logs[-1], errors="replace").read():
+                    armed[i] = (now + ev[2], ev)
+            for due, ev in [a for a in armed if a[0] is not None and a[0] <= now]:
                 armed.remove((due, ev))
                 _, kind, delay, startup_delay, idx = ev
                 t = round(time.monotonic() - t0, 1)
                 if kind == "worker":
                     workers[idx].kill9()
-                    fired.append({"kind": f"worker w{idx}", "after_step": step, "t": t})
+                    fired.append({"kind": f"worker w{idx}", "trigger": ev[0], "t": t})
                     workers[idx].start()
                     continue
                 trainer.kill9()
@@ -176,7 +175,7 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
                 seen = len(_rl_records(workdir))  # only the restarted trainer's lines trigger events
                 trainer.start()
                 if startup_delay:
-                    armed.append((time.monotonic() + startup_delay, (0, "trainer_startup", startup_delay, 0, -1)))
+                    armed.append((None, (0, "trainer_startup", startup_delay, 0, -1)))
             time.sleep(0.05)
         assert not events and not armed, (
             f"the trainer finished before every kill fired (left {events} {armed}; fired {fired})")
