@@ -60,6 +60,7 @@ class Worker:
                              mesh=self.mesh if self.mesh.size > 1 else None)
         self.engine_version = self.client.version
         self.weights_step = self._step_of(self.client.version)
+        log.info("worker %s: weights v%d (step %d)", worker_id, self.client.version, self.weights_step)
         self.task = tasks_lib.get_task(config.task)
         self.replay = ReplayWorker.from_config(self.kv, config, worker_id)
         self.groups_done = 0

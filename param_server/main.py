@@ -39,7 +39,9 @@ def run(config, workdir: str | None, mode: str = "status", as_json: bool = False
             report = store.gc()
             print(json.dumps({"gc": report}), flush=True)
         snap = status.collect(store)
-        print(json.dumps(snap, default=str) if as_json else status.render(snap), flush=True)
+        text = json.dumps(snap, default=str) if as_json else \
+            status.render(snap, heartbeat_s=float(config.replay.heartbeat_seconds))
+        print(text, flush=True)
         passes += 1
         if mode == "status" or (iterations and passes >= iterations):
             return

@@ -62,9 +62,13 @@ def _age(seconds) -> str:
     return "?" if seconds is None else f"{seconds:.1f}s"
 
 
-def render(s: dict) -> str:
-    """Human-readable form of ``collect``'s result."""
-    lines = [f"store: {s['url']}", f"run: {json.dumps(s['run'], sort_keys=True)}"]
+def render(s: dict, heartbeat_s: float | None = None) -> str:
+    """Human-readable form of ``collect``'s result.
+
+    ``heartbeat_s`` (config.replay.heartbeat_seconds): a running worker silent for more than three
+    heartbeats is flagged STALE (killed without a goodbye, or hung).
+    """
+    lines = [f"store: {s['url']}", _render_run(s["run"], s["now"])]
     latest = s["latest"]
     if latest is None:
         lines.append("LATEST: none (nothing published yet)")
@@ -95,7 +99,50 @@ def render(s: dict) -> str:
         if "error" in hb:
             lines.append(f"  {name}: ERROR {hb['error']}")
             continue
-        seen = hb.get("time", hb.get("heartbeat_at", hb.get("updated_at")))
-        age = f" last seen {_age(s['now'] - seen)} ago" if isinstance(seen, (int, float)) else ""
-        lines.append(f"  {name}:{age} {json.dumps(hb, sort_keys=True)}")
+        lines.append(f"  {name}: {_render_worker(hb, s['now'], heartbeat_s)}")
     return "\n".join(lines)
+
+
+def _render_run(run: dict, now: float) -> str:
+    if "error" in run:
+        return f"run: ERROR {run['error']}"
+    if not run.get("epoch"):
+        return "run: no trainer has started (epoch 0)"
+    parts = [f"trainer epoch {run['epoch']}"]
+    if isinstance(run.get("acquired_at"), (int, float)):
+        parts.append(f"started {_age(now - run['acquired_at'])} ago")
+    parts += [f"{k} {run[k]}" for k in ("pid", "host", "workdir") if run.get(k) is not None]
+    extra = {k: v for k, v in run.items() if k not in ("epoch", "acquired_at", "pid", "host", "workdir")}
+    return "run: " + ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
+
+
+# Heartbeat fields written by rlax_tpu.replay.worker.ReplayWorker.heartbeat, shown by name.
+_HB_KNOWN = ("worker", "time", "state", "tasks_done", "version", "leases", "pid", "host", "counters")
+_HB_COUNTERS = ("lost", "taken_over", "late_writes_ignored", "lease_conflicts", "corrupt_tasks", "corrupt_leases")
+
+
+def _render_worker(hb: dict, now: float, heartbeat_s: float | None) -> str:
+    seen = hb.get("time", hb.get("heartbeat_at", hb.get("updated_at")))
+    state = str(hb.get("state", "?"))
+    parts = [state]
+    if isinstance(seen, (int, float)):
+        age = now - seen
+        stale = heartbeat_s is not None and state == "running" and age > 3 * heartbeat_s
+        parts.append(f"last seen {_age(age)} ago" + (" STALE" if stale else ""))
+    if hb.get("pid") is not None:
+        parts.append(f"pid {hb['pid']}" + (f"@{hb['host']}" if hb.get("host") else ""))
+    if "version" in hb:  # the trainer step of the weights the worker generates with
+        parts.append(f"weights step {hb['version']}")
+    if "tasks_done" in hb:
+        parts.append(f"groups done {hb['tasks_done']}")
+    if isinstance(hb.get("leases"), list):
+        held = hb["leases"]
+        parts.append(f"leases {len(held)}" + (f" ({' '.join(map(str, held[:8]))}{' ...' if len(held) > 8 else ''})"
+                                              if held else ""))
+    counters = hb.get("counters")
+    if isinstance(counters, dict):
+        nonzero = [f"{k} {counters[k]}" for k in _HB_COUNTERS if counters.get(k)]
+        if nonzero:
+            parts.append(", ".join(nonzero))
+    extra = {k: v for k, v in hb.items() if k not in _HB_KNOWN}
+    return ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")

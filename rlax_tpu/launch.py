@@ -76,11 +76,12 @@ def role_commands(config_arg: str, workdir: str, overrides: Sequence[str],
     common = [f"--config={config_arg}", f"--workdir={workdir}", *overrides]
     py = sys.executable
     commands = {
-        JANITOR: [py, "-m", "param_server.main", *common],
+        JANITOR: [py, "-m", "param_server.main", *common, "--mode=janitor"],
         TRAINER: [py, "-m", "trainer.main", *common],
     }
     for i in range(num_workers):
-        commands[f"worker_{i}"] = [py, "-m", "inference_worker.main", *common, f"--worker_id={i}"]
+        # The worker id is the role name: logs/worker_<i>.log is workers/worker_<i> in the status.
+        commands[f"worker_{i}"] = [py, "-m", "inference_worker.main", *common, f"--worker_id=worker_{i}"]
     return commands
 
 

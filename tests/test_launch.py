@@ -1,4 +1,5 @@
-"""rlax_tpu.launch: supervision of role processes (fake roles), signals, workdir handling."""
+"""rlax_tpu.launch: supervision of role processes (fake roles), signals, workdir handling, and one
+real smoke run (janitor, trainer, two inference workers) to completion."""
 
 import io
 import json
@@ -143,7 +144,8 @@ def test_commands_overrides_and_config(tmp_path):
     assert list(cmds) == ["param_server", "trainer", "worker_0", "worker_1"]
     assert cmds["trainer"] == [sys.executable, "-m", "trainer.main", f"--config={cfg}:smoke",
                                "--workdir=/w", *ov]
-    assert cmds["worker_1"][2] == "inference_worker.main" and cmds["worker_1"][-1] == "--worker_id=1"
+    assert cmds["worker_1"][2] == "inference_worker.main" and cmds["worker_1"][-1] == "--worker_id=worker_1"
+    assert cmds["param_server"][2] == "param_server.main" and cmds["param_server"][-1] == "--mode=janitor"
     config = launch.load_config(cfg, ["--config.launch.grace_s=7", "--config.rl.max_staleness=0"])
     assert config.launch.grace_s == 7.0 and config.rl.max_staleness == 0
     with pytest.raises(ConfigError, match=r"launch\.grace_s"):
@@ -173,3 +175,43 @@ def test_cli_rejects_bad_override(tmp_path):
                          text=True, timeout=120)
     assert res.returncode != 0 and "launch.grace_s" in res.stderr
     assert not (tmp_path / "wd").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_real_roles_smoke_run_to_completion(tmp_path):
+    """The real roles: janitor, trainer and config.launch.num_workers=2 workers, to exit 0."""
+    wd = tmp_path / "wd"
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+    cmd = [sys.executable, "-m", "rlax_tpu.launch", "--config=configs/arith_grpo.py:smoke", f"--workdir={wd}",
+           "--config.eval.num_samples=0", "--config.sft.steps=5", "--config.store.janitor_interval_s=2"]
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    assert "[trainer] [progress] step 4/4" in out and "trainer finished (exit code 0)" in out, out[-4000:]
+    assert "alive 4/4: param_server trainer worker_0 worker_1" in out
+    logs = wd / "logs"
+    assert sorted(os.listdir(logs)) == ["param_server.log", "trainer.log", "worker_0.log", "worker_1.log"]
+    assert '{"gc":' in (logs / "param_server.log").read_text()  # the janitor ran
+    for i in range(2):
+        assert "weights v" in (logs / f"worker_{i}.log").read_text()
+    assert "4" in os.listdir(wd / "checkpoints")
+    records = [json.loads(line) for line in (wd / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "replay/task_ids" in r] == [1, 2, 3, 4]
+
+    # The status command shows the real workers' heartbeats (stopped by SIGTERM) and the epoch.
+    res = subprocess.run([sys.executable, "-m", "param_server.main", "--config=configs/arith_grpo.py:smoke",
+                          f"--workdir={wd}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "run: trainer epoch 1," in res.stdout, res.stdout
+    for i in range(2):
+        assert f"  worker_{i}: stopped, last seen" in res.stdout, res.stdout
+    assert "weights step 4" in res.stdout and "groups done" in res.stdout
+
+    # Running it again resumes: the trainer finds checkpoint 4 and exits at once.
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
+    assert res.returncode == 0, (res.stdout + res.stderr)[-4000:]
+    assert "resuming in existing workdir" in res.stdout
+    assert "resumed from checkpoint 4" in (logs / "trainer.log").read_text()

@@ -190,6 +190,8 @@ class Trainer:
             record = {**m, **timer.pop(), "lr": float(self.schedule(step - 1))}
             if self.primary:
                 record.update(controller.group_metrics(groups))
+                # The lineage of admitted tasks (checked by tests/test_chaos.py: each at most once).
+                record["replay/task_ids"] = " ".join(a.task.task_id for a in groups)
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
                 record.update(_mismatch(host, jax.device_get(prox)))
