@@ -43,8 +43,8 @@ def table(evals: list[dict]) -> str:
         return "no evaluation recorded (eval.jsonl is missing or empty)"
     first, last = evals[0], evals[-1]
     keys = sorted((k for k in first if k.startswith("pass@")), key=lambda k: int(k.split("@")[1]))
-    rows = [f"{'held-out':<12}{'before RL (step %d)' % first['step']:>22}{'after RL (step %d)' % last['step']:>22}"
-            f"{'change':>10}"]
+    before, after = f"before RL (step {first['step']})", f"after RL (step {last['step']})"
+    rows = [f"{'held-out':<12}{before:>22}{after:>22}{'change':>10}"]
     for k in keys:
         b, a = 100 * first[k], 100 * last.get(k, float("nan"))
         rows.append(f"{k:<12}{b:>21.1f}%{a:>21.1f}%{a - b:>+9.1f}")
