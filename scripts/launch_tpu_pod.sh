@@ -33,16 +33,10 @@ Arguments of the form --config.a.b=v are passed to trainer.main unchanged.
 EOF
 }
 
-die() {
-  echo "launch_tpu_pod.sh: $*" >&2
-  exit 2
-}
-
-need_value() {  # flag, remaining-arg-count, value
-  [ "$2" -ge 2 ] && [ -n "$3" ] && [[ "$3" != --* ]] || die "$1 needs a value (see --help)"
-}
-
+prog=launch_tpu_pod.sh
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 tpu="" zone="" project="" config="" workdir="" store="" ref="" repo=""
 remote_dir="rlax_tpu" jax_extra="tpu" skip_install=0 dry_run=0
 overrides=()
@@ -91,28 +85,6 @@ fi
 
 gcloud_args=(--zone "$zone")
 [ -n "$project" ] && gcloud_args+=(--project "$project")
-
-shq() {  # one shell-quoted word, readable: bare if safe, else in single quotes
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-q() {  # shell-quotes arguments, space-separated, for a remote command line
-  local sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    shq "$word"
-    sep=" "
-  done
-}
-
-run() {  # prints the command; runs it unless --dry-run
-  echo "+ $(q "$@")"
-  [ "$dry_run" -eq 1 ] || "$@"
-}
 
 remote_ssh() {  # remote command on every host
   run gcloud compute tpus tpu-vm ssh "$tpu" "${gcloud_args[@]}" --worker=all --command "$1"

@@ -43,16 +43,10 @@ Arguments of the form --config.a.b=v are passed to inference_worker.main unchang
 EOF
 }
 
-die() {
-  echo "launch_workers.sh: $*" >&2
-  exit 2
-}
-
-need_value() {  # flag, remaining-arg-count, value
-  [ "$2" -ge 2 ] && [ -n "$3" ] && [[ "$3" != --* ]] || die "$1 needs a value (see --help)"
-}
-
+prog=launch_workers.sh
 root="$(cd "$(dirname "$0")/.." && pwd)"
+# shellcheck source=scripts/lib.sh
+source "$root/scripts/lib.sh"
 hosts_csv="" hosts_file="" config="" workdir="" store="" via="ssh" zone="" project=""
 per_host=1 accel="" ref="" repo="" remote_dir="rlax_tpu" skip_install=0 stop=0 dry_run=0
 overrides=()
@@ -123,28 +117,6 @@ if [ -n "$ref" ] && [ -z "$repo" ]; then
   repo="$(git -C "$root" remote get-url origin 2>/dev/null)" \
     || die "--ref needs --repo (this checkout has no 'origin' remote)"
 fi
-
-shq() {  # one shell-quoted word, readable: bare if safe, else in single quotes
-  if [[ "$1" =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
-    printf '%s' "$1"
-  else
-    printf "'%s'" "${1//\'/\'\\\'\'}"
-  fi
-}
-
-q() {  # shell-quotes arguments, space-separated, for a remote command line
-  local sep=""
-  for word in "$@"; do
-    printf '%s' "$sep"
-    shq "$word"
-    sep=" "
-  done
-}
-
-run() {  # prints the command; runs it unless --dry-run
-  echo "+ $(q "$@")"
-  [ "$dry_run" -eq 1 ] || "$@"
-}
 
 gcloud_args=(--zone "$zone")
 [ -n "$project" ] && gcloud_args+=(--project "$project")
