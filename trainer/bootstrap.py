@@ -16,7 +16,7 @@ from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import ConfigError
 from rlax_tpu.models import ModelConfig
 from trainer import batching
-from trainer.learner import Learner, LearnerSpec
+from trainer.learner import Learner, LearnerSpec, to_host
 from trainer.optim import make_optimizer
 from trainer.state import StateLayout, create_state, reset_optimizer
 
@@ -108,7 +108,7 @@ def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, 
         chunk = pairs[i * c.batch_size:(i + 1) * c.batch_size]
         host = batching.sft_batch(chunk, c.max_len)
         state, m = learner.sft_step(state, learner.place(host))
-        metrics.write(i + 1, {**jax.device_get(m), "sft/lr": float(schedule(i))},
+        metrics.write(i + 1, {**to_host(m), "sft/lr": float(schedule(i))},
                       tokens=float(host["mask"].sum()))
     return state
 

@@ -172,3 +172,19 @@ def check_batch_divides_mesh(rows: int, mesh: jax.sharding.Mesh, micro_batches: 
     if rows % (shards * micro_batches):
         raise ConfigError(field, f"the batch of {rows} sequences must be divisible by data*fsdp={shards} "
                                  f"x trainer.micro_batches={micro_batches} (mesh {dict(mesh.shape)})")
+
+
+def to_host(tree):
+    """Numpy copies of (possibly multi-host) global arrays; a collective when they span processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

@@ -26,7 +26,7 @@ from rlax_tpu.store import KVStore
 from trainer import batching, bootstrap
 from trainer.checkpointing import Checkpointer
 from trainer.controller import Controller
-from trainer.learner import Learner, LearnerSpec, check_batch_divides_mesh
+from trainer.learner import Learner, LearnerSpec, check_batch_divides_mesh, to_host
 from trainer.metrics import MetricsWriter, Timer, histogram_fields
 from trainer.optim import make_optimizer
 from trainer.signals import GracefulExit
@@ -120,9 +120,15 @@ class Trainer:
         from rlax_tpu.eval import evaluate
 
         c = self.config
-        if not self.primary or c.task.num_eval == 0 or jax.process_count() > 1:
+        if c.task.num_eval == 0:
             return
-        params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
+        if jax.process_count() > 1:  # gather the weights (a collective), evaluate on process 0 alone
+            params = to_host(state["params"]["model"])
+            if not self.primary:
+                return
+            params = jax.device_put(params, jax.local_devices()[0])
+        else:
+            params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         engine = Engine(nnx.merge(self.layout.graphdef, params), self.model_cfg,
                         max_batch=c.inference.max_batch, max_seq_len=c.inference.max_seq_len,
                         max_prefill_batch=c.inference.max_prefill_batch, decode_chunk=c.inference.decode_chunk)
@@ -143,7 +149,7 @@ class Trainer:
         c = self.config
         self.stop.install()
         state, self.layout, ctl_state, resumed = self._init_or_restore()
-        step = int(jax.device_get(state["step"]))
+        step = int(to_host(state["step"]))
         info = bootstrap.describe(self.model_cfg, state)
         log.info("model %s; mesh %s; epoch %s; starting at step %d", info, dict(self.mesh.shape), self.epoch,
                  step)
@@ -182,17 +188,18 @@ class Trainer:
                     batch["ref_logp"] = learner.recompute({"model": state["ref"]}, batch)[0]
             with timer("train"):
                 state, m = learner.rl_step(state, batch)
-                m = jax.device_get(m)
+                m = to_host(m)
             step += 1
             with timer("publish"):
                 if step % c.trainer.publish_every == 0 or step == c.trainer.steps:
                     self._publish_async(state["params"], step)
+            prox_host = to_host(prox)  # a collective on several hosts: every process calls it
             record = {**m, **timer.pop(), "lr": float(self.schedule(step - 1))}
             if self.primary:
                 record.update(controller.group_metrics(groups))
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
-                record.update(_mismatch(host, jax.device_get(prox)))
+                record.update(_mismatch(host, prox_host))
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:
                 self._save(step, state, controller)
