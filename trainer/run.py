@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -200,6 +201,7 @@ class Trainer:
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
                 record.update(_mismatch(host, prox_host))
+                self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:
                 self._save(step, state, controller)
@@ -210,6 +212,17 @@ class Trainer:
         if step >= c.trainer.steps and c.eval.num_samples:
             self._evaluate(state, step, evals)
         return result
+
+    def _log_batch(self, step: int, groups) -> None:
+        """<workdir>/batches.jsonl: what step ``step`` trained on (a restart appends its redo)."""
+        rec = {"step": step, "task_ids": [a.task.task_id for a in groups],
+               "prompt_ids": [a.task.prompt_id for a in groups],
+               "versions": [[int(s.version) for s in a.group.samples] for a in groups],
+               "rewards": [[float(s.reward) for s in a.group.samples] for a in groups],
+               "tokens_crc": [[zlib.crc32(np.asarray(s.tokens, np.int32).tobytes()) for s in a.group.samples]
+                              for a in groups]}
+        with open(os.path.join(self.local, "batches.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _collect(self, controller, step):
         if controller is None:
