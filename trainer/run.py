@@ -185,10 +185,12 @@ class Trainer:
                 batch["proximal_logp"] = prox
                 if old_values is not None:
                     batch["old_values"] = old_values
-                if "ref" in state:
-                    batch["ref_logp"] = learner.recompute({"model": state["ref"]}, batch)[0]
+                ref = state.get("ref")  # frozen: kept out of the donated train state
+                if ref is not None:
+                    batch["ref_logp"] = learner.ref_logprobs(ref, batch)
             with timer("train"):
-                state, m = learner.rl_step(state, batch)
+                train_state, m = learner.rl_step({k: v for k, v in state.items() if k != "ref"}, batch)
+                state = train_state if ref is None else {**train_state, "ref": ref}
                 m = to_host(m)
             step += 1
             with timer("publish"):
