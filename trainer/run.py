@@ -54,12 +54,15 @@ class Trainer:
         self.task = tasks_lib.get_task(config.task)
         self.tok = bootstrap.build_tokenizer(config, workdir, self.task, self.kv)
         self.model_cfg = bootstrap.model_config(config, self.tok)
-        if self.primary:
-            run_meta.write_model_config(self.kv, self.model_cfg)
         self.loss = rl.build_loss(config.rl)
         self.optimizer, self.schedule = make_optimizer(config.trainer, total_steps=config.trainer.steps)
         self.ckpt = Checkpointer(workdir, keep=config.trainer.keep_checkpoints,
                                  async_save=config.trainer.async_checkpoint)
+        # A fresh run tells workers its model now (they start compiling during SFT); a resumed one
+        # only once its checkpoint restored, so another model's checkpoint is reported by leaf.
+        self._meta_pending = self.primary
+        if self.ckpt.latest_step() is None:
+            self._write_meta()
         self.metrics = MetricsWriter(self.local, total_steps=config.trainer.steps,
                                      log_every=config.trainer.log_every, tensorboard=config.trainer.tensorboard,
                                      is_primary=self.primary, console_keys=CONSOLE_KEYS)
@@ -67,6 +70,11 @@ class Trainer:
         self._pending_acks: dict[int, dict] = {}
         self._saved: set[int] = set()
         self._publish = None
+
+    def _write_meta(self) -> None:
+        if self._meta_pending:
+            run_meta.write_model_config(self.kv, self.model_cfg)
+            self._meta_pending = False
 
     # ------------------------------------------------------------------ state
     def _init_or_restore(self):
@@ -150,6 +158,7 @@ class Trainer:
         c = self.config
         self.stop.install()
         state, self.layout, ctl_state, resumed = self._init_or_restore()
+        self._write_meta()
         step = int(to_host(state["step"]))
         info = bootstrap.describe(self.model_cfg, state)
         log.info("model %s; mesh %s; epoch %s; starting at step %d", info, dict(self.mesh.shape), self.epoch,
