@@ -23,6 +23,10 @@ from trainer.state import StateLayout, create_state, reset_optimizer
 log = logging.getLogger(__name__)
 
 
+class StoppedDuringSFT(Exception):
+    """A stop was requested during the SFT warm start (nothing is checkpointed before it ends)."""
+
+
 def local_dir(workdir: str) -> str:
     """Where host-local files go (tokenizer, metrics): the workdir, or a temp dir for gs:// runs."""
     if workdir.startswith("gs://"):
@@ -104,7 +108,7 @@ def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, 
     log.info("SFT: %d steps of %d traces", c.steps, c.batch_size)
     for i in range(c.steps):
         if should_stop():
-            raise KeyboardInterrupt("stopped during SFT (it is redone from the start on resume)")
+            raise StoppedDuringSFT(f"stopped after {i} of {c.steps} SFT steps (SFT is redone on resume)")
         chunk = pairs[i * c.batch_size:(i + 1) * c.batch_size]
         host = batching.sft_batch(chunk, c.max_len)
         state, m = learner.sft_step(state, learner.place(host))

@@ -157,7 +157,11 @@ class Trainer:
     def run(self) -> int:
         c = self.config
         self.stop.install()
-        state, self.layout, ctl_state, resumed = self._init_or_restore()
+        try:
+            state, self.layout, ctl_state, resumed = self._init_or_restore()
+        except bootstrap.StoppedDuringSFT as e:
+            log.info("trainer stopped (%s): %s", self.stop.signal_name, e)
+            return 0
         self._write_meta()
         step = int(to_host(state["step"]))
         info = bootstrap.describe(self.model_cfg, state)
