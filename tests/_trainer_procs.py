@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -26,8 +29,16 @@ TINY = [
 ]
 
 
+# One JAX compilation cache for every process this test session starts: a later process with the
+# same programs (a restarted trainer, another worker) loads them instead of compiling again.
+CACHE_DIR = tempfile.mkdtemp(prefix="rlax_tpu_test_jax_cache_")
+atexit.register(shutil.rmtree, CACHE_DIR, ignore_errors=True)
+
+
 def _env(devices: int) -> dict:
     env = dict(os.environ)
+    env["JAX_COMPILATION_CACHE_DIR"] = CACHE_DIR
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     env["PYTHONPATH"] = ROOT

@@ -1,7 +1,7 @@
 """The trainer as real processes: kill -9 + restart is deterministic, two JAX processes equal one.
 
 Three runs of the same tiny on-policy config (rl.max_staleness=0, fixed seeds), each with its
-own inference worker, all started together to share the compile time:
+own inference worker (A first, to fill the shared compilation cache; then B and C together):
   A: one process, 4 devices, uninterrupted;
   B: one process, 4 devices, kill -9 after a mid-run checkpoint, then restarted;
   C: two processes x 2 devices (jax.distributed over gloo), the same global mesh as A.
@@ -28,16 +28,19 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     d = {k: str(tmp_path_factory.mktemp(f"run{k}")) for k in "ABC"}
-    workers = [tp.start_worker(d[k], tp.TINY) for k in "ABC"]
-    trainers = {"A": tp.start_trainer(d["A"], tp.TINY, devices=4),
-                "B": tp.start_trainer(d["B"], tp.TINY, devices=4)}
-    port = _free_port()
-    multi = [tp.start_trainer(d["C"], tp.TINY, devices=2, log=f"trainer{i}.log",
-                              extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                                     f"--process_id={i}"))
-             for i in range(2)]
-    info = {}
+    # A runs first and fills the compilation cache that B's processes and every worker then use.
+    workers = [tp.start_worker(d["A"], tp.TINY)]
+    trainers = {"A": tp.start_trainer(d["A"], tp.TINY, devices=4)}
+    multi, info = [], {}
     try:
+        assert tp.wait(trainers["A"], 300, d["A"], "trainer.log") == 0, tp.tail(d["A"], "trainer.log")
+        workers += [tp.start_worker(d[k], tp.TINY) for k in "BC"]
+        trainers["B"] = tp.start_trainer(d["B"], tp.TINY, devices=4)
+        port = _free_port()
+        multi = [tp.start_trainer(d["C"], tp.TINY, devices=2, log=f"trainer{i}.log",
+                                  extra=(f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+                                         f"--process_id={i}"))
+                 for i in range(2)]
         # B: kill -9 once step 2 is trained and a checkpoint after step 0 is committed.
         tp.wait_for(lambda: 1 in tp.batches(d["B"]) and max(tp.checkpoint_steps(d["B"]) or [0]) >= 1,
                     300, "run B to reach step 2", [trainers["B"]])

@@ -35,12 +35,22 @@ def local_dir(workdir: str) -> str:
 
 
 def build_tokenizer(config, workdir: str, task, kv):
-    """Process 0 builds (or trains) the tokenizer and writes it to the store; others read it."""
+    """Process 0 builds (or trains) the tokenizer and writes it to the store; the others read it
+    after a barrier (no polling: every process reaches the barrier before any collective)."""
     if jax.process_index() == 0:
         tok = tokenizer_lib.build(config, local_dir(workdir), corpus=task.corpus())
         run_meta.write_tokenizer(kv, tok)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rlax_tpu.trainer:tokenizer")
+    if jax.process_index() == 0:
         return tok
-    return run_meta.wait_for_meta(kv, config, os.path.join(local_dir(workdir), "tokenizer"), 600)[1]
+    cache = os.path.join(local_dir(workdir), f"tokenizer_p{jax.process_index()}")
+    tok = run_meta.read_tokenizer(kv, config, cache)
+    if tok is None:
+        raise run_meta.MetaError(f"process 0 wrote no tokenizer to {kv.url} (is store.url shared by all hosts?)")
+    return tok
 
 
 def model_config(config, tok) -> ModelConfig:
