@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from rlax_tpu import rl, sharding
-from rlax_tpu.config import get_base_config
 from rlax_tpu.models import ModelConfig
 from rlax_tpu.replay import Admitted
 from rlax_tpu.replay.records import RolloutGroup, Sample, Task
@@ -71,6 +70,7 @@ def _step(learner, state, host):
     return learner.rl_step(state, batch)
 
 
+@pytest.mark.slow
 def test_rl_step_on_two_meshes_and_checkpoint_across_them(tmp_path):
     assert jax.device_count() == 8
     c = _config()
@@ -132,6 +132,37 @@ def test_engine_logprobs_equal_trainer_recompute_on_policy_f32():
     assert _mismatch(host, prox)["mismatch/max_abs_ratio_minus_1"] == pytest.approx(np.abs(ratio - 1).max())
 
 
-def test_base_config_is_f32_by_default():
-    c = get_base_config()
-    assert c.model.param_dtype == "float32"
+@pytest.mark.slow
+def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
+    """arith_ppo: value head + frozen KL reference (kept out of the donated state, as in run.py);
+    2 micro-batches give the same update as 1 (token-mean loss, uneven token counts)."""
+    from configs.arith_ppo import get_config
+
+    c = get_config("smoke")
+    c.model.vocab_size = VOCAB
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
+    c.rl.group_size = GROUP  # the synthetic batch's layout; GAE ignores groups
+    c.trainer.learning_rate = 1e-2
+    assert c.rl.advantage == "gae" and c.rl.kl_coef > 0 and c.rl.loss_agg == "token_mean"
+    host = batching.rl_batch(_groups(np.random.default_rng(5)), SEQ)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 2, "tensor": 1}),
+                              devices=jax.devices()[:2])
+    out = {}
+    for m in (1, 2):
+        c.trainer.micro_batches = m
+        model_cfg = ModelConfig.from_config(c.model)
+        model = sharding.create_sharded(model_cfg, mesh, sharding.TRAIN_RULES, seed=0)
+        optimizer, _ = make_optimizer(c.trainer)
+        state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=True)
+        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True)
+        learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
+        ref = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
+        batch = learner.place({k: v for k, v in host.items() if k != "versions"})
+        batch["proximal_logp"], batch["old_values"] = learner.recompute(state["params"], batch)
+        batch["ref_logp"] = learner.ref_logprobs(ref, batch)
+        state, metrics = learner.rl_step(state, batch)
+        metrics = to_host(metrics)
+        assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
+        out[m] = to_host(state["params"])
+    assert set(out[1]) == {"model", "value"}
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), out[1], out[2])
