@@ -8,11 +8,11 @@ the upper one (rl.clip_eps_high); token-level aggregation (rl.loss_agg='token_me
 Variants: '' (default), 'smoke'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_cispo"
     c.rl.advantage = "grpo"
     c.rl.policy_loss = "cispo"
@@ -20,8 +20,6 @@ def get_config(arg: str = ""):
     c.rl.clip_eps_high = 2.0
     c.rl.loss_agg = "token_mean"
     c.rl.kl_coef = 0.0
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg:
+    if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

@@ -13,11 +13,11 @@ DAPO (Yu et al., arXiv 2503.14476): GRPO advantages with
 Variants: '' (default), 'smoke', 'filter' (overlong filtering instead of the soft penalty).
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_dapo"
     c.rl.advantage = "grpo"
     c.rl.policy_loss = "ppo"
@@ -29,11 +29,9 @@ def get_config(arg: str = ""):
     c.rl.overlong_max_len = c.inference.max_new_tokens
     c.rl.overlong_buffer = c.inference.max_new_tokens // 4
     c.rl.overlong_penalty = 1.0
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg == "filter":
+    if arg == "filter":
         c.rl.overlong_buffer = 0
         c.rl.overlong_filter = True
-    elif arg:
+    elif arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '', 'smoke' or 'filter')")
     return c

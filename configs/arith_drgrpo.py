@@ -10,19 +10,17 @@ Knobs: rl.agg_max_len (set it to inference.max_new_tokens), rl.clip_eps_low/high
 Variants: '' (default), 'smoke'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_drgrpo"
     c.rl.advantage = "drgrpo"
     c.rl.policy_loss = "ppo"
     c.rl.loss_agg = "seq_mean_token_sum_norm"
     c.rl.agg_max_len = c.inference.max_new_tokens
     c.rl.kl_coef = 0.0
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg:
+    if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

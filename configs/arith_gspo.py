@@ -9,11 +9,11 @@ sequence (rl.loss_agg='seq_mean_token_mean'); that makes the token form exactly 
 Variants: '' (default), 'smoke'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_gspo"
     c.rl.advantage = "grpo"
     c.rl.policy_loss = "gspo"
@@ -21,8 +21,6 @@ def get_config(arg: str = ""):
     c.rl.clip_eps_high = 4e-4
     c.rl.loss_agg = "seq_mean_token_mean"
     c.rl.kl_coef = 0.0
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg:
+    if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

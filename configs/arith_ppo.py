@@ -10,11 +10,11 @@ per-token reward penalty (rl.kl_mode='reward'). rl.group_size=1: no grouping is 
 Variants: '' (default), 'smoke'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_ppo"
     c.rl.group_size = 1
     c.rl.advantage = "gae"
@@ -31,8 +31,8 @@ def get_config(arg: str = ""):
     c.rl.kl_mode = "reward"
     c.rl.kl_estimator = "k3"
     c.rl.kl_coef = 0.02
-    if arg == "smoke":
-        c.rl.group_size = 1
-    elif arg:
+    # One sample per prompt: as many sequences per step as the GRPO configs.
+    c.trainer.batch_size *= 4 if arg == "smoke" else 8
+    if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

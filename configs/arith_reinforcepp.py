@@ -9,11 +9,11 @@ mean subtracted first, then divided by the global std).
 Variants: '' (default), 'smoke', 'baseline'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_reinforcepp"
     c.rl.advantage = "reinforce_pp"
     c.rl.policy_loss = "ppo"
@@ -22,10 +22,8 @@ def get_config(arg: str = ""):
     c.rl.kl_mode = "reward"
     c.rl.kl_estimator = "k2"
     c.rl.kl_coef = 0.01
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg == "baseline":
+    if arg == "baseline":
         c.rl.advantage = "reinforce_pp_baseline"
-    elif arg:
+    elif arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '', 'smoke' or 'baseline')")
     return c

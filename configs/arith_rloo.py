@@ -9,11 +9,11 @@ Knobs: rl.group_size (>= 2), rl.kl_coef with rl.kl_mode='reward' (KL as a reward
 Variants: '' (default), 'smoke'.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 
 
 def get_config(arg: str = ""):
-    c = get_base_config()
+    c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_rloo"
     c.rl.advantage = "rloo"
     c.rl.policy_loss = "reinforce"
@@ -21,8 +21,6 @@ def get_config(arg: str = ""):
     c.rl.max_staleness = 0
     c.rl.kl_coef = 0.0
     c.rl.kl_mode = "reward"
-    if arg == "smoke":
-        c.rl.group_size = 4
-    elif arg:
+    if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

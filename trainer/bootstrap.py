@@ -16,11 +16,15 @@ from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import ConfigError
 from rlax_tpu.models import ModelConfig
 from trainer import batching
-from trainer.learner import Learner, LearnerSpec
+from trainer.learner import Learner, LearnerSpec, to_host
 from trainer.optim import make_optimizer
 from trainer.state import StateLayout, create_state, reset_optimizer
 
 log = logging.getLogger(__name__)
+
+
+class StoppedDuringSFT(Exception):
+    """A stop was requested during the SFT warm start (nothing is checkpointed before it ends)."""
 
 
 def local_dir(workdir: str) -> str:
@@ -31,12 +35,22 @@ def local_dir(workdir: str) -> str:
 
 
 def build_tokenizer(config, workdir: str, task, kv):
-    """Process 0 builds (or trains) the tokenizer and writes it to the store; others read it."""
+    """Process 0 builds (or trains) the tokenizer and writes it to the store; the others read it
+    after a barrier (no polling: every process reaches the barrier before any collective)."""
     if jax.process_index() == 0:
         tok = tokenizer_lib.build(config, local_dir(workdir), corpus=task.corpus())
         run_meta.write_tokenizer(kv, tok)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("rlax_tpu.trainer:tokenizer")
+    if jax.process_index() == 0:
         return tok
-    return run_meta.wait_for_meta(kv, config, os.path.join(local_dir(workdir), "tokenizer"), 600)[1]
+    cache = os.path.join(local_dir(workdir), f"tokenizer_p{jax.process_index()}")
+    tok = run_meta.read_tokenizer(kv, config, cache)
+    if tok is None:
+        raise run_meta.MetaError(f"process 0 wrote no tokenizer to {kv.url} (is store.url shared by all hosts?)")
+    return tok
 
 
 def model_config(config, tok) -> ModelConfig:
@@ -104,11 +118,11 @@ def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, 
     log.info("SFT: %d steps of %d traces", c.steps, c.batch_size)
     for i in range(c.steps):
         if should_stop():
-            raise KeyboardInterrupt("stopped during SFT (it is redone from the start on resume)")
+            raise StoppedDuringSFT(f"stopped after {i} of {c.steps} SFT steps (SFT is redone on resume)")
         chunk = pairs[i * c.batch_size:(i + 1) * c.batch_size]
         host = batching.sft_batch(chunk, c.max_len)
         state, m = learner.sft_step(state, learner.place(host))
-        metrics.write(i + 1, {**jax.device_get(m), "sft/lr": float(schedule(i))},
+        metrics.write(i + 1, {**to_host(m), "sft/lr": float(schedule(i))},
                       tokens=float(host["mask"].sum()))
     return state
 

@@ -57,15 +57,27 @@ def _split(batch: dict, m: int, i: int) -> dict:
             for k, v in batch.items()}
 
 
-def _accumulate(loss_and_grad, params, batch: dict, m: int):
-    """Sums grads (and averages metrics) over m micro-batches: same update, less memory."""
+def _accumulate(loss_and_grad, params, batch: dict, m: int, weights=None):
+    """Combines grads and metrics over m micro-batches: the same update with less memory.
+
+    ``weights[i]`` is micro-batch i's share of the whole batch's loss (default 1/m: equal rows,
+    exact for per-sequence means); token means pass each micro-batch's share of the tokens so the
+    result equals the whole batch's token mean.
+    """
     grads, metrics = None, None
     for i in range(m):
+        w = (1.0 / m) if weights is None else weights[i]
         (_, mets), g = loss_and_grad(params, _split(batch, m, i) if m > 1 else batch)
+        g, mets = jax.tree.map(functools.partial(jnp.multiply, w), (g, mets))
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         metrics = mets if metrics is None else jax.tree.map(jnp.add, metrics, mets)
-    scale = 1.0 / m
-    return jax.tree.map(lambda g: g * scale, grads), jax.tree.map(lambda x: x * scale, metrics)
+    return grads, metrics
+
+
+def _token_shares(mask: jax.Array, m: int) -> list[jax.Array]:
+    counts = mask.astype(jnp.float32).reshape(m, -1).sum(axis=1)
+    shares = counts / jnp.maximum(counts.sum(), 1.0)
+    return [shares[i] for i in range(m)]
 
 
 def _apply(state, grads, optimizer):
@@ -84,9 +96,10 @@ def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec)
         nll = -(logp * mask).sum() / n
         return nll, {"sft/nll": nll, "sft/tokens": mask.sum()}
 
-    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch,
-                                 spec.micro_batches)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    m = spec.micro_batches
+    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch, m,
+                                 _token_shares(batch["mask"], m) if m > 1 else None)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     return _apply(state, grads, optimizer), metrics
 
 
@@ -108,11 +121,18 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
                                            return_entropy=spec.compute_entropy)
         return loss(logp, mb, values=values, entropy=ent)
 
-    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch,
-                                 spec.micro_batches)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    m = spec.micro_batches
+    weights = _token_shares(batch["mask"], m) if m > 1 and s.loss_agg == "token_mean" else None
+    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch, m,
+                                 weights)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["reward_shaped_mean"] = jnp.mean(adv.rewards)
     return _apply(state, grads, optimizer), metrics
+
+
+def ref_logprobs(model_params, batch, *, layout: StateLayout, spec: LearnerSpec):
+    """The frozen reference policy's log-probs (for the KL term); the model alone, no value head."""
+    return _model_forward(layout.graphdef, model_params, batch, spec)[0]
 
 
 def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
@@ -142,6 +162,8 @@ class Learner:
                                donate_argnums=(0,))
         self._recompute = jax.jit(functools.partial(recompute, layout=layout, spec=spec),
                                   in_shardings=(state_sh["params"], None))
+        self._ref = jax.jit(functools.partial(ref_logprobs, layout=layout, spec=spec),
+                            in_shardings=(state_sh["params"]["model"], None))
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Puts a host batch on the mesh: rows over ('data', 'fsdp')."""
@@ -163,6 +185,10 @@ class Learner:
         with jax.transfer_guard("disallow"):
             return self._recompute(params, batch)
 
+    def ref_logprobs(self, model_params, batch):
+        with jax.transfer_guard("disallow"):
+            return self._ref(model_params, batch)
+
 
 def check_batch_divides_mesh(rows: int, mesh: jax.sharding.Mesh, micro_batches: int, field: str) -> None:
     """A clear start-up error when the batch cannot be split over the mesh."""
@@ -172,3 +198,19 @@ def check_batch_divides_mesh(rows: int, mesh: jax.sharding.Mesh, micro_batches: 
     if rows % (shards * micro_batches):
         raise ConfigError(field, f"the batch of {rows} sequences must be divisible by data*fsdp={shards} "
                                  f"x trainer.micro_batches={micro_batches} (mesh {dict(mesh.shape)})")
+
+
+def to_host(tree):
+    """Numpy copies of (possibly multi-host) global arrays; a collective when they span processes."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def get(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(jax.device_get(x))
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(get, tree)

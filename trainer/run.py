@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import time
+import zlib
 
 import jax
 import numpy as np
@@ -26,7 +27,7 @@ from rlax_tpu.store import KVStore
 from trainer import batching, bootstrap
 from trainer.checkpointing import Checkpointer
 from trainer.controller import Controller
-from trainer.learner import Learner, LearnerSpec, check_batch_divides_mesh
+from trainer.learner import Learner, LearnerSpec, check_batch_divides_mesh, to_host
 from trainer.metrics import MetricsWriter, Timer, histogram_fields
 from trainer.optim import make_optimizer
 from trainer.signals import GracefulExit
@@ -53,12 +54,15 @@ class Trainer:
         self.task = tasks_lib.get_task(config.task)
         self.tok = bootstrap.build_tokenizer(config, workdir, self.task, self.kv)
         self.model_cfg = bootstrap.model_config(config, self.tok)
-        if self.primary:
-            run_meta.write_model_config(self.kv, self.model_cfg)
         self.loss = rl.build_loss(config.rl)
         self.optimizer, self.schedule = make_optimizer(config.trainer, total_steps=config.trainer.steps)
         self.ckpt = Checkpointer(workdir, keep=config.trainer.keep_checkpoints,
                                  async_save=config.trainer.async_checkpoint)
+        # A fresh run tells workers its model now (they start compiling during SFT); a resumed one
+        # only once its checkpoint restored, so another model's checkpoint is reported by leaf.
+        self._meta_pending = self.primary
+        if self.ckpt.latest_step() is None:
+            self._write_meta()
         self.metrics = MetricsWriter(self.local, total_steps=config.trainer.steps,
                                      log_every=config.trainer.log_every, tensorboard=config.trainer.tensorboard,
                                      is_primary=self.primary, console_keys=CONSOLE_KEYS)
@@ -66,6 +70,11 @@ class Trainer:
         self._pending_acks: dict[int, dict] = {}
         self._saved: set[int] = set()
         self._publish = None
+
+    def _write_meta(self) -> None:
+        if self._meta_pending:
+            run_meta.write_model_config(self.kv, self.model_cfg)
+            self._meta_pending = False
 
     # ------------------------------------------------------------------ state
     def _init_or_restore(self):
@@ -120,9 +129,15 @@ class Trainer:
         from rlax_tpu.eval import evaluate
 
         c = self.config
-        if not self.primary or c.task.num_eval == 0 or jax.process_count() > 1:
+        if c.task.num_eval == 0:
             return
-        params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
+        if jax.process_count() > 1:  # gather the weights (a collective), evaluate on process 0 alone
+            params = to_host(state["params"]["model"])
+            if not self.primary:
+                return
+            params = jax.device_put(params, jax.local_devices()[0])
+        else:
+            params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         engine = Engine(nnx.merge(self.layout.graphdef, params), self.model_cfg,
                         max_batch=c.inference.max_batch, max_seq_len=c.inference.max_seq_len,
                         max_prefill_batch=c.inference.max_prefill_batch, decode_chunk=c.inference.decode_chunk)
@@ -142,8 +157,13 @@ class Trainer:
     def run(self) -> int:
         c = self.config
         self.stop.install()
-        state, self.layout, ctl_state, resumed = self._init_or_restore()
-        step = int(jax.device_get(state["step"]))
+        try:
+            state, self.layout, ctl_state, resumed = self._init_or_restore()
+        except bootstrap.StoppedDuringSFT as e:
+            log.info("trainer stopped (%s): %s", self.stop.signal_name, e)
+            return 0
+        self._write_meta()
+        step = int(to_host(state["step"]))
         info = bootstrap.describe(self.model_cfg, state)
         log.info("model %s; mesh %s; epoch %s; starting at step %d", info, dict(self.mesh.shape), self.epoch,
                  step)
@@ -178,15 +198,18 @@ class Trainer:
                 batch["proximal_logp"] = prox
                 if old_values is not None:
                     batch["old_values"] = old_values
-                if "ref" in state:
-                    batch["ref_logp"] = learner.recompute({"model": state["ref"]}, batch)[0]
+                ref = state.get("ref")  # frozen: kept out of the donated train state
+                if ref is not None:
+                    batch["ref_logp"] = learner.ref_logprobs(ref, batch)
             with timer("train"):
-                state, m = learner.rl_step(state, batch)
-                m = jax.device_get(m)
+                train_state, m = learner.rl_step({k: v for k, v in state.items() if k != "ref"}, batch)
+                state = train_state if ref is None else {**train_state, "ref": ref}
+                m = to_host(m)
             step += 1
             with timer("publish"):
                 if step % c.trainer.publish_every == 0 or step == c.trainer.steps:
                     self._publish_async(state["params"], step)
+            prox_host = to_host(prox)  # a collective on several hosts: every process calls it
             record = {**m, **timer.pop(), "lr": float(self.schedule(step - 1))}
             if self.primary:
                 record.update(controller.group_metrics(groups))
@@ -194,7 +217,8 @@ class Trainer:
                 record["replay/task_ids"] = " ".join(a.task.task_id for a in groups)
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
-                record.update(_mismatch(host, jax.device_get(prox)))
+                record.update(_mismatch(host, prox_host))
+                self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:
                 self._save(step, state, controller)
@@ -205,6 +229,17 @@ class Trainer:
         if step >= c.trainer.steps and c.eval.num_samples:
             self._evaluate(state, step, evals)
         return result
+
+    def _log_batch(self, step: int, groups) -> None:
+        """<workdir>/batches.jsonl: what step ``step`` trained on (a restart appends its redo)."""
+        rec = {"step": step, "task_ids": [a.task.task_id for a in groups],
+               "prompt_ids": [a.task.prompt_id for a in groups],
+               "versions": [[int(s.version) for s in a.group.samples] for a in groups],
+               "rewards": [[float(s.reward) for s in a.group.samples] for a in groups],
+               "tokens_crc": [[zlib.crc32(np.asarray(s.tokens, np.int32).tobytes()) for s in a.group.samples]
+                              for a in groups]}
+        with open(os.path.join(self.local, "batches.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
 
     def _collect(self, controller, step):
         if controller is None:
