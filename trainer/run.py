@@ -217,7 +217,7 @@ class Trainer:
                 record["replay/task_ids"] = " ".join(a.task.task_id for a in groups)
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
-                record.update(_mismatch(host, prox_host))
+                record.update(_mismatch(host, prox_host, versions == step - 1))
                 self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:
@@ -264,16 +264,19 @@ class Trainer:
         return step
 
 
-def _mismatch(host: dict, prox: np.ndarray) -> dict:
-    """Engine (behavior) vs trainer (proximal) log-probs of the same tokens: the RLAX drift check."""
-    mask = host["mask"]
+def _mismatch(host: dict, prox: np.ndarray, same_weights: np.ndarray) -> dict:
+    """Engine (behavior) vs trainer (proximal) log-probs of the same tokens under the same weights:
+    the RLAX drift check. Rows generated from older weights (staleness > 0) differ by the policy
+    change too, so they are left out; the loss's mismatch_kl covers all rows."""
+    mask = host["mask"] & same_weights[:, None]
     if not mask.any():
-        return {}
+        return {"mismatch/on_policy_rows": 0}
     diff = (prox - host["behavior_logp"])[mask]
     ratio = np.exp(diff)
     return {"mismatch/max_abs_logp_diff": float(np.abs(diff).max()),
             "mismatch/max_abs_ratio_minus_1": float(np.abs(ratio - 1).max()),
-            "mismatch/mean_logp_diff": float(diff.mean())}
+            "mismatch/mean_logp_diff": float(diff.mean()),
+            "mismatch/on_policy_rows": int(same_weights.sum())}
 
 
 def _broadcast(host: dict) -> dict:
