@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from inference_worker.engine import steps
+from inference_worker.engine import fast_model, steps
 from inference_worker.engine.sampling import SamplingError, SamplingParams, request_key
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
@@ -112,18 +113,19 @@ class Engine:
         self.decode_chunk = decode_chunk
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
+        self._build_weights = jax.jit(
+            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg),
+            out_shardings=fast_model.weight_shardings(model_cfg, mesh))
+        self._weights = self._build_weights(self._params)
         self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
         self._batch_buckets = _buckets(max_prefill_batch, 1)
         self._insert_buckets = _buckets(max_batch, 1)
-        from rlax_tpu.models import KVCache
-
-        cache = KVCache.init(model_cfg, max_batch, max_seq_len)
-        state = init_state(cache, max_batch)
+        state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
-        self._prefill, self._insert, self._decode = steps.compile_steps(self._graphdef, shardings)
+        self._prefill, self._insert, self._decode = steps.compile_steps(model_cfg, shardings)
         self._slots: list[_Slot | None] = [None] * max_batch
         self.stats = collections.Counter()
 
@@ -149,6 +151,7 @@ class Engine:
                     f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
                     f"{old.shape} {old.dtype}")
         self._params = params
+        self._weights = self._build_weights(params)
         self.stats["weight_updates"] += 1
 
     # ------------------------------------------------------------------------- requests
@@ -228,7 +231,7 @@ class Engine:
         for row, (_, prompt, _, _, _) in enumerate(batch):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        logits, kv = self._prefill(self._params, tokens, lengths)
+        logits, kv = self._prefill(self._weights, tokens, lengths)
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
 
@@ -268,7 +271,7 @@ class Engine:
             return
         keep = jnp.asarray([s is not None for s in self._slots])
         self._state, toks, logp, raw, valid = self._decode(
-            self._params, self._state, keep, num_steps=self.decode_chunk)
+            self._weights, self._state, keep, num_steps=self.decode_chunk)
         toks, logp, raw, valid = jax.device_get((toks, logp, raw, valid))
         self.stats["decode_calls"] += 1
         self.stats["decode_steps"] += self.decode_chunk
