@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
-from inference_worker.engine.sampling import SamplingError, SamplingParams, request_key
+from inference_worker.engine.sampling import SamplingError, SamplingParams, request_keys
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,7 @@ class Engine:
         self._state = state
         self._prefill, self._insert, self._decode = steps.compile_steps(model_cfg, shardings)
         self._slots: list[_Slot | None] = [None] * max_batch
+        self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
 
     # ----------------------------------------------------------------------------- weights
@@ -231,17 +232,12 @@ class Engine:
         for row, (_, prompt, _, _, _) in enumerate(batch):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        logits, kv = self._prefill(self._weights, tokens, lengths)
-        self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
-
         rows = [(row, b, s) for row, b in enumerate(batch) for s in range(b[3], b[4])]
         k = _bucket(len(rows), self._insert_buckets)
         src = np.zeros((k,), np.int32)
         dst = np.full((k,), self.max_batch, np.int32)  # out of range: dropped by the scatter
         prompt_lens = np.zeros((k,), np.int32)
         budget = np.zeros((k,), np.int32)
-        keys = np.zeros((k, 2), np.uint32)
         temp = np.ones((k,), np.float32)
         top_k = np.zeros((k,), np.int32)
         top_p = np.ones((k,), np.float32)
@@ -251,7 +247,6 @@ class Engine:
             src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
             # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
             budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
-            keys[j] = np.asarray(request_key(p.seed, sample_idx))
             temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
             ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
             stop_ids[j, : len(ids)] = ids
@@ -259,60 +254,79 @@ class Engine:
                 self.stats["slot_refills"] += 1
             self.stats["slot_uses"] += 1
             self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+        pad = [0] * (k - len(rows))  # bucketed length: no recompiles of the key function
+        keys = request_keys([b[2].seed for _, b, _ in rows] + pad, [s for _, _, s in rows] + pad)
+        # Dispatched after the host-side arrays and keys are ready (computing keys waits on the device).
+        logits, kv = self._prefill(self._weights, tokens, lengths)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
+
         self._state, first, logp, raw = self._insert(
             self._state, kv, logits, src, dst, prompt_lens, budget, keys, temp, top_k, top_p, stop_ids)
         first, logp, raw = jax.device_get((first, logp, raw))
         for j in range(len(rows)):
-            self._append(free[j], [int(first[j])], [float(logp[j])], [float(raw[j])])
+            self._append(free[j], first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
 
     def _decode_chunk(self, results) -> None:
         self._finish_done(results)
         if all(s is None for s in self._slots):
             return
-        keep = jnp.asarray([s is not None for s in self._slots])
+        keep = tuple(s is not None for s in self._slots)
+        if keep != self._keep[0]:  # a host->device transfer only when the slot set changed
+            self._keep = (keep, jnp.asarray(keep))
+        keep = self._keep[1]
         self._state, toks, logp, raw, valid = self._decode(
             self._weights, self._state, keep, num_steps=self.decode_chunk)
         toks, logp, raw, valid = jax.device_get((toks, logp, raw, valid))
         self.stats["decode_calls"] += 1
         self.stats["decode_steps"] += self.decode_chunk
+        # A slot's valid steps are a prefix of the chunk (a slot only ever stops within it).
+        counts = valid.sum(axis=0)
+        toks, logp, raw = toks.T, logp.T, raw.T
         for slot, s in enumerate(self._slots):
             if s is None:
                 continue
-            v = valid[:, slot]
-            if v.any():
-                self._append(slot, toks[v, slot].tolist(), logp[v, slot].tolist(), raw[v, slot].tolist())
+            n = counts[slot]
+            if n:
+                self._append(slot, toks[slot, :n], logp[slot, :n], raw[slot, :n])
             elif not s.completion.finish_reason:
                 # The device stopped a slot the host rules did not: a bug, never a silent hang.
                 raise RuntimeError(f"slot {slot} stalled without a finish reason: {s}")
         self._finish_done(results)
 
-    def _append(self, slot: int, tokens, logps, raws) -> None:
+    def _append(self, slot: int, tokens: np.ndarray, logps: np.ndarray, raws: np.ndarray) -> None:
+        """Appends a slot's new tokens up to the first stop rule that fires (vectorized: the
+        per-token Python loop was a visible share of a small model's step)."""
         s = self._slots[slot]
-        c = s.completion
+        c, p = s.completion, s.params
         if c.finish_reason:
             return
-        for tok, lp, rl in zip(tokens, logps, raws, strict=True):
-            c.tokens.append(tok)
-            c.logprobs.append(lp)
-            c.raw_logprobs.append(rl)
-            self.stats["tokens_generated"] += 1
-            reason = self._stop_reason(s)
-            if reason:
-                c.finish_reason = reason
-                return
-
-    def _stop_reason(self, s: _Slot) -> str:
-        c, p = s.completion, s.params
-        if c.tokens[-1] in p.stop_token_ids:
-            return "eos"
-        for seq in p.stop_sequences:
-            if len(c.tokens) >= len(seq) and tuple(c.tokens[-len(seq):]) == tuple(seq):
-                return "stop"
-        if len(c.tokens) >= p.max_new_tokens:
-            return "length"
-        if s.prompt_len + len(c.tokens) >= self.max_seq_len:
-            return "cache"
-        return ""
+        before = len(c.tokens)
+        cut, reason = len(tokens), ""
+        to_length = p.max_new_tokens - before
+        to_cache = self.max_seq_len - s.prompt_len - before
+        if min(to_length, to_cache) <= cut:
+            cut, reason = min(to_length, to_cache), "length" if to_length <= to_cache else "cache"
+        if p.stop_token_ids:
+            hits = np.flatnonzero(np.isin(tokens[:cut], p.stop_token_ids))
+            if hits.size:
+                cut, reason = int(hits[0]) + 1, "eos"
+        if p.stop_sequences:
+            longest = max(len(seq) for seq in p.stop_sequences)
+            context = len(c.tokens[-(longest - 1):]) if longest > 1 else 0
+            seen = (c.tokens[-(longest - 1):] if longest > 1 else []) + tokens[:cut].tolist()
+            for i in range(context, len(seen)):  # the earliest match; eos wins at the same token
+                if any(i + 1 >= len(q) and tuple(seen[i + 1 - len(q): i + 1]) == tuple(q)
+                       for q in p.stop_sequences):
+                    n = i + 1 - context
+                    if n < cut or reason != "eos":
+                        cut, reason = n, "stop"
+                    break
+        c.tokens.extend(tokens[:cut].tolist())
+        c.logprobs.extend(logps[:cut].tolist())
+        c.raw_logprobs.extend(raws[:cut].tolist())
+        self.stats["tokens_generated"] += cut
+        c.finish_reason = reason
 
     def _finish_done(self, results) -> None:
         for slot, s in enumerate(self._slots):
