@@ -87,6 +87,14 @@ def _request_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(one)(lo, hi, index)
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the row max, as two plain reductions: XLA:CPU runs jnp.argmax's variadic
+    (value, index) reduce several times slower."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1] - 1), axis=-1)
+
+
 def sample(
     logits: jax.Array,
     keys: jax.Array,
@@ -127,7 +135,7 @@ def sample(
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
     logp_all = jax.nn.log_softmax(masked, axis=-1)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = _argmax(logits)
 
     def draw(logp_all):
         # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the
