@@ -210,4 +210,5 @@ def test_vectorized_stop_rules_match_per_token_rules(engine):
         finally:
             engine._slots[0] = None
         assert (c.tokens, c.finish_reason) == (want_tokens, want_reason), (p, prompt_len)
-        assert c.logprobs == [float(t) for t in want_tokens] and c.raw_logprobs == [-float(t) for t in want_tokens]
+        assert c.logprobs == [float(t) for t in want_tokens]
+        assert c.raw_logprobs == [-float(t) for t in want_tokens]

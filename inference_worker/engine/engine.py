@@ -88,6 +88,8 @@ class Engine:
       decode_chunk: decode steps per device call.
       mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis. Params
         should already be placed (e.g. pulled with the inference sharding rules).
+      compiler_options: XLA options for the decode step only (e.g.
+        {"xla_cpu_multi_thread_eigen": False}); see docs/engine.md.
     """
 
     def __init__(
@@ -101,6 +103,7 @@ class Engine:
         min_prefill_len: int = 16,
         decode_chunk: int = 8,
         mesh: jax.sharding.Mesh | None = None,
+        compiler_options: dict | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1:
             raise EngineError(
@@ -125,7 +128,8 @@ class Engine:
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
-        self._prefill, self._insert, self._decode = steps.compile_steps(model_cfg, shardings)
+        self._prefill, self._insert, self._decode = steps.compile_steps(
+            model_cfg, shardings, compiler_options=compiler_options)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
