@@ -167,3 +167,48 @@ def test_llama_greedy_and_logprobs_match_transformers(tmp_path):
     for prompt, (c,) in zip(PROMPTS, outs, strict=True):
         assert c.tokens == _hf_greedy(hf, prompt, 10)
         np.testing.assert_allclose(c.raw_logprobs, _hf_logprobs(hf, prompt, c.tokens), atol=1e-4)
+
+
+def _reference_stop(tokens, prompt_len, p, max_seq_len):
+    """The per-token stop rules: (tokens kept, finish reason)."""
+    out = []
+    for tok in tokens:
+        out.append(tok)
+        if tok in p.stop_token_ids:
+            return out, "eos"
+        if any(len(out) >= len(q) and tuple(out[-len(q):]) == q for q in p.stop_sequences):
+            return out, "stop"
+        if len(out) >= p.max_new_tokens:
+            return out, "length"
+        if prompt_len + len(out) >= max_seq_len:
+            return out, "cache"
+    return out, ""
+
+
+def test_vectorized_stop_rules_match_per_token_rules(engine):
+    from inference_worker.engine.engine import Completion, _Slot
+
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        p = SamplingParams(
+            max_new_tokens=int(rng.integers(1, 30)),
+            stop_token_ids=tuple(int(t) for t in rng.choice(6, size=rng.integers(0, 3), replace=False)),
+            stop_sequences=tuple(tuple(int(t) for t in rng.integers(0, 6, size=rng.integers(1, 4)))
+                                 for _ in range(rng.integers(0, 3))))
+        prompt_len = int(rng.integers(1, engine.max_seq_len))
+        stream = rng.integers(0, 6, size=60)
+        want_tokens, want_reason = _reference_stop(stream.tolist(), prompt_len, p, engine.max_seq_len)
+        engine._slots[0] = _Slot(0, 0, prompt_len, p, Completion([], [], [], ""))
+        try:
+            pos = 0
+            while pos < len(stream):
+                n = int(rng.integers(1, 7))
+                chunk = stream[pos: pos + n]
+                engine._append(0, chunk, chunk.astype(np.float32), -chunk.astype(np.float32))
+                pos += n
+            c = engine._slots[0].completion
+        finally:
+            engine._slots[0] = None
+        assert (c.tokens, c.finish_reason) == (want_tokens, want_reason), (p, prompt_len)
+        assert c.logprobs == [float(t) for t in want_tokens]
+        assert c.raw_logprobs == [-float(t) for t in want_tokens]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -20,8 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from inference_worker.engine import steps
-from inference_worker.engine.sampling import SamplingError, SamplingParams, request_key
+from inference_worker.engine import fast_model, steps
+from inference_worker.engine.sampling import SamplingError, SamplingParams, request_keys
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
 log = logging.getLogger(__name__)
@@ -87,6 +88,8 @@ class Engine:
       decode_chunk: decode steps per device call.
       mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis. Params
         should already be placed (e.g. pulled with the inference sharding rules).
+      compiler_options: XLA options for the decode step only (e.g.
+        {"xla_cpu_multi_thread_eigen": False}); see docs/engine.md.
     """
 
     def __init__(
@@ -100,6 +103,7 @@ class Engine:
         min_prefill_len: int = 16,
         decode_chunk: int = 8,
         mesh: jax.sharding.Mesh | None = None,
+        compiler_options: dict | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1:
             raise EngineError(
@@ -112,19 +116,22 @@ class Engine:
         self.decode_chunk = decode_chunk
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
+        self._build_weights = jax.jit(
+            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg),
+            out_shardings=fast_model.weight_shardings(model_cfg, mesh))
+        self._weights = self._build_weights(self._params)
         self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
         self._batch_buckets = _buckets(max_prefill_batch, 1)
         self._insert_buckets = _buckets(max_batch, 1)
-        from rlax_tpu.models import KVCache
-
-        cache = KVCache.init(model_cfg, max_batch, max_seq_len)
-        state = init_state(cache, max_batch)
+        state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
-        self._prefill, self._insert, self._decode = steps.compile_steps(self._graphdef, shardings)
+        self._prefill, self._insert, self._decode = steps.compile_steps(
+            model_cfg, shardings, compiler_options=compiler_options)
         self._slots: list[_Slot | None] = [None] * max_batch
+        self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
 
     # ----------------------------------------------------------------------------- weights
@@ -149,6 +156,7 @@ class Engine:
                     f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
                     f"{old.shape} {old.dtype}")
         self._params = params
+        self._weights = self._build_weights(params)
         self.stats["weight_updates"] += 1
 
     # ------------------------------------------------------------------------- requests
@@ -228,17 +236,12 @@ class Engine:
         for row, (_, prompt, _, _, _) in enumerate(batch):
             tokens[row, : len(prompt)] = prompt
             lengths[row] = len(prompt)
-        logits, kv = self._prefill(self._params, tokens, lengths)
-        self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
-
         rows = [(row, b, s) for row, b in enumerate(batch) for s in range(b[3], b[4])]
         k = _bucket(len(rows), self._insert_buckets)
         src = np.zeros((k,), np.int32)
         dst = np.full((k,), self.max_batch, np.int32)  # out of range: dropped by the scatter
         prompt_lens = np.zeros((k,), np.int32)
         budget = np.zeros((k,), np.int32)
-        keys = np.zeros((k, 2), np.uint32)
         temp = np.ones((k,), np.float32)
         top_k = np.zeros((k,), np.int32)
         top_p = np.ones((k,), np.float32)
@@ -248,7 +251,6 @@ class Engine:
             src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
             # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
             budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
-            keys[j] = np.asarray(request_key(p.seed, sample_idx))
             temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
             ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
             stop_ids[j, : len(ids)] = ids
@@ -256,60 +258,79 @@ class Engine:
                 self.stats["slot_refills"] += 1
             self.stats["slot_uses"] += 1
             self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+        pad = [0] * (k - len(rows))  # bucketed length: no recompiles of the key function
+        keys = request_keys([b[2].seed for _, b, _ in rows] + pad, [s for _, _, s in rows] + pad)
+        # Dispatched after the host-side arrays and keys are ready (computing keys waits on the device).
+        logits, kv = self._prefill(self._weights, tokens, lengths)
+        self.stats["prefill_calls"] += 1
+        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
+
         self._state, first, logp, raw = self._insert(
             self._state, kv, logits, src, dst, prompt_lens, budget, keys, temp, top_k, top_p, stop_ids)
         first, logp, raw = jax.device_get((first, logp, raw))
         for j in range(len(rows)):
-            self._append(free[j], [int(first[j])], [float(logp[j])], [float(raw[j])])
+            self._append(free[j], first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
 
     def _decode_chunk(self, results) -> None:
         self._finish_done(results)
         if all(s is None for s in self._slots):
             return
-        keep = jnp.asarray([s is not None for s in self._slots])
+        keep = tuple(s is not None for s in self._slots)
+        if keep != self._keep[0]:  # a host->device transfer only when the slot set changed
+            self._keep = (keep, jnp.asarray(keep))
+        keep = self._keep[1]
         self._state, toks, logp, raw, valid = self._decode(
-            self._params, self._state, keep, num_steps=self.decode_chunk)
+            self._weights, self._state, keep, num_steps=self.decode_chunk)
         toks, logp, raw, valid = jax.device_get((toks, logp, raw, valid))
         self.stats["decode_calls"] += 1
         self.stats["decode_steps"] += self.decode_chunk
+        # A slot's valid steps are a prefix of the chunk (a slot only ever stops within it).
+        counts = valid.sum(axis=0)
+        toks, logp, raw = toks.T, logp.T, raw.T
         for slot, s in enumerate(self._slots):
             if s is None:
                 continue
-            v = valid[:, slot]
-            if v.any():
-                self._append(slot, toks[v, slot].tolist(), logp[v, slot].tolist(), raw[v, slot].tolist())
+            n = counts[slot]
+            if n:
+                self._append(slot, toks[slot, :n], logp[slot, :n], raw[slot, :n])
             elif not s.completion.finish_reason:
                 # The device stopped a slot the host rules did not: a bug, never a silent hang.
                 raise RuntimeError(f"slot {slot} stalled without a finish reason: {s}")
         self._finish_done(results)
 
-    def _append(self, slot: int, tokens, logps, raws) -> None:
+    def _append(self, slot: int, tokens: np.ndarray, logps: np.ndarray, raws: np.ndarray) -> None:
+        """Appends a slot's new tokens up to the first stop rule that fires (vectorized: the
+        per-token Python loop was a visible share of a small model's step)."""
         s = self._slots[slot]
-        c = s.completion
+        c, p = s.completion, s.params
         if c.finish_reason:
             return
-        for tok, lp, rl in zip(tokens, logps, raws, strict=True):
-            c.tokens.append(tok)
-            c.logprobs.append(lp)
-            c.raw_logprobs.append(rl)
-            self.stats["tokens_generated"] += 1
-            reason = self._stop_reason(s)
-            if reason:
-                c.finish_reason = reason
-                return
-
-    def _stop_reason(self, s: _Slot) -> str:
-        c, p = s.completion, s.params
-        if c.tokens[-1] in p.stop_token_ids:
-            return "eos"
-        for seq in p.stop_sequences:
-            if len(c.tokens) >= len(seq) and tuple(c.tokens[-len(seq):]) == tuple(seq):
-                return "stop"
-        if len(c.tokens) >= p.max_new_tokens:
-            return "length"
-        if s.prompt_len + len(c.tokens) >= self.max_seq_len:
-            return "cache"
-        return ""
+        before = len(c.tokens)
+        cut, reason = len(tokens), ""
+        to_length = p.max_new_tokens - before
+        to_cache = self.max_seq_len - s.prompt_len - before
+        if min(to_length, to_cache) <= cut:
+            cut, reason = min(to_length, to_cache), "length" if to_length <= to_cache else "cache"
+        if p.stop_token_ids:
+            hits = np.flatnonzero(np.isin(tokens[:cut], p.stop_token_ids))
+            if hits.size:
+                cut, reason = int(hits[0]) + 1, "eos"
+        if p.stop_sequences:
+            longest = max(len(seq) for seq in p.stop_sequences)
+            context = len(c.tokens[-(longest - 1):]) if longest > 1 else 0
+            seen = (c.tokens[-(longest - 1):] if longest > 1 else []) + tokens[:cut].tolist()
+            for i in range(context, len(seen)):  # the earliest match; eos wins at the same token
+                if any(i + 1 >= len(q) and tuple(seen[i + 1 - len(q): i + 1]) == tuple(q)
+                       for q in p.stop_sequences):
+                    n = i + 1 - context
+                    if n < cut or reason != "eos":
+                        cut, reason = n, "stop"
+                    break
+        c.tokens.extend(tokens[:cut].tolist())
+        c.logprobs.extend(logps[:cut].tolist())
+        c.raw_logprobs.extend(raws[:cut].tolist())
+        self.stats["tokens_generated"] += cut
+        c.finish_reason = reason
 
     def _finish_done(self, results) -> None:
         for slot, s in enumerate(self._slots):

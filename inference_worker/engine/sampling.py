@@ -13,6 +13,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 NEG_INF = -jnp.inf
 
@@ -64,8 +65,34 @@ class SamplingParams:
 
 def request_key(seed: int, sample_index: int) -> jax.Array:
     """The raw uint32[2] key of one completion: independent of batch and slot."""
-    key = jax.random.fold_in(jax.random.PRNGKey(seed % (2**32)), seed // (2**32))
-    return jax.random.key_data(jax.random.fold_in(key, sample_index))
+    return jnp.asarray(request_keys([seed], [sample_index])[0])
+
+
+def request_keys(seeds, sample_indices) -> np.ndarray:
+    """request_key for many completions at once: uint32 [K, 2] (numpy), one device call.
+
+    (Eager per-key jax.random calls cost milliseconds each on the host: dozens per batch.)"""
+    seeds = [int(s) for s in seeds]
+    lo = np.array([s % 2**32 for s in seeds], np.uint32)
+    hi = np.array([s // 2**32 for s in seeds], np.uint32)
+    return np.asarray(_request_keys(lo, hi, np.asarray(sample_indices, np.uint32)))
+
+
+@jax.jit
+def _request_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
+    def one(lo, hi, index):
+        key = jax.random.fold_in(jax.random.PRNGKey(lo), hi)
+        return jax.random.key_data(jax.random.fold_in(key, index))
+
+    return jax.vmap(one)(lo, hi, index)
+
+
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the row max, as two plain reductions: XLA:CPU runs jnp.argmax's variadic
+    (value, index) reduce several times slower."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, iota, x.shape[-1] - 1), axis=-1)
 
 
 def sample(
@@ -108,7 +135,7 @@ def sample(
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
     logp_all = jax.nn.log_softmax(masked, axis=-1)
-    greedy_tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    greedy_tokens = _argmax(logits)
 
     def draw(logp_all):
         # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the

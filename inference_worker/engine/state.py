@@ -18,7 +18,7 @@ class DecodeState(NamedTuple):
     fed (and written to the cache) by the next decode step.
     """
 
-    cache: object  # the model's KVCache: k, v per layer [N, Hkv, S, D]
+    cache: object  # fast_model.EngineCache: k, v per layer (v [N, Hkv, S, D], k the same or transposed)
     tokens: jax.Array  # [N] int32
     lengths: jax.Array  # [N] int32, tokens already in the cache
     step: jax.Array  # [N] int32, tokens generated so far (also the RNG fold index)

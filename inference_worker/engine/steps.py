@@ -1,7 +1,8 @@
 """The engine's compiled functions: prefill, insert into slots, and a multi-step decode loop.
 
-They are plain functions of (model state, decode state, ...) so weights can be swapped without
-recompiling (the weights are an argument, never a closure constant). Decoding runs
+They are plain functions of (weights, decode state, ...) so weights can be swapped without
+recompiling (the weights are an argument, never a closure constant). The weights are the engine's
+fused inference view (fast_model.InferenceWeights), built once per weight update. Decoding runs
 ``num_steps`` tokens per call in a ``lax.scan`` on device: one host round trip per chunk, not
 per token, which is what makes small-batch decode fast.
 """
@@ -12,28 +13,23 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
+from inference_worker.engine import fast_model
 from inference_worker.engine.sampling import sample
 from inference_worker.engine.state import DecodeState
 
 
-def prefill(graphdef, params, tokens: jax.Array, lengths: jax.Array):
+def prefill(cfg, weights, tokens: jax.Array, lengths: jax.Array):
     """Runs the prompts (right-padded to a bucket) and returns last-token logits and their K/V.
 
     tokens: [B, P] int32; lengths: [B] int32 prompt lengths (>= 1).
-    Returns (logits [B, V] f32 at each prompt's last token, kv cache of length P).
+    Returns (logits [B, V] f32 at each prompt's last token, EngineCache of length P).
     """
-    model = nnx.merge(graphdef, params)
-    b, p = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    hidden, kv = model.prefill(tokens, positions, segment_ids)
-    last = hidden[jnp.arange(b), lengths - 1]
-    return model.logits(last).astype(jnp.float32), kv
+    return fast_model.prefill(cfg, weights, tokens, lengths)
 
 
 def insert(
+    cfg,
     state: DecodeState,
     kv,
     logits: jax.Array,
@@ -58,10 +54,15 @@ def insert(
         logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
     p = kv.max_len
 
-    def put(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
+    def put_seq(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
         return cache_arr.at[dst, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
 
-    cache = jax.tree.map(put, state.cache, kv)
+    def put_last(cache_arr, new_arr):  # transposed K: [N, K, D, S] <- [Bp, K, D, P]
+        return cache_arr.at[dst, :, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
+
+    put_k = put_last if fast_model.k_transposed(cfg) else put_seq
+    cache = fast_model.EngineCache(tuple(map(put_k, state.cache.k, kv.k)),
+                                   tuple(map(put_seq, state.cache.v, kv.v)))
 
     def setrow(arr, values):
         return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
@@ -85,20 +86,19 @@ def insert(
     return state, tokens, logp, raw_logp
 
 
-def decode(graphdef, params, state: DecodeState, keep: jax.Array, num_steps: int):
+def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
     """Runs ``num_steps`` decode steps for every active slot.
 
     keep: [N] bool; slots the host has released are deactivated first.
     Returns (state, tokens [num_steps, N], logp, raw_logp, valid [num_steps, N]); ``valid``
     marks the tokens a slot really produced (it stops on a stop id or when its budget ends).
     """
-    model = nnx.merge(graphdef, params)
     max_len = state.cache.max_len
     state = state._replace(active=state.active & keep)
 
     def body(state: DecodeState, _):
         positions = jnp.minimum(state.lengths, max_len - 1)
-        logits, cache = model.decode(state.tokens, positions, state.cache, positions + 1)
+        logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache)
         tokens, logp, raw_logp = sample(
             logits, state.keys, state.step, state.temperature, state.top_k, state.top_p)
         act = state.active
@@ -118,16 +118,18 @@ def decode(graphdef, params, state: DecodeState, keep: jax.Array, num_steps: int
     return (state, *outs)
 
 
-def compile_steps(graphdef, state_shardings, donate: bool = True):
-    """jit-compiled prefill / insert / decode closed over the (static) model graph."""
+def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None):
+    """jit-compiled prefill / insert / decode for model config ``cfg`` (static)."""
     donate_state = (0,) if donate else ()
-    prefill_fn = jax.jit(functools.partial(prefill, graphdef))
-    insert_fn = jax.jit(insert, donate_argnums=donate_state, out_shardings=(
+    opts = dict(compiler_options=compiler_options) if compiler_options else {}
+    prefill_fn = jax.jit(functools.partial(prefill, cfg))
+    insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=(
         state_shardings, None, None, None) if state_shardings is not None else None)
     decode_fn = jax.jit(
-        functools.partial(decode, graphdef),
+        functools.partial(decode, cfg),
         static_argnames=("num_steps",),
         donate_argnums=(1,) if donate else (),
         out_shardings=(state_shardings, None, None, None, None) if state_shardings is not None else None,
+        **opts,
     )
     return prefill_fn, insert_fn, decode_fn

@@ -23,6 +23,11 @@ class KernelError(ValueError):
     """An attention call the chosen implementation does not support."""
 
 
+def resolve_impl(impl: str) -> str:
+    """The path ``impl`` takes on this backend: 'pallas' or 'reference'."""
+    return _resolve(impl)
+
+
 def _resolve(impl: str) -> str:
     if impl not in IMPLS:
         raise KernelError(f"attention impl {impl!r} is not one of {IMPLS}")
