@@ -124,6 +124,12 @@ class Trainer:
         self._publish = self.store.publish_async(params["model"], step)
 
     # ------------------------------------------------------------------ eval
+    def _evaluated(self, step: int) -> bool:
+        """Whether eval.jsonl already has a record of ``step`` (a resumed run does not redo it)."""
+        from rlax_tpu.report import read_jsonl
+
+        return any(r.get("step") == step for r in read_jsonl(os.path.join(self.local, "eval.jsonl")))
+
     def _evaluate(self, state, step: int, evals: list) -> None:
         from inference_worker.engine import Engine
         from rlax_tpu.eval import evaluate
@@ -177,7 +183,7 @@ class Trainer:
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
         self.store.publish(state["params"]["model"], step)
         evals: list = []
-        if step == 0 and resumed is None and c.eval.num_samples:
+        if step == 0 and c.eval.num_samples and not self._evaluated(0):
             self._evaluate(state, 0, evals)
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True)
