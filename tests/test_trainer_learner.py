@@ -129,7 +129,10 @@ def test_engine_logprobs_equal_trainer_recompute_on_policy_f32():
     assert np.abs(ratio - 1).max() <= 1e-4
     from trainer.run import _mismatch
 
-    assert _mismatch(host, prox)["mismatch/max_abs_ratio_minus_1"] == pytest.approx(np.abs(ratio - 1).max())
+    same = np.ones(len(host["rewards"]), bool)  # every row generated from these very weights
+    assert _mismatch(host, prox, same)["mismatch/max_abs_ratio_minus_1"] == pytest.approx(np.abs(ratio - 1).max())
+    # Rows from older weights differ by the policy change too: they are left out of the metric.
+    assert _mismatch(host, prox, ~same) == {"mismatch/on_policy_rows": 0}
 
 
 @pytest.mark.slow
