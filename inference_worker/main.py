@@ -14,7 +14,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from rlax_tpu import logs
-from rlax_tpu.config import ConfigError, finalize
+from rlax_tpu.config import from_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the store defaults to <workdir>/store/.")
@@ -24,13 +24,8 @@ _MAX_GROUPS = flags.DEFINE_integer("max_groups", 0, "Exit after this many rollou
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
     logs.setup()
-    try:
-        config = finalize(_CONFIG.value)
-    except ConfigError as e:  # a bad field: one clear line, no traceback
-        raise app.UsageError(str(e)) from None
+    config = from_flags(_CONFIG.value, _WORKDIR.value)
     worker_id = _WORKER_ID.value or f"{socket.gethostname()}-{os.getpid()}"
     from inference_worker.worker import run
 

@@ -72,12 +72,11 @@ def run(config, workdir: str, version: int | None = None) -> dict:
 
 def main(argv) -> None:
     del argv
-    from rlax_tpu.config import finalize
+    from rlax_tpu import logs
+    from rlax_tpu.config import from_flags
 
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
-    logging.basicConfig(level=logging.INFO)
-    report = run(finalize(_CONFIG.value), _WORKDIR.value, _VERSION.value)
+    logs.setup()
+    report = run(from_flags(_CONFIG.value, _WORKDIR.value), _WORKDIR.value, _VERSION.value)
     print(json.dumps(report, indent=2))
 
 

@@ -47,15 +47,10 @@ def init_distributed(multihost: bool) -> None:
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None or not _WORKDIR.value:
-        raise app.UsageError("--config and --workdir are required")
     logs.setup()
-    from rlax_tpu.config import ConfigError, finalize
+    from rlax_tpu.config import ConfigError, from_flags
 
-    try:
-        config = finalize(_CONFIG.value)
-    except ConfigError as e:  # a bad field: one clear line, no traceback
-        raise app.UsageError(str(e)) from None
+    config = from_flags(_CONFIG.value, _WORKDIR.value)
     init_distributed(_MULTIHOST.value or config.trainer.multihost)
     from trainer.run import run
 

@@ -10,7 +10,7 @@ offending field.
 from rlax_tpu.config import presets  # noqa: F401
 from rlax_tpu.config.base import get_base_config
 from rlax_tpu.config.errors import ConfigError
-from rlax_tpu.config.loading import finalize, load_config
+from rlax_tpu.config.loading import finalize, from_flags, load_config
 from rlax_tpu.config.validate import validate
 
-__all__ = ["ConfigError", "finalize", "get_base_config", "load_config", "validate"]
+__all__ = ["ConfigError", "finalize", "from_flags", "get_base_config", "load_config", "validate"]

@@ -30,6 +30,19 @@ def load_config(spec: str, overrides: dict | None = None) -> ml_collections.Conf
     return finalize(config)
 
 
+def from_flags(config_value, workdir: str | None) -> ml_collections.ConfigDict:
+    """The mains' start-up: --config and --workdir given, the config validated and locked. A bad
+    field becomes one clear usage line (absl prints it) instead of a traceback."""
+    from absl import app
+
+    if config_value is None or not workdir:
+        raise app.UsageError("--config and --workdir are required")
+    try:
+        return finalize(config_value)
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
+
+
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Validates and locks a config; every main calls this once at start-up."""
     validate(config)
