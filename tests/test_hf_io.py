@@ -164,3 +164,27 @@ def test_model_config_errors_name_the_field():
         ModelConfig(**base, dtype="float16")
     with pytest.raises(ConfigError, match="config.model.rope_scaling.*missing"):
         ModelConfig(**base, rope_scaling={"factor": 8.0})
+
+
+def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_path):
+    """The trainer publishes bootstrap.model_config() to workers and trains bootstrap.build_model():
+    for a Hugging Face checkpoint both must apply config.model's dtype/attention/remat settings."""
+    from rlax_tpu import sharding
+    from rlax_tpu.config import get_base_config
+    from trainer import bootstrap
+
+    make_hf_model("qwen2_tied").save_pretrained(tmp_path)
+    config = get_base_config()
+    config.model.hf_path = str(tmp_path)
+    config.model.attention_impl = "reference"
+    config.model.logprob_chunk = 32
+    config.model.remat = True
+
+    class Tok:  # the vocabulary check needs only the size
+        vocab_size = 8
+
+    published = bootstrap.model_config(config, Tok())
+    mesh = jax.make_mesh((1, 1, 1), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:1])
+    assert bootstrap.build_model(config, published, mesh).cfg == published
+    assert (published.attention_impl, published.logprob_chunk, published.remat) == ("reference", 32, True)

@@ -56,17 +56,12 @@ def build_tokenizer(config, workdir: str, task, kv):
 def model_config(config, tok) -> ModelConfig:
     """The architecture: from the HF checkpoint, or from config.model with the tokenizer's vocab."""
     if config.model.hf_path:
-        import json
+        from rlax_tpu.models.hf import read_config
 
-        from rlax_tpu.models.hf import config_from_hf
-
-        path = os.path.join(config.model.hf_path, "config.json")
-        if not os.path.isfile(path):
+        if not os.path.isfile(os.path.join(config.model.hf_path, "config.json")):
             raise ConfigError("model.hf_path", f"no config.json in {config.model.hf_path!r}")
-        with open(path) as f:
-            cfg = config_from_hf(json.load(f), dtype=config.model.param_dtype, where=path)
-        cfg = cfg.replace(dtype=config.model.dtype, attention_impl=config.model.attention_impl,
-                          logprob_chunk=config.model.logprob_chunk, remat=config.model.remat)
+        cfg = read_config(config.model.hf_path, dtype=config.model.param_dtype,
+                          overrides=models.hf_overrides(config.model))
     else:
         cfg = ModelConfig.from_config(config.model)
         if config.tokenizer.kind == "train":
@@ -78,10 +73,8 @@ def model_config(config, tok) -> ModelConfig:
 
 
 def build_model(config, model_cfg: ModelConfig, mesh):
-    if config.model.hf_path:
-        model, _ = models.load_hf(config.model.hf_path, dtype=config.model.param_dtype, mesh=mesh,
-                                  rules=sharding.TRAIN_RULES)
-        return model
+    if config.model.hf_path:  # the same overrides as model_config(), so both describe one model
+        return models.build(config.model, config.seed, mesh=mesh, rules=sharding.TRAIN_RULES)[0]
     return sharding.create_sharded(model_cfg, mesh, sharding.TRAIN_RULES, seed=config.seed)
 
 

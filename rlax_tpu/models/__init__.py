@@ -15,7 +15,7 @@ from rlax_tpu.models.config import ModelConfig
 from rlax_tpu.models.hf import CheckpointError, load_hf, save_hf
 from rlax_tpu.models.transformer import KVCache, Transformer
 
-__all__ = ["CheckpointError", "KVCache", "ModelConfig", "Transformer", "build", "init", "load_hf",
+__all__ = ["CheckpointError", "KVCache", "ModelConfig", "Transformer", "build", "hf_overrides", "init", "load_hf",
            "save_hf"]
 
 
@@ -32,6 +32,13 @@ def init(model_cfg: ModelConfig, seed: int = 0) -> Transformer:
     return nnx.merge(gdef, jax.jit(lambda: nnx.state(make()))())
 
 
+def hf_overrides(config_model_section) -> dict:
+    """The config.model fields that apply on top of a Hugging Face checkpoint's config.json."""
+    c = config_model_section
+    return dict(dtype=c.dtype, attention_impl=c.attention_impl, logprob_chunk=c.logprob_chunk,
+                remat=bool(c.get("remat", False)))
+
+
 def build(config_model_section, rngs: nnx.Rngs | int = 0, mesh=None, rules=None):
     """(model, model_cfg) from ``config.model``: load_hf(hf_path) when set, else random init.
 
@@ -40,9 +47,7 @@ def build(config_model_section, rngs: nnx.Rngs | int = 0, mesh=None, rules=None)
     """
     c = config_model_section
     if c.hf_path:
-        return load_hf(c.hf_path, dtype=c.param_dtype, mesh=mesh, rules=rules, overrides=dict(
-            dtype=c.dtype, attention_impl=c.attention_impl, logprob_chunk=c.logprob_chunk,
-            remat=bool(c.get("remat", False))))
+        return load_hf(c.hf_path, dtype=c.param_dtype, mesh=mesh, rules=rules, overrides=hf_overrides(c))
     cfg = ModelConfig.from_config(c)
     if mesh is not None:
         from rlax_tpu import sharding

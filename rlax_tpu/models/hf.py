@@ -188,15 +188,9 @@ def _path_key(path) -> tuple:
     return tuple(int(p) if isinstance(p, int) else str(p) for p in path)
 
 
-def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
-            rules=None, overrides: dict | None = None) -> tuple[Transformer, ModelConfig]:
-    """Loads a HF Llama/Qwen2/Qwen3 checkpoint directory -> (model, model_cfg).
-
-    dtype: param and compute dtype ('float32'/'bfloat16'); default: the checkpoint's dtype
-    (float32 when it is neither). mesh/rules: place every param straight into its NamedSharding
-    (rules default to sharding.TRAIN_RULES). overrides: ModelConfig fields that do not change
-    the weights (dtype, attention_impl, logprob_chunk, remat, max_position_embeddings).
-    """
+def read_config(path: str, *, dtype: str | None = None, overrides: dict | None = None) -> ModelConfig:
+    """The ModelConfig of the checkpoint directory ``path`` (its config.json), with ``overrides``
+    of fields that do not change the weights. ``load_hf`` builds its model from exactly this."""
     cfg_path = os.path.join(path, "config.json")
     if not os.path.exists(cfg_path):
         raise CheckpointError(f"{cfg_path}: missing config.json")
@@ -209,6 +203,19 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
             raise CheckpointError(f"load_hf: overrides {bad} would contradict the checkpoint; "
                                   f"allowed: {sorted(allowed)}")
         cfg = cfg.replace(**overrides)
+    return cfg
+
+
+def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
+            rules=None, overrides: dict | None = None) -> tuple[Transformer, ModelConfig]:
+    """Loads a HF Llama/Qwen2/Qwen3 checkpoint directory -> (model, model_cfg).
+
+    dtype: param and compute dtype ('float32'/'bfloat16'); default: the checkpoint's dtype
+    (float32 when it is neither). mesh/rules: place every param straight into its NamedSharding
+    (rules default to sharding.TRAIN_RULES). overrides: ModelConfig fields that do not change
+    the weights (dtype, attention_impl, logprob_chunk, remat, max_position_embeddings).
+    """
+    cfg = read_config(path, dtype=dtype, overrides=overrides)
     tensors = _open_checkpoint(path)
     mapping = hf_mapping(cfg)
     wanted = {e.name for e in mapping.values()}
