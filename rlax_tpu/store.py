@@ -87,17 +87,6 @@ class KVStore:
             raise StoreError(f"store {url!r}: cannot open: {e}") from e
         return cls(url, kv)
 
-    @property
-    def spec(self) -> dict:
-        """The kvstore spec (JSON), to open zarr arrays under a key prefix."""
-        return self._kv.spec().to_json()
-
-    def kvstore_spec(self, prefix: str) -> dict:
-        """Spec of the kvstore rooted at ``prefix`` (a key ending in '/')."""
-        spec = dict(self.spec)
-        spec["path"] = spec.get("path", "") + prefix
-        return spec
-
     def sub(self, prefix: str) -> ts.KvStore:
         """The underlying kvstore rooted at ``prefix`` (shares memory:// state and the context)."""
         return self._kv / prefix
