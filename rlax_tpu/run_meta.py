@@ -53,10 +53,14 @@ def tokenizer_files(tokenizer) -> dict[str, bytes]:
     if not path:
         proto = tokenizer.sp.serialized_model_proto()
         return {"spm.model": proto}
-    files = {os.path.basename(path): open(path, "rb").read()}
+    paths = {os.path.basename(path): path}
     side = os.path.join(os.path.dirname(path), "tokenizer_config.json")
     if path.endswith(".json") and os.path.isfile(side):
-        files["tokenizer_config.json"] = open(side, "rb").read()
+        paths["tokenizer_config.json"] = side
+    files = {}
+    for name, p in paths.items():
+        with open(p, "rb") as f:
+            files[name] = f.read()
     return files
 
 
