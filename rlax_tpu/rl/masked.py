@@ -16,9 +16,21 @@ def masked_mean(x: jax.Array, mask: jax.Array, axis=None) -> jax.Array:
     return masked_sum(x, mask, axis) / jnp.maximum(count, 1.0)
 
 
+def _stable_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
+    """Masked mean with one correction pass: mean + mean(x - mean).
+
+    When the values sit far from zero relative to their spread (all rewards ~1 with small
+    per-token KL terms), the first pass's rounding depends on summation order, i.e. on how
+    much padding the batch carries; whitening divides that error by a small std. The
+    correction pass sums the small residuals, so the result no longer depends on padding.
+    """
+    mean = masked_mean(x, mask)
+    return mean + masked_mean(x - mean, mask)
+
+
 def masked_var(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Population variance over all masked positions."""
-    mean = masked_mean(x, mask)
+    mean = _stable_mean(x, mask)
     return masked_mean(jnp.square(x - mean), mask)
 
 
@@ -34,8 +46,8 @@ def masked_min(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def whiten(x: jax.Array, mask: jax.Array, eps: float, shift_mean: bool = True) -> jax.Array:
     """(x - mean) / (std + eps) over the masked positions; zero outside the mask."""
-    mean = masked_mean(x, mask)
-    std = jnp.sqrt(masked_var(x, mask))
+    mean = _stable_mean(x, mask)
+    std = jnp.sqrt(masked_mean(jnp.square(x - mean), mask))
     out = (x - mean) if shift_mean else x
     return jnp.where(mask, out / (std + eps), 0.0)
 
