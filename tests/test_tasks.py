@@ -39,7 +39,8 @@ def test_unknown_task_names_the_field():
 
 @pytest.mark.parametrize("field, value", [
     ("min_difficulty", 5), ("eval_fraction", 1.5), ("verifier", "fuzzy"), ("answer_format", "xml"),
-    ("reward_timeout_s", 0.0), ("format_weight", -1.0),
+    ("reward_timeout_s", 0.0), ("format_weight", -1.0), ("operators", "+/"), ("operators", ""),
+    ("operators", "++"),
 ])
 def test_config_validation_names_field(field, value):
     c = _cfg(**{field: value})
@@ -83,6 +84,12 @@ def test_arith_mix_is_small_and_varied():
     assert {p.meta["difficulty"] for p in probs} == {1, 2, 3}
     assert all(len(p.prompt) < 40 and len(p.answer) <= 4 for p in probs)
     assert len({p.answer for p in probs}) > 50
+
+
+def test_arith_operators_subset():
+    probs = _task("arith", operators="+-", difficulty=3).train_problems(300, seed=0)
+    assert {op for p in probs for op in p.meta["ops"]} == {"+", "-"}
+    assert all("*" not in p.prompt for p in probs)
 
 
 def test_too_few_distinct_eval_problems_is_a_clear_error():

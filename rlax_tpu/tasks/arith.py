@@ -1,7 +1,7 @@
 """Multi-step integer arithmetic with worked steps.
 
-Prompt "Compute: 3+4*2-5". Difficulty = number of operations (+, -, *) over integers in
-[1, max_number]. The SFT trace rewrites the expression one operation at a time, products first
+Prompt "Compute: 3+4*2-5". Difficulty = number of operations (drawn from task.operators, default
++, -, *) over integers in [1, max_number]. The SFT trace rewrites the expression one operation at a time, products first
 then left to right, and ends with the answer line: "3+4*2-5=3+8-5=11-5=6\\n#### 6".
 """
 
@@ -41,9 +41,13 @@ class ArithTask(SyntheticTask):
     name = "arith"
     default_max_number = 9
 
+    def __init__(self, config):
+        super().__init__(config)
+        self.operators = str(config.get("operators", "+-*") or "+-*")
+
     def generate(self, rng: random.Random, difficulty: int) -> tuple[str, str, dict]:
         nums = [rng.randint(1, self.max_number) for _ in range(difficulty + 1)]
-        ops = [rng.choice("+-*") for _ in range(difficulty)]
+        ops = [rng.choice(self.operators) for _ in range(difficulty)]
         expr = _render(nums, ops)
         answer = worked_steps(nums, ops)[-1]
         return f"Compute: {expr}", answer, {"nums": nums, "ops": "".join(ops)}

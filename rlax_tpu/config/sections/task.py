@@ -25,6 +25,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Largest operand of synthetic problems; 0 = the task's default (arith 9, countdown 10,
     # compose: list items are always digits 0..9 and this field is unused).
     c.max_number = 0
+    # Operators arith draws from (a subset of '+-*'). '+-' keeps every intermediate value small,
+    # so a tiny model can learn all the facts and its errors are per-step noise, not gaps.
+    c.operators = "+-*"
     # Fraction of the problem space reserved for eval, assigned by a hash of the prompt text so
     # train and eval never share a prompt (synthetic tasks; jsonl without eval_path).
     c.eval_fraction = 0.1
@@ -68,6 +71,9 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     require(lo <= hi, "task.eval_min_difficulty",
             f"eval range [{lo}, {hi}] is empty (0 means the training value)")
     positive(SECTION, c, "max_number", allow_zero=True)
+    ops = str(c.operators)
+    require(bool(ops) and set(ops) <= set("+-*") and len(set(ops)) == len(ops), "task.operators",
+            f"must be a non-empty subset of '+-*' without repeats, got {ops!r}")
     in_range(SECTION, c, "eval_fraction", 0.0, 0.9)
     positive(SECTION, c, "num_train")
     positive(SECTION, c, "num_eval", allow_zero=True)
