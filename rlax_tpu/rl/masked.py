@@ -46,8 +46,8 @@ def masked_min(x: jax.Array, mask: jax.Array) -> jax.Array:
 
 def whiten(x: jax.Array, mask: jax.Array, eps: float, shift_mean: bool = True) -> jax.Array:
     """(x - mean) / (std + eps) over the masked positions; zero outside the mask."""
-    mean = _stable_mean(x, mask)
-    std = jnp.sqrt(masked_mean(jnp.square(x - mean), mask))
+    mean = _stable_mean(x, mask)  # the same ops as masked_var's: XLA computes it once
+    std = jnp.sqrt(masked_var(x, mask))
     out = (x - mean) if shift_mean else x
     return jnp.where(mask, out / (std + eps), 0.0)
 

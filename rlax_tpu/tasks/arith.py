@@ -1,8 +1,9 @@
 """Multi-step integer arithmetic with worked steps.
 
 Prompt "Compute: 3+4*2-5". Difficulty = number of operations (drawn from task.operators, default
-+, -, *) over integers in [1, max_number]. The SFT trace rewrites the expression one operation at a time, products first
-then left to right, and ends with the answer line: "3+4*2-5=3+8-5=11-5=6\\n#### 6".
++, -, *) over integers in [1, max_number]. The SFT trace rewrites the expression one operation at
+a time, products first then left to right, and ends with the answer line:
+"3+4*2-5=3+8-5=11-5=6\\n#### 6".
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class ArithTask(SyntheticTask):
 
     def __init__(self, config):
         super().__init__(config)
-        self.operators = str(config.get("operators", "+-*") or "+-*")
+        self.operators = str(config.get("operators", "+-*"))  # validated in config.task
 
     def generate(self, rng: random.Random, difficulty: int) -> tuple[str, str, dict]:
         nums = [rng.randint(1, self.max_number) for _ in range(difficulty + 1)]
