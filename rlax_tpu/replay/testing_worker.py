@@ -59,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     install_sigterm_handler(worker)
     worker.start()
     worker.heartbeat()
+    _emit(event="ready", worker=args.worker_id)
     idle_since = time.time()
     done = 0
     while True:
