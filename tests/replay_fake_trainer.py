@@ -38,6 +38,9 @@ def main() -> int:
     p.add_argument("--max-staleness", type=int, default=1)
     p.add_argument("--ckpt-every", type=int, default=2)
     p.add_argument("--step-seconds", type=float, default=0.05)
+    p.add_argument("--pause-after", type=int, default=0,
+                   help="once this many steps after the start are done and the next tasks issued, "
+                        "print a 'paused' event and wait forever: a fixed point for a test's kill -9")
     args = p.parse_args()
 
     kv = KVStore.open(args.url)
@@ -52,10 +55,15 @@ def main() -> int:
     kv.put("testing/version", str(step).encode())
     batch = []
     max_seen_staleness = 0
+    start_step = step
     while len(trained) < args.prompts:
         while ctl.free_slots() > 0 and cursor < args.prompts:
             ctl.issue(f"p{cursor}", [cursor, cursor + 1], {"mixed_rewards": True}, 2, version=step)
             cursor += 1
+        if args.pause_after and step == start_step + args.pause_after:
+            print(json.dumps({"event": "paused", "step": step, "cursor": cursor}), flush=True)
+            while True:
+                time.sleep(3600)
         res = ctl.poll(step, limit=args.batch - len(batch))
         batch += res.admitted
         if len(batch) < min(args.batch, args.prompts - len(trained)):

@@ -146,24 +146,30 @@ def test_staleness_bound_is_enforced(store):
 def test_restarted_controller_loses_no_task_and_admits_none_twice(store, tmp_path):
     url, kv, procs = store
     ckpt = str(tmp_path / "ckpt.json")
+    # Only the trainer is killed here: leases long enough that no worker stalled by a loaded machine
+    # loses one (a take-over's late duplicate, written after the final ack, would be an orphan
+    # rollout that only a later ack collects).
     for i in range(2):
-        procs.append(worker(url, f"w{i}", "--lease-seconds", 1, "--version-key", "testing/version",
+        procs.append(worker(url, f"w{i}", "--lease-seconds", 30, "--version-key", "testing/version",
                             "--gen-seconds", 0.02))
     argv = [sys.executable, os.path.join(ROOT, "tests", "replay_fake_trainer.py"), "--url", url,
             "--ckpt", ckpt, "--prompts", 30, "--batch", 3, "--ckpt-every", 3]
     argv = list(map(str, argv))
     kills = 0
     for kill_at in (4, 5):  # mid-way between checkpoints (3, 6, ...), tasks issued after C
-        t = Proc(argv)
+        # The trainer parks itself there (next tasks issued) so that the kill cannot come late: a
+        # trainer left running while the test looks on could reach a checkpoint or even finish.
+        t = Proc([*argv, "--pause-after", str(kill_at)])
         procs.append(t)
         start = t.wait_for(lambda e: e["event"] == "start")
-        t.wait_for(lambda e, s=start["step"] + kill_at: e["event"] == "step" and e["step"] >= s)
+        paused = t.wait_for(lambda e: e["event"] == "paused", timeout=120)
+        assert paused["step"] == start["step"] + kill_at and paused["step"] % 3, (start, paused)
         t.p.send_signal(signal.SIGKILL)
         t.p.wait()
         kills += 1
     t = Proc(argv)
     procs.append(t)
-    done = t.wait_for(lambda e: e["event"] == "done", timeout=60)
+    done = t.wait_for(lambda e: e["event"] == "done", timeout=120)
     with open(ckpt) as f:
         final = json.load(f)
     assert sorted(final["trained"]) == sorted(f"p{i}" for i in range(30))  # each exactly once
