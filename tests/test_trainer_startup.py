@@ -58,21 +58,25 @@ def test_checkpoint_of_another_model_names_the_leaf(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_the_current_step_and_exits_0(tmp_path):
     wd = str(tmp_path)
-    args = [*tp.TINY, "--config.trainer.steps=1000", "--config.trainer.checkpoint_every=100"]
+    # The smoke config's 20 s grace is tight for finishing a step, saving and exiting on a loaded
+    # 2-core machine (past it the watchdog exits 75): give it room, and check the bound it promises.
+    grace = 90
+    args = [*tp.TINY, "--config.trainer.steps=1000", "--config.trainer.checkpoint_every=100",
+            f"--config.trainer.sigterm_grace_s={grace}", f"--config.launch.grace_s={grace + 30}"]
     worker = tp.start_worker(wd, args)
     trainer = tp.start_trainer(wd, args)
     try:
         tp.wait_for(lambda: len(tp.batches(wd)) >= 2, 300, "two RL steps", [trainer])
         sent = time.monotonic()
         trainer.send_signal(signal.SIGTERM)
-        rc = tp.wait(trainer, 60, wd, "trainer.log")
+        rc = tp.wait(trainer, grace + 60, wd, "trainer.log")
         took = time.monotonic() - sent
     finally:
         tp.stop(trainer)
         tp.stop(worker)
     log = tp.tail(wd, "trainer.log", 100_000)
     assert rc == 0, log[-3000:]
-    assert took < 20.0, took  # config.trainer.sigterm_grace_s of the smoke config
+    assert took < grace, took  # config.trainer.sigterm_grace_s
     reached = len(tp.batches(wd))  # steps trained before the stop (the step in progress finishes)
     assert f"trainer stopped at step {reached} (SIGTERM)" in log
     assert tp.checkpoint_steps(wd)[-1] == reached
