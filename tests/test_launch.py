@@ -195,8 +195,12 @@ def test_real_roles_smoke_run_to_completion(tmp_path):
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+    # launch.grace_s 120 (smoke: 30): a worker that is compiling a new shape when the trainer exits
+    # runs its SIGTERM handler (which writes the 'stopped' heartbeat checked below) only after the
+    # compile, which on a loaded 2-core machine can outlast 30 s and end in SIGKILL.
     cmd = [sys.executable, "-m", "rlax_tpu.launch", "--config=configs/arith_grpo.py:smoke", f"--workdir={wd}",
-           "--config.eval.num_samples=0", "--config.sft.steps=5", "--config.store.janitor_interval_s=2"]
+           "--config.eval.num_samples=0", "--config.sft.steps=5", "--config.store.janitor_interval_s=2",
+           "--config.launch.grace_s=120"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
