@@ -57,6 +57,7 @@ class Worker:
         self.engine = Engine(nnx.merge(graphdef, self.client.params), self.model_cfg,
                              max_batch=inf.max_batch, max_seq_len=inf.max_seq_len,
                              max_prefill_batch=inf.max_prefill_batch, decode_chunk=inf.decode_chunk,
+                             max_decode_chunk=inf.max_decode_chunk,
                              mesh=self.mesh if self.mesh.size > 1 else None)
         self.engine_version = self.client.version
         self.weights_step = self._step_of(self.client.version)

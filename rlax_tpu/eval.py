@@ -61,7 +61,8 @@ def run(config, workdir: str, version: int | None = None) -> dict:
     step = store.version_info(version)["step"]
     engine = Engine(nnx.merge(graphdef, params), model_cfg, max_batch=config.inference.max_batch,
                     max_seq_len=config.inference.max_seq_len, max_prefill_batch=config.inference.max_prefill_batch,
-                    decode_chunk=config.inference.decode_chunk, mesh=mesh if mesh.size > 1 else None)
+                    decode_chunk=config.inference.decode_chunk,
+                    max_decode_chunk=config.inference.max_decode_chunk, mesh=mesh if mesh.size > 1 else None)
     task = tasks_lib.get_task(config.task)
     problems = task.eval_problems(config.task.num_eval, config.seed)
     report = evaluate(engine, tok, task, problems, num_samples=config.eval.num_samples, ks=config.eval.ks,

@@ -111,6 +111,31 @@ def test_stops_eos_sequence_and_cache(engine):
     assert c.finish_reason == "cache" and len(c.tokens) == 4
 
 
+def test_decode_chunk_grows_when_nothing_waits_and_stops_when_all_slots_end(hf_qwen2):
+    _, model, cfg = hf_qwen2
+    eng = Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=2, max_decode_chunk=8)
+    # 3 requests in 4 slots: nothing waits, so chunks of up to 8 cover the 19 tokens after the
+    # first in 3 calls (decode_chunk alone: 10); the last chunk (4) stops after 3 steps, when the
+    # budgets run out.
+    out = eng.generate(PROMPTS[:3], SamplingParams(temperature=0.0, max_new_tokens=20))
+    assert all(len(c.tokens) == 20 for (c,) in out)
+    assert eng.stats["decode_calls"] == 3 and eng.stats["decode_steps"] == 19
+    # A request ending on a stop id early: the loop exits when its slot stops, not at the chunk end.
+    (greedy,) = out[1]
+    eos = greedy.tokens[2]
+    before = dict(eng.stats)
+    (c,) = eng.generate([PROMPTS[1]], SamplingParams(temperature=0.0, max_new_tokens=20, stop_token_ids=(eos,)))[0]
+    assert c.finish_reason == "eos" and c.tokens == greedy.tokens[: greedy.tokens.index(eos) + 1]
+    assert eng.stats["decode_steps"] - before["decode_steps"] == len(c.tokens) - 1
+    # Requests waiting for a slot keep the short chunk, so freed slots refill promptly; results
+    # equal those of the plain engine.
+    prompts = [PROMPTS[i % 4] for i in range(6)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (3, 20, 2, 9, 5, 1)]
+    together = eng.generate(prompts, params)
+    for prompt, p, (c,) in zip(prompts, params, together, strict=True):
+        assert c.tokens == eng.generate([prompt], p)[0][0].tokens and len(c.tokens) == p.max_new_tokens
+
+
 def test_bad_requests_get_errors_and_do_not_kill_the_batch(engine):
     good = SamplingParams(temperature=0.0, max_new_tokens=4)
     outs = engine.generate(

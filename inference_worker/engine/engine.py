@@ -85,7 +85,12 @@ class Engine:
       max_batch: decode slots (concurrent sequences).
       max_seq_len: cache length per slot; prompt + completion must fit.
       max_prefill_batch: prompts prefilled together at most.
-      decode_chunk: decode steps per device call.
+      decode_chunk: decode steps per device call while requests wait for a slot (a freed slot
+        is refilled after at most this many steps).
+      max_decode_chunk: decode steps per device call when nothing waits: the chunk grows (in
+        doublings of decode_chunk, each its own compiled loop) to cover the longest remaining
+        budget, so a batch finishes in fewer host round trips. The loop exits early once every
+        slot has stopped, so a long chunk wastes no steps.
       mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis. Params
         should already be placed (e.g. pulled with the inference sharding rules).
       compiler_options: XLA options for the decode step only (e.g.
@@ -102,18 +107,21 @@ class Engine:
         max_prefill_batch: int = 8,
         min_prefill_len: int = 16,
         decode_chunk: int = 8,
+        max_decode_chunk: int = 64,
         mesh: jax.sharding.Mesh | None = None,
         compiler_options: dict | None = None,
     ):
-        if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1:
+        if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1:
             raise EngineError(
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
-                f"{max_prefill_batch} and decode_chunk={decode_chunk} must be positive "
+                f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} must be "
+                "positive "
                 "(max_seq_len >= 2)")
         self.model_cfg = model_cfg
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.decode_chunk = decode_chunk
+        self._chunk_buckets = _buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
         self._build_weights = jax.jit(
@@ -208,7 +216,7 @@ class Engine:
         t0 = time.perf_counter()
         while queue or any(s is not None for s in self._slots):
             self._admit(queue)
-            self._decode_chunk(results)
+            self._decode_chunk(results, waiting=bool(queue))
         self.stats["generate_seconds"] += time.perf_counter() - t0
         return results  # type: ignore[return-value]
 
@@ -271,7 +279,16 @@ class Engine:
         for j in range(len(rows)):
             self._append(free[j], first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
 
-    def _decode_chunk(self, results) -> None:
+    def _chunk_steps(self, waiting: bool) -> int:
+        """Steps for the next decode call: decode_chunk while requests wait for a slot, else
+        enough (bucketed) for the longest remaining budget."""
+        if waiting:
+            return self.decode_chunk
+        need = max(min(s.params.max_new_tokens, self.max_seq_len - s.prompt_len) - len(s.completion.tokens)
+                   for s in self._slots if s is not None)
+        return _bucket(min(need, self._chunk_buckets[-1]), self._chunk_buckets)
+
+    def _decode_chunk(self, results, waiting: bool = False) -> None:
         self._finish_done(results)
         if all(s is None for s in self._slots):
             return
@@ -279,11 +296,11 @@ class Engine:
         if keep != self._keep[0]:  # a host->device transfer only when the slot set changed
             self._keep = (keep, jnp.asarray(keep))
         keep = self._keep[1]
-        self._state, toks, logp, raw, valid = self._decode(
-            self._weights, self._state, keep, num_steps=self.decode_chunk)
-        toks, logp, raw, valid = jax.device_get((toks, logp, raw, valid))
+        self._state, toks, logp, raw, valid, steps_run = self._decode(
+            self._weights, self._state, keep, num_steps=self._chunk_steps(waiting))
+        toks, logp, raw, valid, steps_run = jax.device_get((toks, logp, raw, valid, steps_run))
         self.stats["decode_calls"] += 1
-        self.stats["decode_steps"] += self.decode_chunk
+        self.stats["decode_steps"] += int(steps_run)
         # A slot's valid steps are a prefix of the chunk (a slot only ever stops within it).
         counts = valid.sum(axis=0)
         toks, logp, raw = toks.T, logp.T, raw.T

@@ -29,19 +29,17 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlax_tpu import kernels
 from rlax_tpu.kernels.dispatch import resolve_impl
-from rlax_tpu.models.layers import apply_rope, rms_norm, rope_cos_sin
+from rlax_tpu.models.layers import rms_norm, rope_cos_sin
 
 NEG_INF = -1e30
 
 
 class LayerWeights(NamedTuple):
-    input_norm: jax.Array  # [H]
-    qkv: jax.Array  # [H, Hkv, G + 2, D]
+    qkv: jax.Array  # [H, Hkv, G + 2, D]: per kv head its G q heads, then k, then v
     qkv_bias: jax.Array | None  # [Hkv, G + 2, D]
     q_norm: jax.Array | None  # [D]
     k_norm: jax.Array | None  # [D]
-    o: jax.Array  # [Hq, D, H]
-    post_norm: jax.Array  # [H]
+    o: jax.Array  # [Hq * D, H]
     gate_up: jax.Array  # [H, 2, I]
     down: jax.Array  # [I, H]
 
@@ -49,7 +47,6 @@ class LayerWeights(NamedTuple):
 class InferenceWeights(NamedTuple):
     embed: jax.Array  # [V, H]
     layers: tuple[LayerWeights, ...]
-    final_norm: jax.Array  # [H]
     head: jax.Array  # [H, V]
 
 
@@ -77,30 +74,47 @@ def init_cache(cfg, batch: int, max_len: int) -> EngineCache:
 
 
 # -------------------------------------------------------------------------------- weights
+def _rotate_half(x: jax.Array) -> jax.Array:
+    """HF's rotate_half on the last axis: [x1, x2] -> [-x2, x1]."""
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return jnp.concatenate([-x2, x1], axis=-1)
+
+
 def build_weights(graphdef, params, cfg) -> InferenceWeights:
-    """The fused view of nnx params (a pure function: jit it)."""
+    """The fused view of nnx params (a pure function: jit it).
+
+    Folded in, once per weight update, so a decode step does not redo them: each RMSNorm's scale
+    into the rows of the weight that consumes the normed activations (the step keeps only the
+    per-row 1/rms factor, applied to the matmul's output); the softmax scale 1/sqrt(D) into the q
+    columns (or the q norm's scale). (Folding RoPE's rotate_half in as extra q and k columns was
+    measured: the larger matmul costs more than the elementwise rotation it saves.)"""
     model = nnx.merge(graphdef, params)
     dt = cfg.jnp_dtype
     h, hq, hkv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     g = hq // hkv
+    scale = d**-0.5
+    f32 = lambda x: x.astype(jnp.float32)
     layers = []
     for blk in model.layers:
         a = blk.attn
-        qkv = jnp.concatenate([a.q_proj[...].reshape(h, hkv, g, d), a.k_proj[...][:, :, None],
-                               a.v_proj[...][:, :, None]], axis=2).astype(dt)
+        q_scale = 1.0 if cfg.qk_norm else scale  # after a q norm the scale goes into its weight
+        q = f32(a.q_proj[...]).reshape(h, hkv, g, d) * q_scale
+        k, v = f32(a.k_proj[...])[:, :, None], f32(a.v_proj[...])[:, :, None]
+        qkv = jnp.concatenate([q, k, v], axis=2) * f32(blk.input_norm.scale[...])[:, None, None, None]
         bias = None
         if cfg.qkv_bias:
-            bias = jnp.concatenate([a.q_bias[...].reshape(hkv, g, d), a.k_bias[...][:, None],
-                                    a.v_bias[...][:, None]], axis=1).astype(dt)
+            bias = jnp.concatenate([f32(a.q_bias[...]).reshape(hkv, g, d) * q_scale,
+                                    f32(a.k_bias[...])[:, None], f32(a.v_bias[...])[:, None]], axis=1)
         layers.append(LayerWeights(
-            input_norm=blk.input_norm.scale[...], qkv=qkv, qkv_bias=bias,
-            q_norm=a.q_norm.scale[...] if cfg.qk_norm else None,
-            k_norm=a.k_norm.scale[...] if cfg.qk_norm else None,
-            o=a.o_proj[...].astype(dt), post_norm=blk.post_norm.scale[...],
-            gate_up=jnp.stack([blk.mlp.gate_proj[...], blk.mlp.up_proj[...]], axis=1).astype(dt),
+            qkv=qkv.astype(dt), qkv_bias=bias,
+            q_norm=f32(a.q_norm.scale[...]) * scale if cfg.qk_norm else None,
+            k_norm=f32(a.k_norm.scale[...]) if cfg.qk_norm else None,
+            o=a.o_proj[...].reshape(hq * d, h).astype(dt),
+            gate_up=(jnp.stack([f32(blk.mlp.gate_proj[...]), f32(blk.mlp.up_proj[...])], axis=1)
+                     * f32(blk.post_norm.scale[...])[:, None, None]).astype(dt),
             down=blk.mlp.down_proj[...].astype(dt)))
-    return InferenceWeights(embed=model.embed[...].astype(dt), layers=tuple(layers),
-                            final_norm=model.norm.scale[...], head=model.output_weight().T.astype(dt))
+    head = f32(model.output_weight().T) * f32(model.norm.scale[...])[:, None]
+    return InferenceWeights(embed=model.embed[...].astype(dt), layers=tuple(layers), head=head.astype(dt))
 
 
 def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
@@ -118,63 +132,75 @@ def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
     hq, hkv, i, v = cfg.num_heads, cfg.num_kv_heads, cfg.intermediate_size, cfg.vocab_size
     rep = spec()
     layer = LayerWeights(
-        input_norm=rep, qkv=spec((0, 0), (heads_ok, hkv)),
-        qkv_bias=spec((heads_ok, hkv)) if cfg.qkv_bias else None,
+        qkv=spec((0, 0), (heads_ok, hkv)), qkv_bias=spec((heads_ok, hkv)) if cfg.qkv_bias else None,
         q_norm=rep if cfg.qk_norm else None, k_norm=rep if cfg.qk_norm else None,
-        o=spec((heads_ok, hq)), post_norm=rep, gate_up=spec((0, 0), (0, 0), (1, i)),
-        down=spec((1, i)))
-    return InferenceWeights(embed=spec((1, v)), layers=(layer,) * cfg.num_layers, final_norm=rep,
-                            head=spec((0, 0), (1, v)))
+        o=spec((heads_ok, hq)), gate_up=spec((0, 0), (0, 0), (1, i)), down=spec((1, i)))
+    return InferenceWeights(embed=spec((1, v)), layers=(layer,) * cfg.num_layers, head=spec((0, 0), (1, v)))
 
 
 # -------------------------------------------------------------------------------- pieces
-def _qkv(cfg, w: LayerWeights, x: jax.Array):
-    """x [..., H] -> q [..., Hkv, G, D], k, v [..., Hkv, D] (no RoPE yet)."""
+def _inv_rms(cfg, x: jax.Array) -> jax.Array:
+    """RMSNorm's per-row factor [..., 1] in f32 (its scale is folded into the next weight)."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
+
+
+def _rope_tables(cfg, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos and sin over the full head dim, [..., D] f32 (HF's duplicated halves)."""
+    cos, sin = rope_cos_sin(cfg, positions)
+    return jnp.concatenate([cos, cos], axis=-1), jnp.concatenate([sin, sin], axis=-1)
+
+
+def _qkv(cfg, w: LayerWeights, x: jax.Array, cos: jax.Array, sin: jax.Array):
+    """Pre-norm x [..., H] -> RoPE'd q [..., Hkv, G, D] (already times 1/sqrt(D)), RoPE'd k and v
+    [..., Hkv, D], in the compute dtype. cos/sin: [..., D]."""
     g = cfg.num_heads // cfg.num_kv_heads
-    y = jnp.einsum("...h,hkjd->...kjd", x, w.qkv)
+    y = jnp.einsum("...h,hkjd->...kjd", x, w.qkv, preferred_element_type=jnp.float32)
+    y = y * _inv_rms(cfg, x)[..., None, None]
     if w.qkv_bias is not None:
         y = y + w.qkv_bias
-    q, k, v = y[..., :g, :], y[..., g, :], y[..., g + 1, :]
+    qk, v = y[..., : g + 1, :], y[..., g + 1, :]
     if cfg.qk_norm:
-        q, k = rms_norm(q, w.q_norm, cfg.rms_norm_eps), rms_norm(k, w.k_norm, cfg.rms_norm_eps)
-    return q, k, v
+        qk = jnp.concatenate([rms_norm(qk[..., :g, :], w.q_norm, cfg.rms_norm_eps),
+                              rms_norm(qk[..., g:, :], w.k_norm, cfg.rms_norm_eps)], axis=-2)
+    qk = qk * cos[..., None, None, :] + _rotate_half(qk) * sin[..., None, None, :]
+    dt = cfg.jnp_dtype
+    return qk[..., :g, :].astype(dt), qk[..., g, :].astype(dt), v.astype(dt)
 
 
-def _mlp(w: LayerWeights, x: jax.Array) -> jax.Array:
-    gu = jnp.einsum("...h,hji->...ji", x, w.gate_up)
-    return jnp.einsum("...i,ih->...h", jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :], w.down)
+def _mlp(cfg, w: LayerWeights, x: jax.Array) -> jax.Array:
+    """Pre-norm x -> the MLP's output (the post-attention norm is folded into gate_up)."""
+    gu = jnp.einsum("...h,hji->...ji", x, w.gate_up, preferred_element_type=jnp.float32)
+    gu = gu * _inv_rms(cfg, x)[..., None]
+    act = (jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]).astype(w.down.dtype)
+    return jnp.einsum("...i,ih->...h", act, w.down)
 
 
 def _out(w: LayerWeights, attn: jax.Array) -> jax.Array:
     """attn [..., Hq, D] -> [..., H]."""
-    return jnp.einsum("...nd,ndh->...h", attn, w.o)
+    return jnp.einsum("...i,ih->...h", attn.reshape(*attn.shape[:-2], -1), w.o)
 
 
 def _logits(cfg, weights: InferenceWeights, x: jax.Array) -> jax.Array:
-    x = rms_norm(x, weights.final_norm, cfg.rms_norm_eps)
-    return jnp.einsum("...h,hv->...v", x, weights.head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("...h,hv->...v", x, weights.head, preferred_element_type=jnp.float32)
+    return logits * _inv_rms(cfg, x)
 
 
 def _attend(cfg, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:
-    """One query per sequence over a cache: q [B, Hkv, G, D] -> [B, Hq, D]."""
+    """One (pre-scaled) query per sequence over a cache: q [B, Hkv, G, D] -> [B, Hq, D].
+    ``lengths`` >= 1, so every row has a valid key."""
     b, hkv, g, d = q.shape
-    scale = d**-0.5
     if not k_transposed(cfg):
-        return kernels.decode_attention(q.reshape(b, hkv * g, d), k_cache, v_cache, lengths, scale=scale,
+        return kernels.decode_attention(q.reshape(b, hkv * g, d), k_cache, v_cache, lengths, scale=1.0,
                                         impl=cfg.attention_impl)
     s = v_cache.shape[2]
-    logits = jnp.einsum("bkgd,bkds->bkgs", q, k_cache, preferred_element_type=jnp.float32) * scale
-    mask = (jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :]
-    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1), 0.0)
-    out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
-                     preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bkgd,bkds->bkgs", q, k_cache, preferred_element_type=jnp.float32)
+    logits = jnp.where((jnp.arange(s)[None, :] < lengths[:, None])[:, None, None, :], logits, NEG_INF)
+    # Unnormalized weights; the division happens on the [B, Hkv, G, D] output, not on [.., S].
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    out = jnp.einsum("bkgs,bksd->bkgd", e.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
+    out = out / jnp.sum(e, axis=-1, keepdims=True)
     return out.reshape(b, hkv * g, d).astype(q.dtype)
-
-
-def _rope_rows(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """RoPE for one token per row: x [B, ..., D], cos/sin [B, D/2]."""
-    flat = x.reshape(x.shape[0], 1, -1, x.shape[-1])
-    return apply_rope(flat, cos[:, None], sin[:, None]).reshape(x.shape)
 
 
 # -------------------------------------------------------------------------------- entry points
@@ -184,32 +210,29 @@ def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, lengths: jax.Arra
     b, p = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
     segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
-    cos, sin = rope_cos_sin(cfg, positions)
+    cos, sin = _rope_tables(cfg, positions)
     x = jnp.take(weights.embed, tokens, axis=0)
     rows = jnp.arange(b)
     last = lengths - 1
     transposed = k_transposed(cfg)
     ks, vs = [], []
     for i, w in enumerate(weights.layers):
-        q, k, v = _qkv(cfg, w, rms_norm(x, w.input_norm, cfg.rms_norm_eps))  # [B, P, Hkv, (G,) D]
-        q = apply_rope(q.reshape(b, p, cfg.num_heads, cfg.head_dim), cos, sin)
-        k = apply_rope(k, cos, sin)
+        q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, P, Hkv, G, D], [B, P, Hkv, D]
         kc, vc = k.transpose(0, 2, 3, 1) if transposed else k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         ks.append(kc)
         vs.append(vc)
         if i < cfg.num_layers - 1:
             attn = kernels.flash_attention(
-                q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
-                scale=cfg.head_dim**-0.5, impl=cfg.attention_impl)
+                q.reshape(b, p, cfg.num_heads, cfg.head_dim), k, v, q_segment_ids=segment_ids,
+                kv_segment_ids=segment_ids, causal=True, scale=1.0, impl=cfg.attention_impl)
             x = x + _out(w, attn)
-            x = x + _mlp(w, rms_norm(x, w.post_norm, cfg.rms_norm_eps))
+            x = x + _mlp(cfg, w, x)
         else:
             # Only the last prompt token's output is needed past the last layer's K/V: attend
             # from it alone (it sees its whole prompt) and skip the other tokens' MLP.
-            q_last = q[rows, last].reshape(b, cfg.num_kv_heads, -1, cfg.head_dim)
-            attn = _attend(cfg, q_last, kc, vc, lengths)
+            attn = _attend(cfg, q[rows, last], kc, vc, lengths)
             x = x[rows, last] + _out(w, attn)
-            x = x + _mlp(w, rms_norm(x, w.post_norm, cfg.rms_norm_eps))
+            x = x + _mlp(cfg, w, x)
     return _logits(cfg, weights, x), EngineCache(tuple(ks), tuple(vs))
 
 
@@ -219,19 +242,18 @@ def decode_step(cfg, weights: InferenceWeights, tokens: jax.Array, positions: ja
     Returns (f32 logits [B, V], cache)."""
     b = tokens.shape[0]
     rows = jnp.arange(b)
-    cos, sin = rope_cos_sin(cfg, positions)  # [B, D/2]
+    cos, sin = _rope_tables(cfg, positions)  # [B, D]
     lengths = positions + 1
     transposed = k_transposed(cfg)
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, H]
     ks, vs = list(cache.k), list(cache.v)
     for i, w in enumerate(weights.layers):
-        q, k, v = _qkv(cfg, w, rms_norm(x, w.input_norm, cfg.rms_norm_eps))  # [B, Hkv, G, D], [B, Hkv, D]
-        q, k = _rope_rows(q, cos, sin), _rope_rows(k, cos, sin)
+        q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, Hkv, G, D], [B, Hkv, D]
         if transposed:
             ks[i] = ks[i].at[rows, :, :, positions].set(k.astype(ks[i].dtype))
         else:
             ks[i] = ks[i].at[rows, :, positions].set(k.astype(ks[i].dtype))
         vs[i] = vs[i].at[rows, :, positions].set(v.astype(vs[i].dtype))
         x = x + _out(w, _attend(cfg, q, ks[i], vs[i], lengths))
-        x = x + _mlp(w, rms_norm(x, w.post_norm, cfg.rms_norm_eps))
+        x = x + _mlp(cfg, w, x)
     return _logits(cfg, weights, x), EngineCache(tuple(ks), tuple(vs))

@@ -3,7 +3,7 @@
 They are plain functions of (weights, decode state, ...) so weights can be swapped without
 recompiling (the weights are an argument, never a closure constant). The weights are the engine's
 fused inference view (fast_model.InferenceWeights), built once per weight update. Decoding runs
-``num_steps`` tokens per call in a ``lax.scan`` on device: one host round trip per chunk, not
+up to ``num_steps`` tokens per call in a ``lax.while_loop`` on device: one host round trip per chunk, not
 per token, which is what makes small-batch decode fast.
 """
 
@@ -87,16 +87,26 @@ def insert(
 
 
 def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
-    """Runs ``num_steps`` decode steps for every active slot.
+    """Runs up to ``num_steps`` decode steps for every active slot; stops early once no slot is
+    active (so a long chunk costs nothing after the last sequence ends).
 
     keep: [N] bool; slots the host has released are deactivated first.
-    Returns (state, tokens [num_steps, N], logp, raw_logp, valid [num_steps, N]); ``valid``
-    marks the tokens a slot really produced (it stops on a stop id or when its budget ends).
+    Returns (state, tokens [num_steps, N], logp, raw_logp, valid [num_steps, N], steps run);
+    ``valid`` marks the tokens a slot really produced (it stops on a stop id or when its budget
+    ends; steps not run are all invalid).
     """
     max_len = state.cache.max_len
+    n = state.tokens.shape[0]
     state = state._replace(active=state.active & keep)
+    outs = (jnp.zeros((num_steps, n), jnp.int32), jnp.zeros((num_steps, n), jnp.float32),
+            jnp.zeros((num_steps, n), jnp.float32), jnp.zeros((num_steps, n), bool))
 
-    def body(state: DecodeState, _):
+    def cond(carry):
+        i, state, _ = carry
+        return (i < num_steps) & jnp.any(state.active)
+
+    def body(carry):
+        i, state, outs = carry
         positions = jnp.minimum(state.lengths, max_len - 1)
         logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache)
         tokens, logp, raw_logp = sample(
@@ -112,10 +122,11 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
             remaining=remaining,
             active=act & ~hit_stop & (remaining > 0),
         )
-        return new, (tokens, logp, raw_logp, act)
+        outs = tuple(o.at[i].set(v) for o, v in zip(outs, (tokens, logp, raw_logp, act), strict=True))
+        return i + 1, new, outs
 
-    state, outs = jax.lax.scan(body, state, None, length=num_steps)
-    return (state, *outs)
+    steps_run, state, outs = jax.lax.while_loop(cond, body, (jnp.int32(0), state, outs))
+    return (state, *outs, steps_run)
 
 
 def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None):
@@ -129,7 +140,7 @@ def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: d
         functools.partial(decode, cfg),
         static_argnames=("num_steps",),
         donate_argnums=(1,) if donate else (),
-        out_shardings=(state_shardings, None, None, None, None) if state_shardings is not None else None,
+        out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None,
         **opts,
     )
     return prefill_fn, insert_fn, decode_fn

@@ -21,6 +21,9 @@ def defaults() -> ml_collections.ConfigDict:
     # Decode steps run on device per host round trip, and prompts prefilled together at most.
     c.decode_chunk = 16
     c.max_prefill_batch = 8
+    # With no request waiting for a slot, a decode call may run up to this many steps (the loop
+    # exits as soon as every sequence has stopped).
+    c.max_decode_chunk = 64
     # How long a worker waits for the trainer's run metadata (model config, tokenizer) and, between
     # log lines, for the first weights.
     c.meta_timeout_s = 600.0
@@ -33,8 +36,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
-    for f in ("max_batch", "max_seq_len", "max_new_tokens", "decode_chunk", "max_prefill_batch",
-              "meta_timeout_s", "weights_timeout_s"):
+    for f in ("max_batch", "max_seq_len", "max_new_tokens", "decode_chunk", "max_decode_chunk",
+              "max_prefill_batch", "meta_timeout_s", "weights_timeout_s"):
         positive(SECTION, c, f)
     positive(SECTION, c, "temperature", allow_zero=True)
     positive(SECTION, c, "top_k", allow_zero=True)
