@@ -183,8 +183,9 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
     assert len(tp._state.cache.k[0].sharding.device_set) == 2
 
 
-def test_llama_greedy_and_logprobs_match_transformers(tmp_path):
-    hf = make_hf_model("llama3_scaled", seed=2)
+@pytest.mark.parametrize("kind", ["llama3_scaled", "qwen3_untied"])  # Llama-3 rope scaling; Qwen3 q/k norms
+def test_llama_and_qwen3_greedy_and_logprobs_match_transformers(tmp_path, kind):
+    hf = make_hf_model(kind, seed=2)
     hf.save_pretrained(tmp_path)
     model, cfg = models.load_hf(str(tmp_path))
     engine = Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=8)
