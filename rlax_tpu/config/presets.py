@@ -44,7 +44,7 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
     c.rl.max_staleness = 1
     # Drop groups whose samples all agree (no signal) and refill the batch (DAPO).
     c.rl.dynamic_sampling = True
-    c.trainer.steps = 300
+    c.trainer.steps = 500
     c.trainer.batch_size = 8
     c.trainer.learning_rate = 1e-4
     c.trainer.warmup_steps = 5
