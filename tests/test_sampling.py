@@ -5,8 +5,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from inference_worker.engine.sampling import (SamplingError, SamplingParams, _threefry2x32, cumsum_last, request_key,
-                                              sample, uniform_from_counter)
+from inference_worker.engine.sampling import (
+    SamplingError,
+    SamplingParams,
+    _threefry2x32,
+    cumsum_last,
+    request_key,
+    sample,
+    uniform_from_counter,
+)
 
 
 def _sample(logits, temperature, top_k, top_p, keys=None, step=None):

@@ -316,6 +316,9 @@ def install_sigterm_handler(worker: ReplayWorker, exit_code: int = 143) -> None:
 
     def handler(signum, frame):
         worker._stop.set()
+        if worker._thread is not None:  # a renewal in flight must not land a 'running' beat after 'stopped'
+            worker._thread.join(timeout=5)
+            worker._thread = None
         n = worker.release_all()
         try:
             worker.heartbeat(state="stopped")
