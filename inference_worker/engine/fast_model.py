@@ -9,7 +9,9 @@ an ``InferenceWeights`` view:
   heads, then k, then v), so one matmul makes q, k and v, and a split over kv heads (tensor
   parallelism) keeps each group's q, k and v together;
 - gate and up fused into one ``[H, 2, I]`` weight (a split over I keeps gate and up together);
-- the output projection stored as ``[H, V]`` (no transposed operand per step);
+- the attention output projection stored as ``[Hq * D, H]`` and the LM head as ``[H, V]`` (no
+  layout copy or transposed operand per step);
+- RMSNorm scales and the softmax scale folded in (see ``build_weights``);
 - everything already cast to the compute dtype (no per-step casts).
 
 The same math as ``rlax_tpu.models.Transformer`` (tests check token parity with transformers).
