@@ -114,9 +114,8 @@ class Engine:
         if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1:
             raise EngineError(
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
-                f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} must be "
-                "positive "
-                "(max_seq_len >= 2)")
+                f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} "
+                "must be positive (max_seq_len >= 2)")
         self.model_cfg = model_cfg
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len

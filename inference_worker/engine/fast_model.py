@@ -31,7 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlax_tpu import kernels
 from rlax_tpu.kernels.dispatch import resolve_impl
-from rlax_tpu.models.layers import rms_norm, rope_cos_sin
+from rlax_tpu.models.layers import inv_rms, rms_norm, rope_cos_sin
 
 NEG_INF = -1e30
 
@@ -141,12 +141,6 @@ def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
 
 
 # -------------------------------------------------------------------------------- pieces
-def _inv_rms(cfg, x: jax.Array) -> jax.Array:
-    """RMSNorm's per-row factor [..., 1] in f32 (its scale is folded into the next weight)."""
-    xf = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + cfg.rms_norm_eps)
-
-
 def _rope_tables(cfg, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos and sin over the full head dim, [..., D] f32 (HF's duplicated halves)."""
     cos, sin = rope_cos_sin(cfg, positions)
@@ -158,7 +152,7 @@ def _qkv(cfg, w: LayerWeights, x: jax.Array, cos: jax.Array, sin: jax.Array):
     [..., Hkv, D], in the compute dtype. cos/sin: [..., D]."""
     g = cfg.num_heads // cfg.num_kv_heads
     y = jnp.einsum("...h,hkjd->...kjd", x, w.qkv, preferred_element_type=jnp.float32)
-    y = y * _inv_rms(cfg, x)[..., None, None]
+    y = y * inv_rms(x, cfg.rms_norm_eps)[..., None, None]
     if w.qkv_bias is not None:
         y = y + w.qkv_bias
     qk, v = y[..., : g + 1, :], y[..., g + 1, :]
@@ -173,7 +167,7 @@ def _qkv(cfg, w: LayerWeights, x: jax.Array, cos: jax.Array, sin: jax.Array):
 def _mlp(cfg, w: LayerWeights, x: jax.Array) -> jax.Array:
     """Pre-norm x -> the MLP's output (the post-attention norm is folded into gate_up)."""
     gu = jnp.einsum("...h,hji->...ji", x, w.gate_up, preferred_element_type=jnp.float32)
-    gu = gu * _inv_rms(cfg, x)[..., None]
+    gu = gu * inv_rms(x, cfg.rms_norm_eps)[..., None]
     act = (jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]).astype(w.down.dtype)
     return jnp.einsum("...i,ih->...h", act, w.down)
 
@@ -185,7 +179,7 @@ def _out(w: LayerWeights, attn: jax.Array) -> jax.Array:
 
 def _logits(cfg, weights: InferenceWeights, x: jax.Array) -> jax.Array:
     logits = jnp.einsum("...h,hv->...v", x, weights.head, preferred_element_type=jnp.float32)
-    return logits * _inv_rms(cfg, x)
+    return logits * inv_rms(x, cfg.rms_norm_eps)
 
 
 def _attend(cfg, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:

@@ -33,11 +33,15 @@ def param(rngs: nnx.Rngs | None, shape: tuple[int, ...], axes: tuple[str | None,
     return nnx.Param(value.astype(dtype), out_sharding=axes, eager_sharding=False)
 
 
+def inv_rms(x: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm's per-row factor 1 / sqrt(mean(x^2) + eps), [..., 1] in f32."""
+    xf = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+
+
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm in f32 (as HF does), returned in the input dtype."""
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (scale.astype(jnp.float32) * xf).astype(x.dtype)
+    return (scale.astype(jnp.float32) * (x.astype(jnp.float32) * inv_rms(x, eps))).astype(x.dtype)
 
 
 class RMSNorm(nnx.Module):

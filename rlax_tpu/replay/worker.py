@@ -300,12 +300,17 @@ class ReplayWorker:
             except Exception:  # a flaky store must not kill the renewer; the lease may lapse
                 log.exception("replay: lease renewal failed")
 
-    def stop(self, release: bool = True) -> None:
-        """Stops the renewer; gives back every lease unless release=False."""
+    def _stop_renewer(self) -> None:
+        """Stops the renewal thread and waits for it, so a renewal in flight cannot land a
+        'running' heartbeat after a final 'stopped' one."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
             self._thread = None
+
+    def stop(self, release: bool = True) -> None:
+        """Stops the renewer; gives back every lease unless release=False."""
+        self._stop_renewer()
         if release:
             self.release_all()
             self.heartbeat(state="stopped")
@@ -315,10 +320,7 @@ def install_sigterm_handler(worker: ReplayWorker, exit_code: int = 143) -> None:
     """On SIGTERM: give back every lease at once, write a final heartbeat, and exit."""
 
     def handler(signum, frame):
-        worker._stop.set()
-        if worker._thread is not None:  # a renewal in flight must not land a 'running' beat after 'stopped'
-            worker._thread.join(timeout=5)
-            worker._thread = None
+        worker._stop_renewer()
         n = worker.release_all()
         try:
             worker.heartbeat(state="stopped")
