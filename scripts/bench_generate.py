@@ -6,6 +6,13 @@ lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampl
 It also measures this machine's matmul FLOP/s in the same run and reports the engine's achieved
 FLOP/s as a fraction of it. Prints one JSON object.
 
+The engine runs as one would on a CPU host: one XLA device per core (``--devices``, default the
+core count) with its decode slots split over them (the mesh's data axis; see docs/engine.md,
+"Slot groups"). XLA:CPU runs one device's ops one after another and parallelizes only large
+matmuls, so a single device leaves the second core mostly idle at batch 32; the single-device
+engine is timed beside it (``engine_1device_tokens_per_s``). transformers uses torch's intra-op
+threads over the same cores.
+
   .venv/bin/python scripts/bench_generate.py            # small + ~100M models
   .venv/bin/python scripts/bench_generate.py --sizes=small --batch=32
 """
@@ -121,22 +128,30 @@ def main() -> None:
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=20, help="timed rounds per mode, small model (this VM runs "
                     "in fast and slow phases of seconds: 20 alternating rounds catch fast ones for both)")
+    ap.add_argument("--devices", type=int, default=os.cpu_count() or 1,
+                    help="XLA host devices (one per core) the engine's slots are split over")
     ap.add_argument("--reps_100m", type=int, default=1, help="the same for the ~100M model (each run is "
                     "seconds; keeps the whole benchmark under 5 minutes)")
     args = ap.parse_args()
+    if args.batch % args.devices:
+        ap.error(f"--batch={args.batch} must divide by --devices={args.devices}")
+    # Before jax is imported: the host platform's device count is fixed at start-up.
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+                               + os.environ.get("XLA_FLAGS", ""))
 
     import jax
     import jax.numpy as jnp
     import torch
 
     from inference_worker.engine import Engine
-    from rlax_tpu import models
+    from rlax_tpu import models, sharding
 
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_flops(jax, jnp)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "jax_backend": jax.default_backend(), "matmul_flops": peak},
-              "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "engine_devices": args.devices, "batch": args.batch, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens,
               "results": {}}
     rng = np.random.default_rng(0)
     for size in args.sizes.split(","):
@@ -145,14 +160,20 @@ def main() -> None:
             model, cfg = models.load_hf(tmp)
         n_params = sum(p.numel() for p in hf_model.parameters())
         prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
-        engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                        max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+        shape = dict(max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
+                     max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+        mesh = sharding.make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1}, jax.devices()[: args.devices])
+        engine = Engine(model, cfg, **shape, mesh=mesh if args.devices > 1 else None)
+        engine_1 = Engine(model, cfg, **shape) if args.devices > 1 else None
         entry = {"params": n_params}
         for mode in ("greedy", "sampled"):
             sample = mode == "sampled"
             reps = args.reps_100m if size == "100m" else args.reps
-            times = time_rounds({"hf": hf_runner(hf_model, prompts, args.new_tokens, sample),
-                                 "ours": engine_runner(engine, prompts, args.new_tokens, sample)}, reps)
+            runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample),
+                       "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
+            if engine_1 is not None:
+                runners["ours_1device"] = engine_runner(engine_1, prompts, args.new_tokens, sample)
+            times = time_rounds(runners, reps)
             t_hf, t_ours = times["hf"].min(), times["ours"].min()
             toks = args.batch * args.new_tokens
             achieved = toks * flops_per_token(cfg, args.prompt_len + args.new_tokens // 2) / t_ours
@@ -164,6 +185,9 @@ def main() -> None:
                 "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
                 "engine_flops_fraction_of_matmul_peak": achieved / peak,
             }
+            if engine_1 is not None:
+                entry[mode]["engine_1device_tokens_per_s"] = toks / times["ours_1device"].min()
+                entry[mode]["speedup_1device_vs_transformers"] = t_hf / times["ours_1device"].min()
         report["results"][size] = entry
         print(json.dumps({size: entry}), flush=True)
     print(json.dumps(report, indent=2))

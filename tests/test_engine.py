@@ -183,6 +183,44 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
     assert len(tp._state.cache.k[0].sharding.device_set) == 2
 
 
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 1), (2, 1, 2), (1, 4, 1)])  # data, data x tensor, fsdp
+def test_slot_groups_on_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape):
+    """Slots split over the data axes (each group prefills and decodes its own rows) give the same
+    completions as one device, under continuous batching with n > 1 groups and a top-k/top-p mix."""
+    from flax import nnx
+
+    from rlax_tpu import sharding
+
+    _, model, cfg = hf_qwen2
+    n_dev = int(np.prod(mesh_shape))
+    mesh = jax.make_mesh(mesh_shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:n_dev])
+    placed = jax.device_put(nnx.state(model), sharding.param_shardings(model, mesh, sharding.INFERENCE_RULES))
+    dp = Engine(nnx.merge(nnx.graphdef(model), placed), cfg, max_batch=4, max_seq_len=48, max_prefill_batch=3,
+                decode_chunk=4, mesh=mesh)
+    groups = mesh_shape[0] * mesh_shape[1]
+    assert dp._batch_buckets[0] == groups and all(b % groups == 0 for b in dp._batch_buckets)
+    prompts = [PROMPTS[i % 4] for i in range(7)]
+    params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 2, 5, 1, 7, 3, 4)]
+    params[1] = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, max_new_tokens=6, n=3, seed=4)
+    params[4] = SamplingParams(temperature=0.8, max_new_tokens=5, n=2, seed=2, stop_token_ids=(3,))
+    want = engine.generate(prompts, params)
+    got = dp.generate(prompts, params)
+    for w, g in zip(want, got, strict=True):
+        assert [c.tokens for c in g] == [c.tokens for c in w]
+        assert [c.finish_reason for c in g] == [c.finish_reason for c in w]
+        for cw, cg in zip(w, g, strict=True):
+            np.testing.assert_allclose(cg.raw_logprobs, cw.raw_logprobs, atol=1e-5)
+            np.testing.assert_allclose(cg.logprobs, cw.logprobs, atol=1e-5)
+    assert dp.stats["slot_refills"] > 0
+    assert len(dp._state.cache.k[0].sharding.device_set) == n_dev
+    # New requests go to the group with the fewest busy slots.
+    dp._slots = [object(), None, None, None]
+    assert dp._free_slots() == ([2, 1, 3] if groups == 2 else [1, 2, 3])
+    with pytest.raises(ValueError, match="max_batch=3 must divide"):
+        Engine(model, cfg, max_batch=3, max_seq_len=48, mesh=mesh)
+
+
 @pytest.mark.parametrize("kind", ["llama3_scaled", "qwen3_untied"])  # Llama-3 rope scaling; Qwen3 q/k norms
 def test_llama_and_qwen3_greedy_and_logprobs_match_transformers(tmp_path, kind):
     hf = make_hf_model(kind, seed=2)

@@ -17,13 +17,12 @@ import time
 from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
 from inference_worker.engine.sampling import SamplingError, SamplingParams, request_keys
-from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
+from inference_worker.engine.state import MAX_STOP_IDS, init_state, slot_groups, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,9 @@ class Engine:
         doublings of decode_chunk, each its own compiled loop) to cover the longest remaining
         budget, so a batch finishes in fewer host round trips. The loop exits early once every
         slot has stopped, so a long chunk wastes no steps.
-      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis. Params
+      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis, and the slots
+        into independent groups over its 'data' and 'fsdp' axes (data parallelism: each group
+        prefills and decodes its own rows; max_batch must divide by the group count). Params
         should already be placed (e.g. pulled with the inference sharding rules).
       compiler_options: XLA options for the decode step only (e.g.
         {"xla_cpu_multi_thread_eigen": False}); see docs/engine.md.
@@ -116,8 +117,13 @@ class Engine:
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
                 f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} "
                 "must be positive (max_seq_len >= 2)")
+        groups = slot_groups(mesh)
+        if max_batch % groups:
+            raise EngineError(f"max_batch={max_batch} must divide by the {groups} slot groups of the "
+                              f"mesh's data axes {dict(mesh.shape)}")
         self.model_cfg = model_cfg
         self.max_batch = max_batch
+        self._groups = groups
         self.max_seq_len = max_seq_len
         self.decode_chunk = decode_chunk
         self._chunk_buckets = _buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
@@ -128,15 +134,17 @@ class Engine:
             out_shardings=fast_model.weight_shardings(model_cfg, mesh))
         self._weights = self._build_weights(self._params)
         self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
-        self._batch_buckets = _buckets(max_prefill_batch, 1)
+        # Prefill rows are split over the slot groups: bucket sizes are multiples of their count.
+        self._batch_buckets = _buckets(-(-max_prefill_batch // groups) * groups, groups)
         self._insert_buckets = _buckets(max_batch, 1)
         state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
+        self._slot_sharding = shardings.tokens if shardings is not None else None
         self._prefill, self._insert, self._decode = steps.compile_steps(
-            model_cfg, shardings, compiler_options=compiler_options)
+            model_cfg, shardings, compiler_options=compiler_options, mesh=mesh)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
@@ -223,7 +231,7 @@ class Engine:
     def _admit(self, queue: collections.deque) -> None:
         """Prefills waiting requests into free slots (continuous batching)."""
         while queue:
-            free = [i for i, s in enumerate(self._slots) if s is None]
+            free = self._free_slots()
             batch, need = [], 0
             while queue and len(batch) < self._batch_buckets[-1]:
                 count = queue[0][4] - queue[0][3]
@@ -234,6 +242,22 @@ class Engine:
             if not batch:
                 return
             self._prefill_insert(batch, free)
+
+    def _free_slots(self) -> list[int]:
+        """Free slots in the order to fill them: with slot groups, each next slot goes to the group
+        with the fewest busy slots, so the groups (which decode in parallel) stay balanced."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        if self._groups == 1:
+            return free
+        per = self.max_batch // self._groups
+        busy = [sum(s is not None for s in self._slots[g * per:(g + 1) * per]) for g in range(self._groups)]
+        pending = [[i for i in free if i // per == g] for g in range(self._groups)]
+        order = []
+        for _ in free:
+            g = min((g for g in range(self._groups) if pending[g]), key=lambda g: busy[g])
+            order.append(pending[g].pop(0))
+            busy[g] += 1
+        return order
 
     def _prefill_insert(self, batch, free: list[int]) -> None:
         plen = _bucket(max(len(b[1]) for b in batch), self._len_buckets)
@@ -293,13 +317,13 @@ class Engine:
             return
         keep = tuple(s is not None for s in self._slots)
         if keep != self._keep[0]:  # a host->device transfer only when the slot set changed
-            self._keep = (keep, jnp.asarray(keep))
+            self._keep = (keep, jax.device_put(np.asarray(keep), self._slot_sharding))
         keep = self._keep[1]
         self._state, toks, logp, raw, valid, steps_run = self._decode(
             self._weights, self._state, keep, num_steps=self._chunk_steps(waiting))
         toks, logp, raw, valid, steps_run = jax.device_get((toks, logp, raw, valid, steps_run))
         self.stats["decode_calls"] += 1
-        self.stats["decode_steps"] += int(steps_run)
+        self.stats["decode_steps"] += int(np.max(steps_run))  # per slot group with a data mesh
         # A slot's valid steps are a prefix of the chunk (a slot only ever stops within it).
         counts = valid.sum(axis=0)
         toks, logp, raw = toks.T, logp.T, raw.T

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from math import prod
 from typing import NamedTuple
 
 import jax
@@ -48,17 +49,32 @@ def init_state(cache, num_slots: int) -> DecodeState:
     )
 
 
+SLOT_AXES = ("data", "fsdp")  # mesh axes the slots may be split over (data parallelism)
+
+
+def slot_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that split the decode slots into independent groups."""
+    if mesh is None:
+        return ()
+    return tuple(a for a in SLOT_AXES if mesh.shape.get(a, 1) > 1)
+
+
+def slot_groups(mesh: jax.sharding.Mesh | None) -> int:
+    """How many groups the slots are split into: each decodes on its own devices."""
+    return prod(mesh.shape[a] for a in slot_axes(mesh)) if mesh is not None else 1
+
+
 def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_heads: int):
-    """Cache split over kv heads on the 'tensor' axis when it divides; everything else replicated."""
+    """Slots (dim 0 of every field) split over the mesh's data axes; the cache also over kv heads
+    on the 'tensor' axis when it divides."""
     if mesh is None:
         return None
-    replicated = NamedSharding(mesh, PartitionSpec())
+    slots = slot_axes(mesh) or None
     tensor = mesh.shape.get("tensor", 1)
-    split = num_kv_heads % tensor == 0
-    kv_spec = PartitionSpec(None, "tensor", None, None) if split else PartitionSpec()
-    kv_sharding = NamedSharding(mesh, kv_spec)
-    cache_shardings = jax.tree.map(lambda _: kv_sharding, state.cache)
+    kv_heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
+    kv_sharding = NamedSharding(mesh, PartitionSpec(slots, kv_heads, None, None))
+    row = NamedSharding(mesh, PartitionSpec(slots))
     return state._replace(
-        cache=cache_shardings,
-        **{f: replicated for f in DecodeState._fields if f != "cache"},
+        cache=jax.tree.map(lambda _: kv_sharding, state.cache),
+        **{f: row for f in DecodeState._fields if f != "cache"},
     )

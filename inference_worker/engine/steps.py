@@ -13,10 +13,11 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from inference_worker.engine import fast_model
 from inference_worker.engine.sampling import sample
-from inference_worker.engine.state import DecodeState
+from inference_worker.engine.state import DecodeState, slot_axes
 
 
 def prefill(cfg, weights, tokens: jax.Array, lengths: jax.Array):
@@ -129,15 +130,48 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
     return (state, *outs, steps_run)
 
 
-def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None):
-    """jit-compiled prefill / insert / decode for model config ``cfg`` (static)."""
+def _data_parallel(fn, mesh, in_specs, out_specs):
+    """``fn`` run per slot group (each group's rows on its own devices, no cross-group traffic,
+    its own early exit)."""
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
+def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None,
+                  mesh: jax.sharding.Mesh | None = None):
+    """jit-compiled prefill / insert / decode for model config ``cfg`` (static).
+
+    With a mesh whose data axes split the slots (state.slot_axes), prefill and decode run per
+    slot group under shard_map: on a CPU host with one XLA device per core this is what puts
+    both cores to work on the small per-step ops (one device runs its ops one after another),
+    and on a pod slice it is plain data parallelism. The prefill batch must then divide by the
+    number of groups (the engine buckets it so); insert stays automatic, since a prompt's
+    prefill row and its samples' slots may live in different groups. With tensor parallelism as
+    well, all three are automatic (XLA partitions them from the state's shardings)."""
     donate_state = (0,) if donate else ()
     opts = dict(compiler_options=compiler_options) if compiler_options else {}
-    prefill_fn = jax.jit(functools.partial(prefill, cfg))
+    # Per-group programs when the slot axes are the whole mesh (no tensor parallelism). With
+    # 'tensor' too, a partly manual shard_map around the decode loop aborted in XLA:CPU's
+    # runtime (jax 0.10.2), so that case stays automatic: the same math, state split the same way.
+    axes = slot_axes(mesh) if mesh is not None and mesh.shape.get("tensor", 1) == 1 else ()
+    prefill_impl = functools.partial(prefill, cfg)
+    decode_impl = functools.partial(decode, cfg)
+    if axes:
+        rows, cols = PartitionSpec(axes), PartitionSpec(None, axes)
+        prefill_impl = _data_parallel(prefill_impl, mesh, (PartitionSpec(), rows, rows), (rows, rows))
+
+        def decode_impl(weights, state, keep, num_steps):  # noqa: F811 - the per-group form
+            def local(w, s, k):
+                *out, steps_run = decode(cfg, w, s, k, num_steps)
+                return (*out, steps_run[None])
+            # steps run per group ([groups]): no collective in the program, the host takes the max.
+            return _data_parallel(local, mesh, (PartitionSpec(), rows, rows),
+                                  (rows, cols, cols, cols, cols, rows))(weights, state, keep)
+
+    prefill_fn = jax.jit(prefill_impl)
     insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=(
         state_shardings, None, None, None) if state_shardings is not None else None)
     decode_fn = jax.jit(
-        functools.partial(decode, cfg),
+        decode_impl,
         static_argnames=("num_steps",),
         donate_argnums=(1,) if donate else (),
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None,
