@@ -29,6 +29,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.meta_timeout_s = 600.0
     c.weights_timeout_s = 60.0
     # The worker's own mesh (weights are resharded on pull); by default tensor-parallel only.
+    # data (or fsdp) > 1 splits the slots into that many groups, each decoding on its own devices
+    # (max_batch must divide); on a CPU host one XLA device per core (XLA_FLAGS=
+    # --xla_force_host_platform_device_count=N) with data=N, tensor=1 speeds up small models.
     c.mesh = mesh_section.defaults()
     c.mesh.fsdp = 1
     c.mesh.tensor = -1
@@ -48,6 +51,14 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
 
         raise ConfigError("inference.max_new_tokens", f"={c.max_new_tokens} leaves no room for a prompt in "
                           f"inference.max_seq_len={c.max_seq_len}")
+    groups = 1
+    for axis in ("data", "fsdp"):
+        groups *= max(int(c.mesh[axis]), 1)  # -1 (the rest) is checked by the engine
+    if c.max_batch % groups:
+        from rlax_tpu.config.errors import ConfigError
+
+        raise ConfigError("inference.max_batch", f"={c.max_batch} must divide by the {groups} slot groups of "
+                          f"inference.mesh.data x inference.mesh.fsdp")
     group, leases = config.rl.group_size, config.replay.worker_max_leases
     if group * leases > c.max_batch:
         from rlax_tpu.config.errors import ConfigError
