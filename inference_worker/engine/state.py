@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from rlax_tpu.sharding import BATCH_AXES
+
 MAX_STOP_IDS = 8  # stop token ids checked on device per slot; more are checked on the host
 
 
@@ -49,14 +51,11 @@ def init_state(cache, num_slots: int) -> DecodeState:
     )
 
 
-SLOT_AXES = ("data", "fsdp")  # mesh axes the slots may be split over (data parallelism)
-
-
 def slot_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
-    """The mesh axes (of size > 1) that split the decode slots into independent groups."""
+    """The mesh's batch axes (of size > 1), which split the decode slots into independent groups."""
     if mesh is None:
         return ()
-    return tuple(a for a in SLOT_AXES if mesh.shape.get(a, 1) > 1)
+    return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
 
 
 def slot_groups(mesh: jax.sharding.Mesh | None) -> int:
