@@ -129,9 +129,11 @@ class Engine:
         self._chunk_buckets = _buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
+        # With slot groups the MLP's gate and up are two matmuls (see fast_model._gate_up).
+        split_mlp = groups > 1
         self._build_weights = jax.jit(
-            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg),
-            out_shardings=fast_model.weight_shardings(model_cfg, mesh))
+            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg, split_mlp=split_mlp),
+            out_shardings=fast_model.weight_shardings(model_cfg, mesh, split_mlp))
         self._weights = self._build_weights(self._params)
         self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
         # Prefill rows are split over the slot groups: bucket sizes are multiples of their count.

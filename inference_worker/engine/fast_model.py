@@ -42,7 +42,7 @@ class LayerWeights(NamedTuple):
     q_norm: jax.Array | None  # [D]
     k_norm: jax.Array | None  # [D]
     o: jax.Array  # [Hq * D, H]
-    gate_up: jax.Array  # [H, 2, I]
+    gate_up: jax.Array | tuple[jax.Array, jax.Array]  # [H, 2, I], or (gate [H, I], up [H, I])
     down: jax.Array  # [I, H]
 
 
@@ -82,7 +82,7 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def build_weights(graphdef, params, cfg) -> InferenceWeights:
+def build_weights(graphdef, params, cfg, split_mlp: bool = False) -> InferenceWeights:
     """The fused view of nnx params (a pure function: jit it).
 
     Folded in, once per weight update, so a decode step does not redo them: each RMSNorm's scale
@@ -112,14 +112,24 @@ def build_weights(graphdef, params, cfg) -> InferenceWeights:
             q_norm=f32(a.q_norm.scale[...]) * scale if cfg.qk_norm else None,
             k_norm=f32(a.k_norm.scale[...]) if cfg.qk_norm else None,
             o=a.o_proj[...].reshape(hq * d, h).astype(dt),
-            gate_up=(jnp.stack([f32(blk.mlp.gate_proj[...]), f32(blk.mlp.up_proj[...])], axis=1)
-                     * f32(blk.post_norm.scale[...])[:, None, None]).astype(dt),
+            gate_up=_gate_up(blk, dt, split_mlp),
             down=blk.mlp.down_proj[...].astype(dt)))
     head = f32(model.output_weight().T) * f32(model.norm.scale[...])[:, None]
     return InferenceWeights(embed=model.embed[...].astype(dt), layers=tuple(layers), head=head.astype(dt))
 
 
-def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
+def _gate_up(blk, dt, split: bool):
+    """The MLP's gate and up weights with the post-attention norm's scale folded in: one [H, 2, I]
+    weight (one matmul), or, with ``split``, two [H, I] ones. XLA:CPU hands a matmul to its
+    intra-op thread pool once its output passes ~10k elements; with slot groups (one XLA device
+    per core, each decoding its own rows) the groups' fused gate-up matmuls then fight over that
+    shared pool, while two half-size matmuls each stay on their own core."""
+    scale = blk.post_norm.scale[...].astype(jnp.float32)[:, None]
+    gate, up = (m[...].astype(jnp.float32) * scale for m in (blk.mlp.gate_proj, blk.mlp.up_proj))
+    return (gate.astype(dt), up.astype(dt)) if split else jnp.stack([gate, up], axis=1).astype(dt)
+
+
+def weight_shardings(cfg, mesh: jax.sharding.Mesh | None, split_mlp: bool = False):
     """Tensor parallelism for the view (kv heads, q heads, mlp, vocab on 'tensor' where they divide),
     matching sharding.INFERENCE_RULES; None without a mesh."""
     if mesh is None:
@@ -136,7 +146,8 @@ def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
     layer = LayerWeights(
         qkv=spec((0, 0), (heads_ok, hkv)), qkv_bias=spec((heads_ok, hkv)) if cfg.qkv_bias else None,
         q_norm=rep if cfg.qk_norm else None, k_norm=rep if cfg.qk_norm else None,
-        o=spec((heads_ok, hq)), gate_up=spec((0, 0), (0, 0), (1, i)), down=spec((1, i)))
+        o=spec((heads_ok, hq)), down=spec((1, i)),
+        gate_up=(spec((0, 0), (1, i)),) * 2 if split_mlp else spec((0, 0), (0, 0), (1, i)))
     return InferenceWeights(embed=spec((1, v)), layers=(layer,) * cfg.num_layers, head=spec((0, 0), (1, v)))
 
 
@@ -172,8 +183,13 @@ def _qkv(cfg, w: LayerWeights, x: jax.Array, cos: jax.Array, sin: jax.Array):
 
 def _mlp(cfg, w: LayerWeights, x: jax.Array) -> jax.Array:
     """Pre-norm x -> the MLP's output (the post-attention norm is folded into gate_up)."""
-    gu = jnp.einsum("...h,hji->...ji", _normed(cfg, x), w.gate_up, preferred_element_type=jnp.float32)
-    act = (jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]).astype(w.down.dtype)
+    x = _normed(cfg, x)
+    if isinstance(w.gate_up, tuple):
+        gate, up = (jnp.einsum("...h,hi->...i", x, m, preferred_element_type=jnp.float32) for m in w.gate_up)
+    else:
+        gu = jnp.einsum("...h,hji->...ji", x, w.gate_up, preferred_element_type=jnp.float32)
+        gate, up = gu[..., 0, :], gu[..., 1, :]
+    act = (jax.nn.silu(gate) * up).astype(w.down.dtype)
     return jnp.einsum("...i,ih->...h", act, w.down)
 
 
