@@ -139,13 +139,14 @@ class Engine:
         # Prefill rows are split over the slot groups: bucket sizes are multiples of their count.
         self._batch_buckets = _buckets(-(-max_prefill_batch // groups) * groups, groups)
         self._insert_buckets = _buckets(max_batch, 1)
+        self._local_insert_buckets = _buckets(max_batch // groups, 1)
         state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._prefill, self._insert, self._decode = steps.compile_steps(
+        self._prefill, self._insert, self._decode, self._prefill_insert_local = steps.compile_steps(
             model_cfg, shardings, compiler_options=compiler_options, mesh=mesh)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
@@ -261,48 +262,86 @@ class Engine:
             busy[g] += 1
         return order
 
+    def _plan_local(self, batch, free: list[int]):
+        """With slot groups: places each request's prefill row and all its samples in one group
+        (the one with the most free slots), so prefill and insert run per group with no traffic
+        between groups. Returns per group [(request, slots)], or None when a request fits no
+        single group (then insert moves rows across groups)."""
+        if self._prefill_insert_local is None:
+            return None
+        per = self.max_batch // self._groups
+        spare = [[s for s in free if s // per == g] for g in range(self._groups)]
+        rows_cap = self._batch_buckets[-1] // self._groups
+        plan = [[] for _ in range(self._groups)]
+        for b in batch:
+            count = b[4] - b[3]
+            fits = [g for g in range(self._groups) if len(plan[g]) < rows_cap and len(spare[g]) >= count]
+            if not fits:
+                return None
+            g = max(fits, key=lambda g: len(spare[g]))
+            plan[g].append((b, [spare[g].pop(0) for _ in range(count)]))
+        return plan
+
     def _prefill_insert(self, batch, free: list[int]) -> None:
+        parts = self._plan_local(batch, free)
+        local = parts is not None
+        if not local:  # one prefill batch; its rows go to whichever slots are free
+            slots = iter(free)
+            parts = [[(b, [next(slots) for _ in range(b[3], b[4])]) for b in batch]]
+        n_parts = len(parts)
+        nrows = _bucket(max(map(len, parts)) * n_parts, self._batch_buckets) // n_parts
+        k = _bucket(max(sum(len(sl) for _, sl in part) for part in parts),
+                    self._local_insert_buckets if local else self._insert_buckets)
         plen = _bucket(max(len(b[1]) for b in batch), self._len_buckets)
-        bsz = _bucket(len(batch), self._batch_buckets)
-        tokens = np.zeros((bsz, plen), np.int32)
-        lengths = np.ones((bsz,), np.int32)
-        for row, (_, prompt, _, _, _) in enumerate(batch):
-            tokens[row, : len(prompt)] = prompt
-            lengths[row] = len(prompt)
-        rows = [(row, b, s) for row, b in enumerate(batch) for s in range(b[3], b[4])]
-        k = _bucket(len(rows), self._insert_buckets)
-        src = np.zeros((k,), np.int32)
-        dst = np.full((k,), self.max_batch, np.int32)  # out of range: dropped by the scatter
-        prompt_lens = np.zeros((k,), np.int32)
-        budget = np.zeros((k,), np.int32)
-        temp = np.ones((k,), np.float32)
-        top_k = np.zeros((k,), np.int32)
-        top_p = np.ones((k,), np.float32)
-        stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
-        for j, (row, (req, prompt, p, _, _), sample_idx) in enumerate(rows):
-            slot = free[j]
-            src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
-            # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
-            budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
-            temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
-            ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
-            stop_ids[j, : len(ids)] = ids
-            if self.stats["slot_uses"] >= self.max_batch:
-                self.stats["slot_refills"] += 1
-            self.stats["slot_uses"] += 1
-            self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
-        pad = [0] * (k - len(rows))  # bucketed length: no recompiles of the key function
-        keys = request_keys([b[2].seed for _, b, _ in rows] + pad, [s for _, _, s in rows] + pad)
+        drop = self.max_batch // n_parts  # a slot index past the (group's) slots: dropped by the scatter
+        tokens = np.zeros((n_parts, nrows, plen), np.int32)
+        lengths = np.ones((n_parts, nrows), np.int32)
+        src = np.zeros((n_parts, k), np.int32)
+        dst = np.full((n_parts, k), drop, np.int32)
+        prompt_lens = np.zeros((n_parts, k), np.int32)
+        budget = np.zeros((n_parts, k), np.int32)
+        temp = np.ones((n_parts, k), np.float32)
+        top_k = np.zeros((n_parts, k), np.int32)
+        top_p = np.ones((n_parts, k), np.float32)
+        stop_ids = np.full((n_parts, k, MAX_STOP_IDS), -1, np.int32)
+        seeds = np.zeros((n_parts, k), np.int64)
+        sample_ids = np.zeros((n_parts, k), np.int64)
+        placed = []  # (flat insert index, slot)
+        for g, part in enumerate(parts):
+            j = 0
+            for row, ((req, prompt, p, start, stop), slot_list) in enumerate(part):
+                tokens[g, row, : len(prompt)] = prompt
+                lengths[g, row] = len(prompt)
+                for sample_idx, slot in zip(range(start, stop), slot_list, strict=True):
+                    src[g, j], dst[g, j], prompt_lens[g, j] = row, slot - g * drop, len(prompt)
+                    # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
+                    budget[g, j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
+                    temp[g, j], top_k[g, j], top_p[g, j] = p.temperature, p.top_k, p.top_p
+                    ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
+                    stop_ids[g, j, : len(ids)] = ids
+                    seeds[g, j], sample_ids[g, j] = p.seed, sample_idx
+                    if self.stats["slot_uses"] >= self.max_batch:
+                        self.stats["slot_refills"] += 1
+                    self.stats["slot_uses"] += 1
+                    self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+                    placed.append((g * k + j, slot))
+                    j += 1
+        flat = lambda a: a.reshape(n_parts * a.shape[1], *a.shape[2:])  # noqa: E731
+        keys = request_keys(seeds.ravel(), sample_ids.ravel())  # padding entries: seed 0, never used
         # Dispatched after the host-side arrays and keys are ready (computing keys waits on the device).
-        logits, kv = self._prefill(self._weights, tokens, lengths)
+        insert_args = tuple(map(flat, (src, dst, prompt_lens, budget))) + (keys,) + tuple(
+            map(flat, (temp, top_k, top_p, stop_ids)))
+        if local:
+            self._state, first, logp, raw = self._prefill_insert_local(
+                self._weights, self._state, flat(tokens), flat(lengths), *insert_args)
+        else:
+            logits, kv = self._prefill(self._weights, flat(tokens), flat(lengths))
+            self._state, first, logp, raw = self._insert(self._state, kv, logits, *insert_args)
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
-
-        self._state, first, logp, raw = self._insert(
-            self._state, kv, logits, src, dst, prompt_lens, budget, keys, temp, top_k, top_p, stop_ids)
         first, logp, raw = jax.device_get((first, logp, raw))
-        for j in range(len(rows)):
-            self._append(free[j], first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
+        for j, slot in placed:
+            self._append(slot, first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
 
     def _chunk_steps(self, waiting: bool) -> int:
         """Steps for the next decode call: decode_chunk while requests wait for a slot, else

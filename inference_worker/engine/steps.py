@@ -87,6 +87,13 @@ def insert(
     return state, tokens, logp, raw_logp
 
 
+def prefill_insert(cfg, weights, state: DecodeState, tokens: jax.Array, lengths: jax.Array, *insert_args):
+    """prefill then insert in one program: with slot groups, each group prefills the prompts whose
+    samples all go to its own slots (the engine plans it so), with no traffic between groups."""
+    logits, kv = prefill(cfg, weights, tokens, lengths)
+    return insert(cfg, state, kv, logits, *insert_args)
+
+
 def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
     """Runs up to ``num_steps`` decode steps for every active slot; stops early once no slot is
     active (so a long chunk costs nothing after the last sequence ends).
@@ -138,7 +145,8 @@ def _data_parallel(fn, mesh, in_specs, out_specs):
 
 def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None,
                   mesh: jax.sharding.Mesh | None = None):
-    """jit-compiled prefill / insert / decode for model config ``cfg`` (static).
+    """jit-compiled prefill / insert / decode for model config ``cfg`` (static), and with slot
+    groups a per-group prefill_insert (else None).
 
     With a mesh whose data axes split the slots (state.slot_axes), prefill and decode run per
     slot group under shard_map: on a CPU host with one XLA device per core this is what puts
@@ -155,6 +163,7 @@ def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: d
     axes = slot_axes(mesh) if mesh is not None and mesh.shape.get("tensor", 1) == 1 else ()
     prefill_impl = functools.partial(prefill, cfg)
     decode_impl = functools.partial(decode, cfg)
+    prefill_insert_fn = None
     if axes:
         rows, cols = PartitionSpec(axes), PartitionSpec(None, axes)
         prefill_impl = _data_parallel(prefill_impl, mesh, (PartitionSpec(), rows, rows), (rows, rows))
@@ -167,6 +176,13 @@ def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: d
             return _data_parallel(local, mesh, (PartitionSpec(), rows, rows),
                                   (rows, cols, cols, cols, cols, rows))(weights, state, keep)
 
+        # weights, state, tokens, lengths, then insert's 9 per-sample arrays; all but the weights
+        # split by group (src and dst are indices local to the group).
+        prefill_insert_fn = jax.jit(
+            _data_parallel(functools.partial(prefill_insert, cfg), mesh, (PartitionSpec(),) + (rows,) * 12,
+                           (rows,) * 4),
+            donate_argnums=(1,) if donate else (), out_shardings=(state_shardings, None, None, None))
+
     prefill_fn = jax.jit(prefill_impl)
     insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=(
         state_shardings, None, None, None) if state_shardings is not None else None)
@@ -177,4 +193,4 @@ def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: d
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None,
         **opts,
     )
-    return prefill_fn, insert_fn, decode_fn
+    return prefill_fn, insert_fn, decode_fn, prefill_insert_fn
