@@ -6,12 +6,13 @@ lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampl
 It also measures this machine's matmul FLOP/s in the same run and reports the engine's achieved
 FLOP/s as a fraction of it. Prints one JSON object.
 
-The engine runs as one would on a CPU host: one XLA device per core (``--devices``, default the
-core count) with its decode slots split over them (the mesh's data axis; see docs/engine.md,
-"Slot groups"). XLA:CPU runs one device's ops one after another and parallelizes only large
-matmuls, so a single device leaves the second core mostly idle at batch 32; the single-device
-engine is timed beside it (``engine_1device_tokens_per_s``). transformers uses torch's intra-op
-threads over the same cores.
+The engine runs in the layout one would deploy for each size on a CPU host. The small model's
+per-step ops are too small for XLA:CPU's intra-op threads, so it runs on one XLA device per core
+(``--devices``, default the core count) with its decode slots split over them (the mesh's data
+axis; see docs/engine.md, "Slot groups"). The ~100M model's matmuls are big enough for XLA's
+threads, and it runs on one device (``--devices_100m``). The other layout is timed in the same
+rounds and reported as ``engine_alt``. transformers uses torch's intra-op threads over the same
+cores.
 
   .venv/bin/python scripts/bench_generate.py            # small + ~100M models
   .venv/bin/python scripts/bench_generate.py --sizes=small --batch=32
@@ -134,16 +135,19 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=20, help="timed rounds per mode, small model (this VM runs "
                     "in fast and slow phases of seconds: 20 alternating rounds catch fast ones for both)")
     ap.add_argument("--devices", type=int, default=os.cpu_count() or 1,
-                    help="XLA host devices (one per core) the engine's slots are split over")
+                    help="XLA host devices (one per core) the small model's slots are split over")
+    ap.add_argument("--devices_100m", type=int, default=1, help="the same for the ~100M model")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each side before its timed run "
                     "in every round (see time_rounds)")
     ap.add_argument("--reps_100m", type=int, default=1, help="the same for the ~100M model (each run is "
                     "seconds; keeps the whole benchmark under 5 minutes)")
     args = ap.parse_args()
-    if args.batch % args.devices:
-        ap.error(f"--batch={args.batch} must divide by --devices={args.devices}")
+    cores = os.cpu_count() or 1
+    for flag, n in (("--devices", args.devices), ("--devices_100m", args.devices_100m), ("cores", cores)):
+        if n < 1 or args.batch % n:
+            ap.error(f"--batch={args.batch} must divide by {flag}={n}")
     # Before jax is imported: the host platform's device count is fixed at start-up.
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={args.devices} "
+    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={max(args.devices, args.devices_100m, cores)} "
                                + os.environ.get("XLA_FLAGS", ""))
 
     import jax
@@ -157,7 +161,7 @@ def main() -> None:
     peak = matmul_flops(jax, jnp)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "jax_backend": jax.default_backend(), "matmul_flops": peak},
-              "engine_devices": args.devices, "batch": args.batch, "prompt_len": args.prompt_len,
+              "batch": args.batch, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens,
               "results": {}}
     rng = np.random.default_rng(0)
@@ -169,17 +173,22 @@ def main() -> None:
         prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
         shape = dict(max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
                      max_prefill_batch=min(args.batch, 32), decode_chunk=16)
-        mesh = sharding.make_mesh({"data": args.devices, "fsdp": 1, "tensor": 1}, jax.devices()[: args.devices])
-        engine = Engine(model, cfg, **shape, mesh=mesh if args.devices > 1 else None)
-        engine_1 = Engine(model, cfg, **shape) if args.devices > 1 else None
-        entry = {"params": n_params}
+        n_dev = args.devices_100m if size == "100m" else args.devices
+        alt_dev = 1 if n_dev > 1 else cores
+
+        def make_engine(n, cfg=cfg, model=model, shape=shape):
+            mesh = sharding.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, jax.devices()[:n]) if n > 1 else None
+            return Engine(model, cfg, **shape, mesh=mesh)
+
+        engines = {"ours": make_engine(n_dev)}
+        if alt_dev != n_dev:
+            engines["ours_alt"] = make_engine(alt_dev)
+        entry = {"params": n_params, "engine_devices": n_dev}
         for mode in ("greedy", "sampled"):
             sample = mode == "sampled"
             reps = args.reps_100m if size == "100m" else args.reps
-            runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample),
-                       "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
-            if engine_1 is not None:
-                runners["ours_1device"] = engine_runner(engine_1, prompts, args.new_tokens, sample)
+            runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample)}
+            runners.update({k: engine_runner(e, prompts, args.new_tokens, sample) for k, e in engines.items()})
             times = time_rounds(runners, reps, args.warmup)
             t_hf, t_ours = times["hf"].min(), times["ours"].min()
             toks = args.batch * args.new_tokens
@@ -192,9 +201,9 @@ def main() -> None:
                 "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
                 "engine_flops_fraction_of_matmul_peak": achieved / peak,
             }
-            if engine_1 is not None:
-                entry[mode]["engine_1device_tokens_per_s"] = toks / times["ours_1device"].min()
-                entry[mode]["speedup_1device_vs_transformers"] = t_hf / times["ours_1device"].min()
+            if "ours_alt" in times:
+                entry[mode]["engine_alt"] = {"devices": alt_dev, "tokens_per_s": toks / times["ours_alt"].min(),
+                                             "speedup_vs_transformers": t_hf / times["ours_alt"].min()}
         report["results"][size] = entry
         print(json.dumps({size: entry}), flush=True)
     print(json.dumps(report, indent=2))

@@ -184,14 +184,21 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
 
 
 @pytest.mark.parametrize("mesh_shape", [(2, 1, 1), (2, 1, 2), (1, 4, 1)])  # data, data x tensor, fsdp
-def test_slot_groups_on_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape):
+def test_slot_groups_on_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape, monkeypatch):
     """Slots split over the data axes (each group prefills and decodes its own rows) give the same
-    completions as one device, under continuous batching with n > 1 groups and a top-k/top-p mix."""
+    completions as one device, under continuous batching with n > 1 groups and a top-k/top-p mix;
+    requests whose samples fit one group are prefilled and inserted by that group alone, the
+    others across groups. On the first mesh the MLP's gate and up are split (as they are on CPU
+    when one group's fused output would reach XLA's thread pool and each half would not)."""
     from flax import nnx
 
+    from inference_worker.engine import engine as engine_mod
     from rlax_tpu import sharding
 
     _, model, cfg = hf_qwen2
+    split = mesh_shape == (2, 1, 1)
+    if split:  # 2 rows per group: 2 * I <= threshold < 4 * I
+        monkeypatch.setattr(engine_mod, "_CPU_POOL_MIN_OUTPUT", 2 * cfg.intermediate_size)
     n_dev = int(np.prod(mesh_shape))
     mesh = jax.make_mesh(mesh_shape, sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:n_dev])
@@ -214,6 +221,9 @@ def test_slot_groups_on_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_s
             np.testing.assert_allclose(cg.logprobs, cw.logprobs, atol=1e-5)
     assert dp.stats["slot_refills"] > 0
     assert len(dp._state.cache.k[0].sharding.device_set) == n_dev
+    assert isinstance(dp._weights.layers[0].gate_up, tuple) == split
+    if mesh_shape[2] == 1:  # per-group programs: some batches local to a group, some not (n=3 > 2 slots)
+        assert 0 < dp.stats["prefill_local_calls"] < dp.stats["prefill_calls"]
     # New requests go to the group with the fewest busy slots.
     dp._slots = [object(), None, None, None]
     assert dp._free_slots() == ([2, 1, 3] if groups == 2 else [1, 2, 3])
