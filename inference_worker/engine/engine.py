@@ -340,7 +340,10 @@ class Engine:
                     self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
                     placed.append((g * k + j, slot))
                     j += 1
-        flat = lambda a: a.reshape(n_parts * a.shape[1], *a.shape[2:])  # noqa: E731
+
+        def flat(a):  # [parts, n, ...] -> [parts * n, ...]: each part's block lands on its group
+            return a.reshape(n_parts * a.shape[1], *a.shape[2:])
+
         keys = request_keys(seeds.ravel(), sample_ids.ravel())  # padding entries: seed 0, never used
         # Dispatched after the host-side arrays and keys are ready (computing keys waits on the device).
         insert_args = tuple(map(flat, (src, dst, prompt_lens, budget))) + (keys,) + tuple(
