@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
-from inference_worker.engine.sampling import SamplingError, SamplingParams, request_keys
+from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, slot_groups, state_shardings
 
 log = logging.getLogger(__name__)
@@ -319,7 +319,7 @@ class Engine:
         top_p = np.ones((n_parts, k), np.float32)
         stop_ids = np.full((n_parts, k, MAX_STOP_IDS), -1, np.int32)
         seeds = np.zeros((n_parts, k), np.int64)
-        sample_ids = np.zeros((n_parts, k), np.int64)
+        sample_ids = np.zeros((n_parts, k), np.uint32)
         placed = []  # (flat insert index, slot)
         for g, part in enumerate(parts):
             j = 0
@@ -344,10 +344,10 @@ class Engine:
         def flat(a):  # [parts, n, ...] -> [parts * n, ...]: each part's block lands on its group
             return a.reshape(n_parts * a.shape[1], *a.shape[2:])
 
-        keys = request_keys(seeds.ravel(), sample_ids.ravel())  # padding entries: seed 0, never used
-        # Dispatched after the host-side arrays and keys are ready (computing keys waits on the device).
-        insert_args = tuple(map(flat, (src, dst, prompt_lens, budget))) + (keys,) + tuple(
-            map(flat, (temp, top_k, top_p, stop_ids)))
+        # The RNG keys are derived on device, in the insert (padding entries: seed 0, never used).
+        seed_lo, seed_hi = (w.reshape(n_parts, k) for w in seed_words(seeds.ravel()))
+        insert_args = tuple(map(flat, (src, dst, prompt_lens, budget, seed_lo, seed_hi, sample_ids,
+                                       temp, top_k, top_p, stop_ids)))
         if local:
             self._state, first, logp, raw = self._prefill_insert_local(
                 self._weights, self._state, flat(tokens), flat(lengths), *insert_args)

@@ -72,19 +72,26 @@ def request_keys(seeds, sample_indices) -> np.ndarray:
     """request_key for many completions at once: uint32 [K, 2] (numpy), one device call.
 
     (Eager per-key jax.random calls cost milliseconds each on the host: dozens per batch.)"""
+    return np.asarray(_request_keys(*seed_words(seeds), np.asarray(sample_indices, np.uint32)))
+
+
+def seed_words(seeds) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit request seeds as (low, high) uint32 words, the form derive_keys takes."""
     seeds = [int(s) for s in seeds]
-    lo = np.array([s % 2**32 for s in seeds], np.uint32)
-    hi = np.array([s // 2**32 for s in seeds], np.uint32)
-    return np.asarray(_request_keys(lo, hi, np.asarray(sample_indices, np.uint32)))
+    return (np.array([s % 2**32 for s in seeds], np.uint32), np.array([s // 2**32 for s in seeds], np.uint32))
 
 
-@jax.jit
-def _request_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
+def derive_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
+    """Per-completion base keys [K, 2] from seed words and sample indices (traceable: the engine
+    derives them inside its insert program, with no separate device call per batch)."""
     def one(lo, hi, index):
         key = jax.random.fold_in(jax.random.PRNGKey(lo), hi)
         return jax.random.key_data(jax.random.fold_in(key, index))
 
     return jax.vmap(one)(lo, hi, index)
+
+
+_request_keys = jax.jit(derive_keys)
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from inference_worker.engine import fast_model
-from inference_worker.engine.sampling import sample
+from inference_worker.engine.sampling import derive_keys, sample
 from inference_worker.engine.state import DecodeState, slot_axes
 
 
@@ -38,7 +38,9 @@ def insert(
     dst: jax.Array,
     prompt_lens: jax.Array,
     budget: jax.Array,
-    keys: jax.Array,
+    seed_lo: jax.Array,
+    seed_hi: jax.Array,
+    sample_index: jax.Array,
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
@@ -51,6 +53,7 @@ def insert(
     prefill. budget: [K] tokens this completion may still generate after the first.
     Returns (state, first tokens [K], their logp [K], raw logp [K]).
     """
+    keys = derive_keys(seed_lo, seed_hi, sample_index)
     tokens, logp, raw_logp = sample(
         logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
     p = kv.max_len
@@ -176,10 +179,10 @@ def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: d
             return _data_parallel(local, mesh, (PartitionSpec(), rows, rows),
                                   (rows, cols, cols, cols, cols, rows))(weights, state, keep)
 
-        # weights, state, tokens, lengths, then insert's 9 per-sample arrays; all but the weights
+        # weights, state, tokens, lengths, then insert's 11 per-sample arrays; all but the weights
         # split by group (src and dst are indices local to the group).
         prefill_insert_fn = jax.jit(
-            _data_parallel(functools.partial(prefill_insert, cfg), mesh, (PartitionSpec(),) + (rows,) * 12,
+            _data_parallel(functools.partial(prefill_insert, cfg), mesh, (PartitionSpec(),) + (rows,) * 14,
                            (rows,) * 4),
             donate_argnums=(1,) if donate else (), out_shardings=(state_shardings, None, None, None))
 
