@@ -51,6 +51,8 @@ def insert(
     src: [K] rows of the prefill batch; dst: [K] slots (== num_slots for padding rows, which
     are dropped). Several slots may share one src row: the n samples of a prompt share its
     prefill. budget: [K] tokens this completion may still generate after the first.
+    seed_lo, seed_hi, sample_index: [K] uint32 request seed words and sample index, from which
+    each completion's RNG key is derived here (sampling.derive_keys).
     Returns (state, first tokens [K], their logp [K], raw logp [K]).
     """
     keys = derive_keys(seed_lo, seed_hi, sample_index)
