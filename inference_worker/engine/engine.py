@@ -268,13 +268,18 @@ class Engine:
             return free
         per = self.max_batch // self._groups
         busy = [sum(s is not None for s in self._slots[g * per:(g + 1) * per]) for g in range(self._groups)]
-        pending = [[i for i in free if i // per == g] for g in range(self._groups)]
+        pending = self._by_group(free)
         order = []
         for _ in free:
             g = min((g for g in range(self._groups) if pending[g]), key=lambda g: busy[g])
             order.append(pending[g].pop(0))
             busy[g] += 1
         return order
+
+    def _by_group(self, slots: list[int]) -> list[list[int]]:
+        """``slots`` split by slot group (group g holds slots [g * per, (g + 1) * per)), in order."""
+        per = self.max_batch // self._groups
+        return [[s for s in slots if s // per == g] for g in range(self._groups)]
 
     def _plan_local(self, batch, free: list[int]):
         """With slot groups: places each request's prefill row and all its samples in one group
@@ -283,8 +288,7 @@ class Engine:
         single group (then insert moves rows across groups)."""
         if self._prefill_insert_local is None:
             return None
-        per = self.max_batch // self._groups
-        spare = [[s for s in free if s // per == g] for g in range(self._groups)]
+        spare = self._by_group(free)
         rows_cap = self._batch_buckets[-1] // self._groups
         plan = [[] for _ in range(self._groups)]
         for b in batch:

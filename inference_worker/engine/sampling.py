@@ -64,15 +64,9 @@ class SamplingParams:
 
 
 def request_key(seed: int, sample_index: int) -> jax.Array:
-    """The raw uint32[2] key of one completion: independent of batch and slot."""
-    return jnp.asarray(request_keys([seed], [sample_index])[0])
-
-
-def request_keys(seeds, sample_indices) -> np.ndarray:
-    """request_key for many completions at once: uint32 [K, 2] (numpy), one device call.
-
-    (Eager per-key jax.random calls cost milliseconds each on the host: dozens per batch.)"""
-    return np.asarray(_request_keys(*seed_words(seeds), np.asarray(sample_indices, np.uint32)))
+    """The raw uint32[2] key of one completion: independent of batch and slot (the engine derives
+    the same keys on device, in its insert program)."""
+    return _request_keys(*seed_words([seed]), np.asarray([sample_index], np.uint32))[0]
 
 
 def seed_words(seeds) -> tuple[np.ndarray, np.ndarray]:
@@ -83,7 +77,8 @@ def seed_words(seeds) -> tuple[np.ndarray, np.ndarray]:
 
 def derive_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
     """Per-completion base keys [K, 2] from seed words and sample indices (traceable: the engine
-    derives them inside its insert program, with no separate device call per batch)."""
+    derives them inside its insert program, with no separate device call per batch; eager
+    per-key jax.random calls would cost milliseconds each on the host)."""
     def one(lo, hi, index):
         key = jax.random.fold_in(jax.random.PRNGKey(lo), hi)
         return jax.random.key_data(jax.random.fold_in(key, index))
