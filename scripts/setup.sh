@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Creates .venv if missing and installs the project with its extras. Idempotent and quick when
-# everything is already installed. Usage: scripts/setup.sh [extras]   (default: test,hf,plot)
+# everything is already installed. Usage: scripts/setup.sh [extras]   (default: test,plot)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-extras="${1:-test,hf,plot}"
+extras="${1:-test,plot}"
 python="${PYTHON:-python3}"
 if [ ! -x .venv/bin/python ]; then
   echo "[setup] creating .venv with $("$python" --version)"

@@ -10,7 +10,7 @@ SECTION = "tokenizer"
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # 'sentencepiece' (a .model file), 'hf' (a tokenizer.json, or a directory holding one; needs
-    # the [hf] extra), or 'train' (train a sentencepiece BPE model on the task's corpus into
+    # tokenizers), or 'train' (train a sentencepiece BPE model on the task's corpus into
     # <workdir>/tokenizer/spm.model; an existing file there is reused, so a resumed run gets the
     # identical tokenizer).
     c.kind = "train"
