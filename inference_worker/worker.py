@@ -13,69 +13,43 @@ import logging
 import os
 import time
 
-import jax
 import numpy as np
-from flax import nnx
 
-from inference_worker.engine import Engine, SamplingParams
-from param_server import ParamStore, VariableClient
-from rlax_tpu import run_meta, sharding
+from inference_worker.bootstrap import open_run
+from inference_worker.engine import SamplingParams
+from inference_worker.replay_client import ReplayWorker, install_sigterm_handler
+from param_server import VariableClient
 from rlax_tpu import tasks as tasks_lib
-from rlax_tpu.models import Transformer, init_rngs
-from rlax_tpu.replay import ReplayWorker, Sample, install_sigterm_handler
-from rlax_tpu.store import KVStore
+from rlax_tpu.replay import Sample
 
 log = logging.getLogger(__name__)
-
-
-def abstract_params(model_cfg, mesh):
-    """(graphdef, pull target): ShapeDtypeStructs in the inference layout, nothing allocated."""
-    abstract = nnx.eval_shape(lambda: Transformer(model_cfg, rngs=init_rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    shardings = nnx.to_pure_dict(sharding.param_shardings(abstract, mesh, sharding.INFERENCE_RULES))
-    target = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-                          nnx.to_pure_dict(state), shardings)
-    return graphdef, target
 
 
 class Worker:
     def __init__(self, config, workdir: str, worker_id: str):
         self.config, self.worker_id = config, worker_id
         inf = config.inference
-        self.kv = KVStore.open(config.store.url, workdir)
-        self.store = ParamStore.open(self.kv, config=config)
-        cache_dir = os.path.join(workdir, "workers", worker_id)
-        self.model_cfg, self.tokenizer = run_meta.wait_for_meta(
-            self.kv, config, cache_dir, timeout_s=inf.meta_timeout_s, poll_s=config.replay.poll_seconds,
-            log=log.info)
-        self.mesh = sharding.make_mesh(inf.mesh)
-        graphdef, target = abstract_params(self.model_cfg, self.mesh)
-        self.client = VariableClient(self.store, target, reader=worker_id)
+        run = open_run(config, workdir, os.path.join(workdir, "workers", worker_id), wait_s=inf.meta_timeout_s)
+        self.kv, self.store, self.tokenizer = run.kv, run.store, run.tokenizer
+        self.client = VariableClient(self.store, run.target, reader=worker_id)
         log.info("worker %s: waiting for weights in %s", worker_id, self.store.url)
         while not self.client.update_and_wait(timeout=inf.weights_timeout_s):
             log.info("worker %s: no weights yet (%s)", worker_id, self.client.error or "none published")
-        self.engine = Engine(nnx.merge(graphdef, self.client.params), self.model_cfg,
-                             max_batch=inf.max_batch, max_seq_len=inf.max_seq_len,
-                             max_prefill_batch=inf.max_prefill_batch, decode_chunk=inf.decode_chunk,
-                             max_decode_chunk=inf.max_decode_chunk,
-                             mesh=self.mesh if self.mesh.size > 1 else None)
+        self.engine = run.engine(config, self.client.params)
         self.engine_version = self.client.version
-        self.weights_step = self._step_of(self.client.version)
+        self.weights_step = self.client.step
         log.info("worker %s: weights v%d (step %d)", worker_id, self.client.version, self.weights_step)
         self.task = tasks_lib.get_task(config.task)
         self.replay = ReplayWorker.from_config(self.kv, config, worker_id)
         self.groups_done = 0
-
-    def _step_of(self, version: int) -> int:
-        return int(self.store.version_info(version)["step"])
 
     def _refresh_weights(self) -> None:
         self.client.update()  # swaps in what the background thread fetched (update_and_wait may have)
         if self.client.version != self.engine_version:
             self.engine.update_params(self.client.params)
             self.engine_version = self.client.version
-            self.weights_step = self._step_of(self.client.version)
-            self.replay.version = self.weights_step
+            self.weights_step = self.client.step
+            self.replay.weights_step = self.weights_step
             log.info("worker %s: weights v%d (step %d)", self.worker_id, self.client.version, self.weights_step)
 
     def _wait_for_step(self, step: int) -> None:
@@ -97,7 +71,7 @@ class Worker:
         leases = self.replay.lease(max_tasks=self.config.replay.worker_max_leases)
         if not leases:
             return 0
-        self._wait_for_step(max(lease.task.version for lease in leases))
+        self._wait_for_step(max(lease.task.weights_step for lease in leases))
         t0 = time.time()
         outs = self.engine.generate([lease.task.prompt_tokens.tolist() for lease in leases],
                                     [self._sampling(lease.task) for lease in leases])
@@ -114,7 +88,7 @@ class Worker:
                 # Behavior log-probs under the raw model (temperature 1): what the trainer recomputes.
                 samples.append(Sample(tokens=np.asarray(c.tokens, np.int32),
                                       logprobs=np.asarray(c.raw_logprobs, np.float32),
-                                      version=self.weights_step, reward=float(reward.score),
+                                      weights_step=self.weights_step, reward=float(reward.score),
                                       reward_details=details, finish_reason=c.finish_reason))
             results.append((lease, samples, {"generate_s": gen_s, "worker_weights_version": self.client.version}))
         self.replay.submit_many(results)
@@ -122,7 +96,7 @@ class Worker:
         return len(results)
 
     def run(self, max_groups: int = 0) -> None:
-        self.replay.version = self.weights_step
+        self.replay.weights_step = self.weights_step
         self.replay.start()
         install_sigterm_handler(self.replay)
         log.info("worker %s: serving (weights step %d)", self.worker_id, self.weights_step)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from rlax_tpu.fencing import FencedError
-from rlax_tpu.store import StoreError
+from rlax_tpu.kvstore import StoreError
 
 
 class ParamServerError(RuntimeError):

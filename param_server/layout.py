@@ -23,6 +23,8 @@ from typing import Any
 
 import jax
 
+from rlax_tpu.tree import path_str
+
 PREFIX = "params/"
 LATEST = PREFIX + "LATEST"
 COMMITTED = PREFIX + "committed/"
@@ -57,33 +59,10 @@ def manifest_key(dirname: str) -> str:
     return dir_prefix(dirname) + MANIFEST
 
 
-def leaf_name(path: tuple) -> str:
-    """'layers/0/attn/q_proj/kernel' from a jax tree path.
-
-    A final ``.value`` attribute (an ``nnx.Variable`` inside an ``nnx.State``) is dropped, so a
-    State and its ``to_pure_dict()`` name their leaves alike.
-    """
-    if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
-        path = path[:-1]
-    parts = []
-    for k in path:
-        if isinstance(k, jax.tree_util.DictKey):
-            parts.append(str(k.key))
-        elif isinstance(k, jax.tree_util.SequenceKey):
-            parts.append(str(k.idx))
-        elif isinstance(k, jax.tree_util.GetAttrKey):
-            parts.append(k.name)
-        elif isinstance(k, jax.tree_util.FlattenedIndexKey):
-            parts.append(str(k.key))
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
-
-
 def flatten(tree: Any) -> tuple[list[tuple[str, Any]], Any]:
     """[(leaf name, leaf)] in tree order, and the treedef; names must be unique."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    named = [(leaf_name(p), x) for p, x in leaves]
+    named = [(path_str(p), x) for p, x in leaves]
     seen: set[str] = set()
     for name, _ in named:
         if name in seen:

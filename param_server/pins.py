@@ -10,7 +10,7 @@ import json
 import time
 
 from param_server import layout
-from rlax_tpu.store import KVStore
+from rlax_tpu.kvstore import KVStore
 
 
 def pin_key(reader: str) -> str:

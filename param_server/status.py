@@ -9,7 +9,7 @@ from param_server import layout
 from param_server.errors import ParamServerError
 from param_server.store import ParamStore
 from rlax_tpu import fencing
-from rlax_tpu.store import StoreError
+from rlax_tpu.kvstore import StoreError
 
 
 def collect(store: ParamStore, now: float | None = None) -> dict:
@@ -116,8 +116,8 @@ def _render_run(run: dict, now: float) -> str:
     return "run: " + ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
 
 
-# Heartbeat fields written by rlax_tpu.replay.worker.ReplayWorker.heartbeat, shown by name.
-_HB_KNOWN = ("worker", "time", "state", "tasks_done", "version", "leases", "pid", "host", "counters")
+# Heartbeat fields written by inference_worker.replay_client.ReplayWorker.heartbeat, shown by name.
+_HB_KNOWN = ("worker", "time", "state", "tasks_done", "weights_step", "leases", "pid", "host", "counters")
 _HB_COUNTERS = ("lost", "taken_over", "late_writes_ignored", "lease_conflicts", "corrupt_tasks", "corrupt_leases")
 
 
@@ -131,8 +131,8 @@ def _render_worker(hb: dict, now: float, heartbeat_s: float | None) -> str:
         parts.append(f"last seen {_age(age)} ago" + (" STALE" if stale else ""))
     if hb.get("pid") is not None:
         parts.append(f"pid {hb['pid']}" + (f"@{hb['host']}" if hb.get("host") else ""))
-    if "version" in hb:  # the trainer step of the weights the worker generates with
-        parts.append(f"weights step {hb['version']}")
+    if hb.get("weights_step") is not None:
+        parts.append(f"weights step {hb['weights_step']}")
     if "tasks_done" in hb:
         parts.append(f"groups done {hb['tasks_done']}")
     if isinstance(hb.get("leases"), list):

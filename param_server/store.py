@@ -29,33 +29,44 @@ from param_server.errors import (
     VersionNotFoundError,
 )
 from rlax_tpu import fencing
-from rlax_tpu.store import KVStore
+from rlax_tpu.kvstore import KVStore
 
 log = logging.getLogger(__name__)
 
 
+# Queued async publishes before publish_async waits: bounds the host copies held in memory.
+MAX_INFLIGHT_PUBLISHES = 2
+
+
 @dataclasses.dataclass(frozen=True)
 class Options:
-    """The param-server fields of config.store (see rlax_tpu/config/sections/store.py)."""
+    """The param-server fields of config.store, where each is defined and documented
+    (rlax_tpu/config/sections/store.py); no defaults of their own."""
 
-    publish_dtype: str = "bfloat16"
-    gc_keep: int = 3
-    pin_ttl_s: float = 600.0
-    chunk_mib: float = 32
-    compression: str = "none"
-    io_concurrency: int = 32
-    file_io_sync: bool = True
-    poll_interval_s: float = 0.5
-    commit_timeout_s: float = 600.0
-    max_inflight: int = 2  # queued async publishes before publish_async waits (bounds host memory)
+    publish_dtype: str
+    gc_keep: int
+    pin_ttl_s: float
+    chunk_mib: float
+    compression: str
+    io_concurrency: int
+    file_io_sync: bool
+    poll_interval_s: float
+    commit_timeout_s: float
 
     @classmethod
-    def from_config(cls, c, **overrides) -> Options:
-        if c is not None and "store" in c:
+    def from_config(cls, c=None, **overrides) -> Options:
+        """From the run config or its store section (None: the section's defaults), with
+        ``overrides`` of single fields."""
+        if c is None:
+            from rlax_tpu.config.sections import store as store_section
+
+            c = store_section.defaults()
+        elif "store" in c:
             c = c.store
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: c[k] for k in fields if c is not None and k in c}
-        return cls(**{**values, **overrides})
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise TypeError(f"unknown store option(s) {unknown}")
+        return cls(**{f.name: overrides.get(f.name, c[f.name]) for f in dataclasses.fields(cls)})
 
 
 class ParamStore:
@@ -63,7 +74,7 @@ class ParamStore:
 
     def __init__(self, kv: KVStore, options: Options | None = None, epoch: int | None = None):
         self.kv = kv
-        self.options = options or Options()
+        self.options = options or Options.from_config()
         limit = {"limit": int(self.options.io_concurrency)}
         self.context = ts.Context({"data_copy_concurrency": limit})
         self.epoch = epoch
@@ -182,26 +193,32 @@ class ParamStore:
 
     # ------------------------------------------------------------------------------------ publish
 
-    def publish(self, params: Any, step: int) -> int:
-        """Publishes ``params`` as a new version; returns it once it is visible (LATEST advanced)."""
-        return self._submit(params, step, surface_errors=False).result()
+    def publish(self, params: Any, step: int, *, keep_for: str | None = None, keep_s: float = 0.0) -> int:
+        """Publishes ``params`` as a new version; returns it once it is visible (LATEST advanced).
+        ``keep_for``: a reader name that pins the version for ``keep_s`` seconds (e.g. for the
+        evaluator, which releases it once done)."""
+        return self._submit(params, step, False, keep_for, keep_s).result()
 
-    def publish_async(self, params: Any, step: int) -> concurrent.futures.Future:
+    def publish_async(self, params: Any, step: int, *, keep_for: str | None = None,
+                      keep_s: float = 0.0) -> concurrent.futures.Future:
         """Copies device to host now; writes and commits in a background thread.
 
         Returns a future whose result is the version. A failed earlier async publish is re-raised
         here (and by ``flush``), so errors surface in the trainer even if nobody waits on futures.
         """
-        return self._submit(params, step, surface_errors=True)
+        return self._submit(params, step, True, keep_for, keep_s)
 
-    def _submit(self, params: Any, step: int, surface_errors: bool) -> concurrent.futures.Future:
+    def _submit(self, params: Any, step: int, surface_errors: bool, keep_for: str | None,
+                keep_s: float) -> concurrent.futures.Future:
         self._raise_failure()
-        while len(self._inflight) >= self.options.max_inflight:
+        while len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
             concurrent.futures.wait(self._inflight[:1])  # back-pressure: storage slower than training
             self._reap()
         snap = publish.snapshot(params, step, self.options.publish_dtype,
                                 int(self.options.chunk_mib * 2**20))
         plan = self._plan(snap)
+        if keep_for and snap.process_index == 0:  # pinned before it exists: gc can never take it
+            self.pin(plan.version, keep_for, keep_s)
         if self._executor is None:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="param-publish")
         fut = self._executor.submit(publish.write_and_commit, self, snap, plan)
@@ -277,7 +294,7 @@ class ParamStore:
         first_error: BadVersionError | None = None
         for v in candidates:
             try:
-                return self._pull_version(target, v, reader), v
+                return self.read(target, v, reader)[0], v
             except BadVersionError as e:
                 if not fallback:
                     raise
@@ -297,7 +314,9 @@ class ParamStore:
             raise CorruptVersionError(
                 version, f"version {version}: {self.url}{layout.manifest_key(dirname)}: {e}") from e
 
-    def _pull_version(self, target: Any, version: int, reader: str | None) -> Any:
+    def read(self, target: Any, version: int, reader: str | None = None) -> tuple[Any, dict]:
+        """Reads one version into the shardings and dtypes of ``target``; returns it with its
+        manifest (whose "step" and "epoch" say which trainer weights these are)."""
         if reader:
             self.pin(version, reader)
         manifest = self.read_manifest(version)
@@ -328,7 +347,7 @@ class ParamStore:
                 return np.asarray(data[tensor_io.index_key(index)]).astype(dtype, copy=False)
 
             leaves.append(jax.make_array_from_callback(tuple(t.shape), sharding, cb))
-        return jax.tree_util.tree_unflatten(treedef, leaves)
+        return jax.tree_util.tree_unflatten(treedef, leaves), manifest
 
     # ---------------------------------------------------------------------------------- pins, gc
 

@@ -1,9 +1,10 @@
 """VariableClient: a worker's view of the latest weights, fetched in a background thread.
 
 After acme's VariableClient: ``update()`` never blocks (it swaps in weights the thread already
-pulled), ``version`` always says which version ``params`` is. The client pins the version it
-holds (renewing the pin), refuses corrupt or incomplete versions and falls back to the newest
-good one, and survives transient store errors (the last one is in ``error``).
+pulled), ``version`` always says which version ``params`` is and ``step`` which trainer step.
+The client pins the version it holds (renewing the pin), refuses corrupt or incomplete versions
+and falls back to the newest good one, and survives transient store errors (the last one is in
+``error``).
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ class VariableClient:
         self.error: BaseException | None = None
         self._params: Any = None
         self._version: int | None = None
-        self._pending: tuple[Any, int] | None = None
+        self._step: int | None = None
+        self._pending: tuple[Any, int, int] | None = None
         self._fetched: int | None = None  # newest version pulled (or refused) by the thread
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -47,13 +49,18 @@ class VariableClient:
         """Version of ``params`` (None before the first update that found weights)."""
         return self._version
 
+    @property
+    def step(self) -> int | None:
+        """The trainer step whose weights ``params`` are (from the version's manifest)."""
+        return self._step
+
     def update(self) -> bool:
         """Swaps in newer weights if the thread has them; never blocks. True if they changed."""
         with self._cond:
             pending, self._pending = self._pending, None
         if pending is None:
             return False
-        self._params, self._version = pending
+        self._params, self._version, self._step = pending
         return True
 
     def update_and_wait(self, timeout: float | None = None, newer_than: int | None = None) -> bool:
@@ -103,7 +110,7 @@ class VariableClient:
             if floor is not None and v <= floor:
                 break  # nothing newer than what we hold is good
             try:
-                params, got = self.store.pull(self.target, v, reader=self.reader)
+                params, manifest = self.store.read(self.target, v, reader=self.reader)
             except BadVersionError as e:
                 log.warning("variable client %s refuses version %d: %s", self.reader, v, e)
                 self.bad_versions.add(v)
@@ -111,7 +118,7 @@ class VariableClient:
             except VersionNotFoundError:
                 continue  # garbage-collected between listing and reading
             with self._cond:
-                self._pending = (params, got)
-                self._fetched = got
+                self._pending = (params, v, int(manifest["step"]))
+                self._fetched = v
                 self._cond.notify_all()
             return

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from rlax_tpu.store import KVStore
+from rlax_tpu.kvstore import KVStore
 
 RUN_KEY = "run.json"
 

@@ -1,20 +1,23 @@
-"""Runs every role of a config on this machine: janitor, trainer and N inference workers.
+"""Runs every role of a config on this machine: janitor, trainer, N inference workers, evaluator.
 
     python -m rlax_tpu.launch --config=configs/X.py[:variant] --workdir=DIR [--num_workers=N]
                               [--config.a.b=v ...] [--fresh]
 
 Each role is a separate process in its own process group (``python -m param_server.main``,
-``python -m trainer.main``, ``python -m inference_worker.main --worker_id=i``), given the same
-``--config`` and ``--config.*`` overrides verbatim, with its output appended to
-``<workdir>/logs/<role>.log``. The launcher prints a status line every
-``config.launch.status_every_s`` and echoes the trainer's progress lines.
+``python -m trainer.main``, ``python -m inference_worker.main --worker_id=i``, ``python -m
+inference_worker.evaluator`` when config.eval is on), given the same ``--config`` and
+``--config.*`` overrides verbatim, with its output appended to ``<workdir>/logs/<role>.log``.
+The launcher prints a status line every ``config.launch.status_every_s`` and echoes the
+trainer's progress lines. With ``config.launch.pin_workers`` each worker runs on its own CPU core
+with one XLA thread (on a CPU host, throughput scales with workers, as on a pod).
 
 Nothing is restarted silently: if any role exits while the trainer is still running, the launcher
 names it with its exit status and the end of its log, stops the others (SIGTERM, then SIGKILL
-after ``config.launch.grace_s``) and exits 1. When the trainer exits 0 the others are stopped and
-the launcher exits 0. SIGINT/SIGTERM to the launcher stops every role the same way and exits
-128+signal (a second Ctrl-C skips the grace period). An existing workdir is resumed (the roles do
-that); ``--fresh`` deletes it first, but only if this launcher created it (marker file).
+after ``config.launch.grace_s``) and exits 1. When the trainer exits 0 the workers are stopped,
+the evaluator is asked (SIGUSR1) to finish what is published and the launcher exits 0 once it
+has. SIGINT/SIGTERM to the launcher stops every role the same way and exits 128+signal (a second
+Ctrl-C skips the grace period). An existing workdir is resumed (the roles do that); ``--fresh``
+deletes it first, but only if this launcher created it (marker file).
 """
 
 from __future__ import annotations
@@ -33,6 +36,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MARKER = ".rlax_launch.json"
 TRAINER = "trainer"
 JANITOR = "param_server"
+EVALUATOR = "evaluator"
+# XLA flags of a worker pinned to one core: no intra-op thread pool beyond that core.
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 # Must match trainer.metrics.PROGRESS_MARKER (not imported: launch stays free of trainer code).
 PROGRESS_MARKER = "[progress]"
 TAIL_LINES = 20
@@ -70,9 +76,9 @@ def passthrough_overrides(argv: Sequence[str]) -> list[str]:
     return out
 
 
-def role_commands(config_arg: str, workdir: str, overrides: Sequence[str],
-                  num_workers: int) -> dict[str, list[str]]:
-    """Role name -> argv, in start order: janitor, trainer, workers."""
+def role_commands(config_arg: str, workdir: str, overrides: Sequence[str], num_workers: int,
+                  evaluator: bool = False) -> dict[str, list[str]]:
+    """Role name -> argv, in start order: janitor, trainer, workers, evaluator."""
     common = [f"--config={config_arg}", f"--workdir={workdir}", *overrides]
     py = sys.executable
     commands = {
@@ -82,7 +88,17 @@ def role_commands(config_arg: str, workdir: str, overrides: Sequence[str],
     for i in range(num_workers):
         # The worker id is the role name: logs/worker_<i>.log is workers/worker_<i> in the status.
         commands[f"worker_{i}"] = [py, "-m", "inference_worker.main", *common, f"--worker_id=worker_{i}"]
+    if evaluator:
+        commands[EVALUATOR] = [py, "-m", "inference_worker.evaluator", *common]
     return commands
+
+
+def worker_cores(names: Sequence[str], trainer_cores: int, cores: Sequence[int] | None = None) -> dict[str, int]:
+    """One core per worker, round robin over the cores left after the trainer's first
+    ``trainer_cores`` (over all cores when none are left)."""
+    cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
+    spare = cores[trainer_cores:] or cores
+    return {name: spare[i % len(spare)] for i, name in enumerate(names)}
 
 
 def prepare_workdir(workdir: str, fresh: bool) -> None:
@@ -126,15 +142,21 @@ def _tail(path: str, n: int = TAIL_LINES) -> str:
 
 
 class _Role:
-    def __init__(self, name: str, argv: Sequence[str], log_path: str, env: Mapping[str, str]):
+    def __init__(self, name: str, argv: Sequence[str], log_path: str, env: Mapping[str, str],
+                 core: int | None = None):
         self.name, self.log_path = name, log_path
         self.log = open(log_path, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
         self.log.write(f"\n===== [launch {stamp}] {' '.join(argv)}\n".encode())
         self.log.flush()
         self.start_offset = self.log.tell()  # where this run's output starts in the log
+        env = dict(env)
+        if core is not None:
+            env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA}".strip()
+        self.core = core
         self.proc = subprocess.Popen(list(argv), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=dict(env), start_new_session=True)
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+                                     preexec_fn=None if core is None else lambda: os.sched_setaffinity(0, {core}))
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -185,8 +207,8 @@ class _Launcher:
             if PROGRESS_MARKER in text:
                 print(f"[trainer] {text.strip()}", file=self.out, flush=True)
 
-    def stop_all(self, reason: str) -> None:
-        alive = [r for r in self.roles.values() if r.alive()]
+    def stop_all(self, reason: str, keep: Sequence[str] = ()) -> None:
+        alive = [r for r in self.roles.values() if r.alive() and r.name not in keep]
         if not alive:
             return
         self.say(f"stopping {', '.join(r.name for r in alive)} ({reason}; SIGTERM, "
@@ -219,8 +241,7 @@ class _Launcher:
                     continue
                 if name == TRAINER and rc == 0:
                     self.say("trainer finished (exit code 0)")
-                    self.stop_all("run finished")
-                    return 0
+                    return self.finish()
                 self.say(f"role {name} died unexpectedly ({_describe_exit(rc)}); last lines of "
                          f"{role.log_path}:\n{_tail(role.log_path)}")
                 self.stop_all(f"{name} died")
@@ -229,6 +250,28 @@ class _Launcher:
                 self.status()
                 next_status = time.monotonic() + self.status_every_s
             time.sleep(0.1)
+
+    def finish(self) -> int:
+        """After the trainer's success: stop every role but the evaluator, which is asked to
+        finish evaluating what was published and waited for."""
+        ev = self.roles.get(EVALUATOR)
+        running = ev is not None and ev.alive()
+        self.stop_all("run finished", keep=(EVALUATOR,) if running else ())
+        if not running:
+            return 0 if ev is None or ev.proc.returncode == 0 else self._died(ev)
+        self.say("waiting for the evaluator to evaluate the published weights")
+        ev.signal(signal.SIGUSR1)
+        while ev.alive():
+            if self.signals:
+                self.stop_all(f"launcher got {signal.Signals(self.signals[0]).name}")
+                return 128 + self.signals[0]
+            time.sleep(0.1)
+        return 0 if ev.proc.returncode == 0 else self._died(ev)
+
+    def _died(self, role: _Role) -> int:
+        self.say(f"role {role.name} died unexpectedly ({_describe_exit(role.proc.returncode)}); last lines of "
+                 f"{role.log_path}:\n{_tail(role.log_path)}")
+        return 1
 
 
 def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_workers: int | None = None,
@@ -247,7 +290,11 @@ def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_worker
         raise LaunchError(f"--num_workers must be >= 0, got {workers}")
     prepare_workdir(workdir, fresh)
     if commands is None:
-        commands = role_commands(config_arg, workdir, overrides, workers)
+        from rlax_tpu.config.sections import eval as eval_section
+
+        commands = role_commands(config_arg, workdir, overrides, workers, evaluator=eval_section.enabled(config))
+    cores = worker_cores([n for n in commands if n.startswith("worker_")], lc.trainer_cores) \
+        if lc.pin_workers else {}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -258,8 +305,9 @@ def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_worker
     previous = {s: signal.signal(s, launcher.on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         for name, argv in commands.items():
-            roles[name] = _Role(name, argv, os.path.join(log_dir, f"{name}.log"), env)
-            launcher.say(f"started {name} (pid {roles[name].proc.pid}), log: {roles[name].log_path}")
+            roles[name] = _Role(name, argv, os.path.join(log_dir, f"{name}.log"), env, cores.get(name))
+            where = f", core {cores[name]}" if name in cores else ""
+            launcher.say(f"started {name} (pid {roles[name].proc.pid}{where}), log: {roles[name].log_path}")
         if TRAINER in roles:
             launcher._tail_pos = roles[TRAINER].start_offset
         launcher.status()

@@ -13,10 +13,18 @@ import json
 import os
 import time
 
-from rlax_tpu.store import KVStore
+from rlax_tpu.kvstore import KVStore
 
 MODEL_KEY = "meta/model.json"
 TOKENIZER_PREFIX = "meta/tokenizer/"
+
+
+def local_dir(workdir: str) -> str:
+    """Where a role keeps host-local files (tokenizer cache, metrics, eval records): the workdir
+    itself, or a directory under /tmp for a gs:// workdir."""
+    if workdir.startswith("gs://"):
+        return os.path.join("/tmp/rlax_tpu", workdir[len("gs://"):].strip("/").replace("/", "_"))
+    return workdir
 
 
 class MetaError(RuntimeError):

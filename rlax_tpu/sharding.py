@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules, and sharded model creation.
+"""Device mesh, logical-axis rules and the shardings they give params and batches.
 
 Params carry logical axis names (``out_sharding`` metadata on each nnx.Param). A rules table
 maps each logical name to a mesh axis (or a tuple of axes, or None = replicated):
@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from math import prod
 
 import jax
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from rlax_tpu.config.errors import ConfigError
+from rlax_tpu.tree import path_str
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -96,20 +96,6 @@ def _spec(logical: Sequence[str | None], mesh: Mesh, rules: Rules, shape=None, n
     return PartitionSpec(*out)
 
 
-def _is_axes(x) -> bool:
-    return isinstance(x, tuple) and all(a is None or isinstance(a, str) for a in x)
-
-
-def logical_to_mesh_sharding(logical_axes_tree, mesh: Mesh, rules: Rules):
-    """Maps a tree whose leaves are tuples of logical names to NamedShardings (no shape checks)."""
-    return jax.tree.map(lambda ax: NamedSharding(mesh, _spec(ax, mesh, rules)), logical_axes_tree,
-                        is_leaf=_is_axes)
-
-
-def _path_str(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-
-
 def param_shardings(model_or_state, mesh: Mesh, rules: Rules, *, strict: bool = False):
     """NamedSharding for every Variable of a model (or nnx.State), as an nnx.State whose
     Variables hold NamedShardings: usable as jit in/out_shardings for ``nnx.state(model)``.
@@ -119,7 +105,7 @@ def param_shardings(model_or_state, mesh: Mesh, rules: Rules, *, strict: bool = 
     def one(path, var):
         value = var.get_value()
         axes = var.get_metadata().get("out_sharding") or (None,) * len(value.shape)
-        spec = _spec(axes, mesh, rules, value.shape, _path_str(path), strict)
+        spec = _spec(axes, mesh, rules, value.shape, path_str(path), strict)
         return var.replace(NamedSharding(mesh, spec))
 
     return jax.tree_util.tree_map_with_path(one, state, is_leaf=lambda x: isinstance(x, nnx.Variable))
@@ -128,21 +114,3 @@ def param_shardings(model_or_state, mesh: Mesh, rules: Rules, *, strict: bool = 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
     """Batch-major arrays: dim 0 over ('data', 'fsdp'), the rest replicated."""
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
-
-
-def shard_batch(batch, mesh: Mesh):
-    """device_put every array of a batch tree with batch_sharding (host numpy in, global out)."""
-    return jax.tree.map(lambda x: jax.device_put(x, batch_sharding(mesh, np.ndim(x))), batch)
-
-
-def create_sharded(model_cfg, mesh: Mesh, rules: Rules, seed: int = 0, *, strict: bool = False):
-    """Randomly initialized Transformer whose params are created directly in their shardings
-    (eval_shape, then one jit with out_shardings): no param is ever whole on one device."""
-    from rlax_tpu.models import init_rngs
-    from rlax_tpu.models.transformer import Transformer
-
-    make = lambda: Transformer(model_cfg, rngs=init_rngs(seed))
-    gdef, abs_state = nnx.split(nnx.eval_shape(make))
-    shardings = param_shardings(abs_state, mesh, rules, strict=strict)
-    state = jax.jit(lambda: nnx.split(make())[1], out_shardings=shardings)()
-    return nnx.merge(gdef, state)

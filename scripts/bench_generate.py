@@ -2,17 +2,14 @@
 
 For each model size it builds a random Qwen2 model with transformers, saves it, loads it with
 rlax_tpu.models.load_hf, and generates the same batch (same prompts, same prompt and output
-lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampled with both.
-It also measures this machine's matmul FLOP/s in the same run and reports the engine's achieved
-FLOP/s as a fraction of it. Prints one JSON object.
+lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampled with both,
+alternating in the same rounds. It also measures this machine's matmul FLOP/s in the same run and
+reports the engine's achieved FLOP/s as a fraction of it.
 
-The engine runs in the layout one would deploy for each size on a CPU host. The small model's
-per-step ops are too small for XLA:CPU's intra-op threads, so it runs on one XLA device per core
-(``--devices``, default the core count) with its decode slots split over them (the mesh's data
-axis; see docs/engine.md, "Slot groups"). The ~100M model's matmuls are big enough for XLA's
-threads, and it runs on one device (``--devices_100m``). The other layout is timed in the same
-rounds and reported as ``engine_alt``. transformers uses torch's intra-op threads over the same
-cores.
+Then it runs N engines at once, one process per core, each pinned to its core with XLA's CPU
+thread pool off (as ``rlax_tpu.launch`` runs workers with ``launch.pin_workers``), each
+generating the same batch, and reports their aggregate tokens/s beside the single engine's: on
+a CPU host, throughput comes from more workers, as on a pod. Prints JSON.
 
   .venv/bin/python scripts/bench_generate.py            # small + ~100M models
   .venv/bin/python scripts/bench_generate.py --sizes=small --batch=32
@@ -24,6 +21,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -126,84 +125,118 @@ def flops_per_token(cfg, context: int) -> float:
     return 2 * (L * (attn_proj + mlp) + head) + 2 * L * cfg.num_heads * d * context * 2
 
 
+SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+
+
+def child(args) -> None:
+    """One pinned engine: build, warm up, print 'ready', wait for a line on stdin, then time
+    ``reps`` generates and print their wall times as JSON."""
+    from inference_worker.engine import Engine
+    from rlax_tpu import models
+
+    model, cfg = models.load_hf(args.child)
+    rng = np.random.default_rng(0)
+    prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
+    engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
+                    max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+    run = engine_runner(engine, prompts, args.new_tokens, args.mode == "sampled")
+    print("ready", flush=True)
+    sys.stdin.readline()
+    times = []
+    for _ in range(args.reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    print(json.dumps(times), flush=True)
+
+
+def per_core_engines(path: str, args, mode: str, reps: int) -> dict:
+    """N pinned engine processes generating at once; their aggregate tokens/s."""
+    cores = sorted(os.sched_getaffinity(0))
+    env = dict(os.environ, XLA_FLAGS=SINGLE_THREAD_XLA, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    procs = []
+    for core in cores:
+        cmd = [sys.executable, os.path.abspath(__file__), f"--child={path}", f"--mode={mode}", f"--reps={reps}",
+               f"--batch={args.batch}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}"]
+        procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})))
+    for p in procs:
+        if p.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"a pinned engine failed to start (exit {p.wait()})")
+    for p in procs:  # start together
+        p.stdin.write("go\n")
+        p.stdin.flush()
+    times = [json.loads(p.stdout.readline()) for p in procs]
+    for p in procs:
+        p.wait()
+    toks = args.batch * args.new_tokens
+    return {"engines": len(procs), "aggregate_tokens_per_s": sum(toks * len(t) / sum(t) for t in times),
+            "per_engine_tokens_per_s": [toks * len(t) / sum(t) for t in times]}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="small,100m")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=20, help="timed rounds per mode, small model (this VM runs "
-                    "in fast and slow phases of seconds: 20 alternating rounds catch fast ones for both)")
-    ap.add_argument("--devices", type=int, default=os.cpu_count() or 1,
-                    help="XLA host devices (one per core) the small model's slots are split over")
-    ap.add_argument("--devices_100m", type=int, default=1, help="the same for the ~100M model")
+    ap.add_argument("--reps", type=int, default=10, help="timed rounds per mode, small model (this VM runs "
+                    "in fast and slow phases of seconds: alternating rounds catch fast ones for both)")
     ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each side before its timed run "
                     "in every round (see time_rounds)")
     ap.add_argument("--reps_100m", type=int, default=1, help="the same for the ~100M model (each run is "
-                    "seconds; keeps the whole benchmark under 5 minutes)")
+                    "seconds; keeps the whole benchmark within minutes)")
+    ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--mode", default="greedy", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cores = os.cpu_count() or 1
-    for flag, n in (("--devices", args.devices), ("--devices_100m", args.devices_100m), ("cores", cores)):
-        if n < 1 or args.batch % n:
-            ap.error(f"--batch={args.batch} must divide by {flag}={n}")
-    # Before jax is imported: the host platform's device count is fixed at start-up.
-    os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count={max(args.devices, args.devices_100m, cores)} "
-                               + os.environ.get("XLA_FLAGS", ""))
+    if args.child:
+        return child(args)
 
     import jax
     import jax.numpy as jnp
     import torch
 
     from inference_worker.engine import Engine
-    from rlax_tpu import models, sharding
+    from rlax_tpu import models
 
     torch.set_num_threads(os.cpu_count() or 1)
     peak = matmul_flops(jax, jnp)
     report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                           "jax_backend": jax.default_backend(), "matmul_flops": peak},
-              "batch": args.batch, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens,
+              "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
               "results": {}}
     rng = np.random.default_rng(0)
     for size in args.sizes.split(","):
         with tempfile.TemporaryDirectory() as tmp:
             hf_model = build_hf(size, tmp)
             model, cfg = models.load_hf(tmp)
-        n_params = sum(p.numel() for p in hf_model.parameters())
-        prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
-        shape = dict(max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                     max_prefill_batch=min(args.batch, 32), decode_chunk=16)
-        n_dev = args.devices_100m if size == "100m" else args.devices
-        alt_dev = 1 if n_dev > 1 else cores
-
-        def make_engine(n, cfg=cfg, model=model, shape=shape):
-            mesh = sharding.make_mesh({"data": n, "fsdp": 1, "tensor": 1}, jax.devices()[:n]) if n > 1 else None
-            return Engine(model, cfg, **shape, mesh=mesh)
-
-        engines = {"ours": make_engine(n_dev)}
-        if alt_dev != n_dev:
-            engines["ours_alt"] = make_engine(alt_dev)
-        entry = {"params": n_params, "engine_devices": n_dev}
-        for mode in ("greedy", "sampled"):
-            sample = mode == "sampled"
+            n_params = sum(p.numel() for p in hf_model.parameters())
+            prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
+            engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
+                            max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+            entry = {"params": n_params}
             reps = args.reps_100m if size == "100m" else args.reps
-            runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample)}
-            runners.update({k: engine_runner(e, prompts, args.new_tokens, sample) for k, e in engines.items()})
-            times = time_rounds(runners, reps, args.warmup)
-            t_hf, t_ours = times["hf"].min(), times["ours"].min()
-            toks = args.batch * args.new_tokens
-            achieved = toks * flops_per_token(cfg, args.prompt_len + args.new_tokens // 2) / t_ours
-            entry[mode] = {
-                "engine_tokens_per_s": toks / t_ours,
-                "transformers_tokens_per_s": toks / t_hf,
-                "speedup_vs_transformers": t_hf / t_ours,  # best run against best run
-                # The same from each round's pair of runs (same load), median over rounds.
-                "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
-                "engine_flops_fraction_of_matmul_peak": achieved / peak,
-            }
-            if "ours_alt" in times:
-                entry[mode]["engine_alt"] = {"devices": alt_dev, "tokens_per_s": toks / times["ours_alt"].min(),
-                                             "speedup_vs_transformers": t_hf / times["ours_alt"].min()}
+            for mode in ("greedy", "sampled"):
+                sample = mode == "sampled"
+                runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample),
+                           "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
+                times = time_rounds(runners, reps, args.warmup)
+                t_hf, t_ours = times["hf"].min(), times["ours"].min()
+                toks = args.batch * args.new_tokens
+                achieved = toks * flops_per_token(cfg, args.prompt_len + args.new_tokens // 2) / t_ours
+                pinned = per_core_engines(tmp, args, mode, reps)
+                entry[mode] = {
+                    "engine_tokens_per_s": toks / t_ours,
+                    "transformers_tokens_per_s": toks / t_hf,
+                    "speedup_vs_transformers": t_hf / t_ours,  # best run against best run
+                    # The same from each round's pair of runs (same load), median over rounds.
+                    "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
+                    "engine_flops_fraction_of_matmul_peak": achieved / peak,
+                    "per_core_engines": {**pinned,
+                                         "vs_single_engine": pinned["aggregate_tokens_per_s"] * t_ours / toks,
+                                         "vs_transformers": pinned["aggregate_tokens_per_s"] * t_hf / toks},
+                }
         report["results"][size] = entry
         print(json.dumps({size: entry}), flush=True)
     print(json.dumps(report, indent=2))

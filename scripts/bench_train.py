@@ -23,7 +23,7 @@ import jax.numpy as jnp  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from rlax_tpu import rl, sharding  # noqa: E402
+from rlax_tpu import models, rl, sharding  # noqa: E402
 from rlax_tpu.models import ModelConfig  # noqa: E402
 from trainer import batching  # noqa: E402
 from trainer.learner import Learner, LearnerSpec  # noqa: E402
@@ -60,7 +60,7 @@ def bench(size: str, rows: int, seq: int, iters: int, peak: float) -> dict:
     mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
                               devices=jax.devices()[:1])
     model_cfg = ModelConfig.from_config(c.model)
-    model = sharding.create_sharded(model_cfg, mesh, sharding.TRAIN_RULES, seed=0)
+    model = models.init(model_cfg, 0, mesh=mesh)
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))

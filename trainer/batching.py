@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rlax_tpu.replay import Admitted
+from trainer.replay_controller import Admitted
 
 TRUNCATED = ("length", "cache")  # finish reasons of completions cut before they ended
 
@@ -62,7 +62,7 @@ def rl_batch(groups: Sequence[Admitted], seq_len: int) -> dict[str, np.ndarray]:
             b["group_ids"][i] = g
             b["truncated"][i] = s.finish_reason in TRUNCATED
             b["lengths"][i] = n
-            b["versions"][i] = s.version
+            b["weights_steps"][i] = s.weights_step
             i += 1
     return b
 
@@ -73,7 +73,7 @@ def empty_rl_batch(rows: int, seq_len: int) -> dict[str, np.ndarray]:
     b.update(behavior_logp=np.zeros((rows, seq_len), np.float32), rewards=np.zeros((rows,), np.float32),
              group_ids=np.zeros((rows,), np.int32), truncated=np.zeros((rows,), bool),
              lengths=np.zeros((rows,), np.int32), sample_mask=np.ones((rows,), bool),
-             versions=np.zeros((rows,), np.int32))
+             weights_steps=np.zeros((rows,), np.int32))
     return b
 
 

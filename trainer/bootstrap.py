@@ -27,18 +27,11 @@ class StoppedDuringSFT(Exception):
     """A stop was requested during the SFT warm start (nothing is checkpointed before it ends)."""
 
 
-def local_dir(workdir: str) -> str:
-    """Where host-local files go (tokenizer, metrics): the workdir, or a temp dir for gs:// runs."""
-    if workdir.startswith("gs://"):
-        return os.path.join("/tmp/rlax_tpu", workdir[len("gs://"):].strip("/").replace("/", "_"))
-    return workdir
-
-
 def build_tokenizer(config, workdir: str, task, kv):
     """Process 0 builds (or trains) the tokenizer and writes it to the store; the others read it
     after a barrier (no polling: every process reaches the barrier before any collective)."""
     if jax.process_index() == 0:
-        tok = tokenizer_lib.build(config, local_dir(workdir), corpus=task.corpus())
+        tok = tokenizer_lib.build(config, run_meta.local_dir(workdir), corpus=task.corpus())
         run_meta.write_tokenizer(kv, tok)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
@@ -46,7 +39,7 @@ def build_tokenizer(config, workdir: str, task, kv):
         multihost_utils.sync_global_devices("rlax_tpu.trainer:tokenizer")
     if jax.process_index() == 0:
         return tok
-    cache = os.path.join(local_dir(workdir), f"tokenizer_p{jax.process_index()}")
+    cache = os.path.join(run_meta.local_dir(workdir), f"tokenizer_p{jax.process_index()}")
     tok = run_meta.read_tokenizer(kv, config, cache)
     if tok is None:
         raise run_meta.MetaError(f"process 0 wrote no tokenizer to {kv.url} (is store.url shared by all hosts?)")
@@ -54,28 +47,15 @@ def build_tokenizer(config, workdir: str, task, kv):
 
 
 def model_config(config, tok) -> ModelConfig:
-    """The architecture: from the HF checkpoint, or from config.model with the tokenizer's vocab."""
-    if config.model.hf_path:
-        from rlax_tpu.models.hf import read_config
-
-        if not os.path.isfile(os.path.join(config.model.hf_path, "config.json")):
-            raise ConfigError("model.hf_path", f"no config.json in {config.model.hf_path!r}")
-        cfg = read_config(config.model.hf_path, dtype=config.model.param_dtype,
-                          overrides=models.hf_overrides(config.model))
-    else:
-        cfg = ModelConfig.from_config(config.model)
-        if config.tokenizer.kind == "train":
-            cfg = cfg.replace(vocab_size=tok.vocab_size)  # a trained tokenizer fixes the vocabulary
+    """The architecture: the checkpoint's, or config.model's (a trained tokenizer fixes the vocab)."""
+    if config.model.hf_path and not os.path.exists(config.model.hf_path):
+        raise ConfigError("model.hf_path", f"{config.model.hf_path!r} does not exist")
+    trained_vocab = tok.vocab_size if config.tokenizer.kind == "train" and not config.model.hf_path else None
+    cfg = models.config_from_section(config.model, trained_vocab)
     if cfg.vocab_size < tok.vocab_size:
         raise ConfigError("model.vocab_size", f"={cfg.vocab_size} is smaller than the tokenizer's "
                                               f"vocabulary of {tok.vocab_size}")
     return cfg
-
-
-def build_model(config, model_cfg: ModelConfig, mesh):
-    if config.model.hf_path:  # the same overrides as model_config(), so both describe one model
-        return models.build(config.model, config.seed, mesh=mesh, rules=sharding.TRAIN_RULES)[0]
-    return sharding.create_sharded(model_cfg, mesh, sharding.TRAIN_RULES, seed=config.seed)
 
 
 def sft_section(config) -> ml_collections.ConfigDict:
@@ -91,7 +71,7 @@ def sft_section(config) -> ml_collections.ConfigDict:
 def sft_pairs(task, tok, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     pairs = []
     for problem in task.train_problems(n, seed):
-        prompt = tok.encode(tok.apply_template(problem.prompt), add_bos=tok.bos_id is not None)
+        prompt = tok.encode_prompt(problem.prompt)
         answer = tok.encode(task.solution_text(problem)) + [tok.eos_id]
         pairs.append((prompt, answer))
     return pairs
@@ -121,7 +101,7 @@ def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, 
 
 
 def initial_state(config, model_cfg: ModelConfig, mesh, rl_optimizer) -> tuple[dict, StateLayout]:
-    model = build_model(config, model_cfg, mesh)
+    model = models.build(config.model, model_cfg, config.seed, mesh=mesh, rules=sharding.TRAIN_RULES)
     with_value = config.rl.advantage == "gae"
     return create_state(model, model_cfg, mesh, rl_optimizer, seed=config.seed, with_value_head=with_value)
 

@@ -33,6 +33,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
+from rlax_tpu.tree import path_str
+
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
@@ -233,19 +235,12 @@ def globalize_host_local(tree: Any) -> Any:
     return jax.tree.map(convert, tree)
 
 
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-
-
 def _shapes_by_path(tree: Any, stored_form: bool = False) -> dict[str, tuple[Any, Any]]:
     """Maps 'a/b/0' -> (shape, dtype). ``stored_form`` maps typed PRNG keys to their uint32 data."""
     out = {}
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
     for path, leaf in leaves:
-        name = "/".join(_key_name(p) for p in path)
+        name = path_str(path)
         shape, dtype = getattr(leaf, "shape", None), getattr(leaf, "dtype", None)
         if stored_form and dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
             data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(shape, dtype))

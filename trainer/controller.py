@@ -16,8 +16,8 @@ from collections.abc import Callable
 import numpy as np
 
 from rlax_tpu import tasks as tasks_lib
-from rlax_tpu.replay import Admitted, ReplayController, is_zero_variance
-from rlax_tpu.store import KVStore
+from rlax_tpu.kvstore import KVStore
+from trainer.replay_controller import Admitted, ReplayController
 
 log = logging.getLogger(__name__)
 
@@ -55,9 +55,14 @@ class DifficultyTracker:
         return {k: list(v) for k, v in self.stats.items()}
 
 
+def is_zero_variance(admitted: Admitted) -> bool:
+    """Every sample of the group got the same reward: no learning signal (DAPO's filter)."""
+    rewards = admitted.group.rewards
+    return bool(np.ptp(rewards) == 0)
+
+
 def _solved(sample) -> int:
-    correct = sample.reward_details.get("correct") if isinstance(sample.reward_details, dict) else None
-    return int(bool(correct)) if correct is not None else int(sample.reward > 0)
+    return int(tasks_lib.is_solved(sample.reward_details))
 
 
 class Controller:
@@ -90,21 +95,20 @@ class Controller:
         raise RuntimeError("difficulty filter skipped 10000 prompts in a row: every prompt is always or "
                            "never solved (disable rl.difficulty_filter or change the task difficulty)")
 
-    def fill(self, version: int) -> int:
-        """Issues tasks for free slots; ``version`` is the trainer step the workers must use at least."""
+    def fill(self, weights_step: int) -> int:
+        """Issues tasks for free slots, to be generated with the weights of ``weights_step`` or newer."""
         free = self.replay.free_slots()
         if free <= 0:
             return 0
         requests = []
         for _ in range(free):
             problem = self._next_prompt()
-            text = self.tokenizer.apply_template(problem["prompt"])
             requests.append(dict(
                 prompt_id=problem["prompt_id"],
-                prompt_tokens=self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None),
+                prompt_tokens=self.tokenizer.encode_prompt(problem["prompt"]),
                 spec={"problem": problem, "sampling": self.sampling},
                 n_samples=self.group_size))
-        self.replay.issue_many(requests, version)
+        self.replay.issue_many(requests, weights_step)
         return len(requests)
 
     # ------------------------------------------------------------------ collecting
@@ -117,7 +121,7 @@ class Controller:
         while len(batch) < num_groups:
             if should_stop():
                 return [], stats
-            self.fill(version=step)
+            self.fill(weights_step=step)
             res = self.replay.poll(step, limit=num_groups - len(batch))
             stats["dropped_stale"] += len(res.dropped_stale)
             stats["dropped_future"] += len(res.dropped_future)

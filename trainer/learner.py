@@ -39,10 +39,7 @@ def _model_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef=None,
                    return_entropy=False):
     """Per-token log-probs of mb['targets'] (and entropy, values) without full [B,T,V] logits."""
     model = nnx.merge(graphdef, params)
-    hidden_fn = model.hidden
-    if spec.remat:
-        hidden_fn = jax.checkpoint(hidden_fn)
-    h = hidden_fn(mb["tokens"], mb["positions"], mb["segment_ids"])
+    h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat)
     out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
                                   return_entropy)
     logp, ent = out if return_entropy else (out, None)
@@ -107,13 +104,7 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
     """One RL update. Advantages are computed on the whole batch first (groups never straddle
     micro-batches), then the loss is accumulated over micro-batches."""
     s = loss.settings
-    adv = rl.compute_advantages(
-        s, batch["rewards"], None, batch["mask"], group_ids=batch["group_ids"],
-        values=batch.get("old_values"), logp=batch.get("proximal_logp"), ref_logp=batch.get("ref_logp"),
-        lengths=batch.get("lengths"), sample_mask=batch.get("sample_mask"))
-    batch = {**batch, "advantages": adv.advantages, "shaped_rewards": adv.rewards}
-    if adv.returns is not None:
-        batch["returns"] = adv.returns
+    batch = rl.with_advantages(s, batch)
 
     def loss_fn(trainable, mb):
         logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec,
@@ -126,7 +117,7 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
     grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch, m,
                                  weights)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    metrics["reward_shaped_mean"] = jnp.mean(adv.rewards)
+    metrics["reward_shaped_mean"] = jnp.mean(batch["shaped_rewards"])
     return _apply(state, grads, optimizer), metrics
 
 

@@ -21,6 +21,8 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from rlax_tpu.tree import path_parts, path_str
+
 # A parameter whose path contains one of these words gets no weight decay (any rank).
 NO_DECAY_PATTERN = re.compile(r"(^|[/_.])(norm|ln|layernorm|rmsnorm|bias|biases|scale)($|[/_.\d])",
                               re.IGNORECASE)
@@ -54,7 +56,7 @@ def decay_mask(params: Any) -> Any:
     """True for parameters that get weight decay: rank >= 2 and not a norm/bias by name."""
 
     def decays(path, leaf) -> bool:
-        name = "/".join(_key_name(p) for p in path)
+        name = path_str(path)
         return getattr(leaf, "ndim", 0) >= 2 and not NO_DECAY_PATTERN.search(name)
 
     return jax.tree_util.tree_map_with_path(decays, params)
@@ -95,14 +97,14 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract
         if sharding is None:
             raise ValueError(f"opt_state_shardings: parameter {jax.tree_util.keystr(path)} has no "
                              "sharding (pass jax.ShapeDtypeStruct(shape, dtype, sharding=...))")
-        by_path[tuple(_key_name(p) for p in path)] = leaf
+        by_path[path_parts(path)] = leaf
         if replicated is None:
             replicated = NamedSharding(sharding.mesh, P()) if isinstance(sharding, NamedSharding) \
                 else sharding
     state_abstract = jax.eval_shape(optimizer.init, params_abstract)
 
     def pick(path, leaf):
-        names = tuple(_key_name(p) for p in path)
+        names = path_parts(path)
         for start in range(len(names)):
             param = by_path.get(names[start:])
             if param is not None and tuple(param.shape) == tuple(leaf.shape):
@@ -110,11 +112,3 @@ def opt_state_shardings(optimizer: optax.GradientTransformation, params_abstract
         return replicated
 
     return jax.tree_util.tree_map_with_path(pick, state_abstract)
-
-
-def _key_name(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
-    return str(entry)
-

@@ -5,7 +5,8 @@ metadata workers need, then resume from the newest complete checkpoint or warm-s
 Loop: issue tasks and wait for admitted rollout groups, recompute proximal log-probs, take one RL
 step, publish weights every ``publish_every`` steps without blocking, checkpoint every
 ``checkpoint_every`` steps (acknowledging consumed rollouts once that checkpoint is committed).
-SIGTERM/SIGINT: stop at the next step boundary, save, exit 0.
+Evaluation is another role's (inference_worker.evaluator): the trainer only keeps the versions it
+will evaluate. SIGTERM/SIGINT: stop at the next step boundary, save, exit 0.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ import zlib
 
 import jax
 import numpy as np
-from flax import nnx
 
 from param_server import ParamStore
-from rlax_tpu import rl, run_meta, sharding
+from rlax_tpu import eval_keys, rl, run_meta, sharding
 from rlax_tpu import tasks as tasks_lib
-from rlax_tpu.store import KVStore
+from rlax_tpu.config.sections import eval as eval_section
+from rlax_tpu.kvstore import KVStore
 from trainer import batching, bootstrap
 from trainer.checkpointing import Checkpointer
 from trainer.controller import Controller
@@ -36,14 +37,14 @@ from trainer.state import abstract_state, reset_optimizer
 log = logging.getLogger(__name__)
 JSON_ITEMS = ("controller", "meta")
 CONSOLE_KEYS = ("reward/mean", "reward/pass_rate", "loss", "entropy", "mismatch/max_abs_ratio_minus_1",
-                "staleness/mean", "time/wait_rollouts", "time/train", "eval/pass@1")
+                "staleness/mean", "time/wait_rollouts", "time/train")
 
 
 class Trainer:
     def __init__(self, config, workdir: str):
         self.config, self.workdir = config, workdir
         self.primary = jax.process_index() == 0
-        self.local = bootstrap.local_dir(workdir)
+        self.local = run_meta.local_dir(workdir)
         os.makedirs(self.local, exist_ok=True)
         self.mesh = sharding.make_mesh(config.mesh)
         self.rows = config.trainer.batch_size * config.rl.group_size
@@ -118,46 +119,16 @@ class Trainer:
                 log.info("checkpoint %d committed; acknowledged %d consumed rollouts", step, n)
         return ack
 
+    def _keep(self, step: int) -> dict:
+        """Publish arguments that pin a version due for evaluation until the evaluator is done."""
+        if not eval_section.due(self.config, step):
+            return {}
+        return {"keep_for": eval_keys.keep_reader(step), "keep_s": self.config.eval.keep_s}
+
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:
             self._publish.result()  # a failed publish surfaces here, in the trainer
-        self._publish = self.store.publish_async(params["model"], step)
-
-    # ------------------------------------------------------------------ eval
-    def _evaluated(self, step: int) -> bool:
-        """Whether eval.jsonl already has a record of ``step`` (a resumed run does not redo it)."""
-        from rlax_tpu.report import read_jsonl
-
-        return any(r.get("step") == step for r in read_jsonl(os.path.join(self.local, "eval.jsonl")))
-
-    def _evaluate(self, state, step: int, evals: list) -> None:
-        from inference_worker.engine import Engine
-        from rlax_tpu.eval import evaluate
-
-        c = self.config
-        if c.task.num_eval == 0:
-            return
-        if jax.process_count() > 1:  # gather the weights (a collective), evaluate on process 0 alone
-            params = to_host(state["params"]["model"])
-            if not self.primary:
-                return
-            params = jax.device_put(params, jax.local_devices()[0])
-        else:
-            params = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
-        engine = Engine(nnx.merge(self.layout.graphdef, params), self.model_cfg,
-                        max_batch=c.inference.max_batch, max_seq_len=c.inference.max_seq_len,
-                        max_prefill_batch=c.inference.max_prefill_batch, decode_chunk=c.inference.decode_chunk)
-        problems = self.task.eval_problems(c.task.num_eval, c.seed)
-        t0 = time.time()
-        report = evaluate(engine, self.tok, self.task, problems, num_samples=c.eval.num_samples, ks=c.eval.ks,
-                          temperature=c.eval.temperature, max_new_tokens=c.inference.max_new_tokens,
-                          seed=c.seed + 1000)
-        report = {"step": step, "eval_s": time.time() - t0, **report}
-        evals.append(report)
-        with open(os.path.join(self.local, "eval.jsonl"), "a") as f:
-            f.write(json.dumps(report) + "\n")
-        log.info("eval at step %d: %s", step, {k: v for k, v in report.items() if k.startswith("pass@")})
-        self.metrics.write(step, {f"eval/{k}": v for k, v in report.items() if k != "step"})
+        self._publish = self.store.publish_async(params["model"], step, **self._keep(step))
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -181,10 +152,7 @@ class Trainer:
         if resumed is None and step == 0:
             self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
-        self.store.publish(state["params"]["model"], step)
-        evals: list = []
-        if step == 0 and c.eval.num_samples and not self._evaluated(0):
-            self._evaluate(state, 0, evals)
+        self.store.publish(state["params"]["model"], step, **self._keep(step))
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True)
         learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
@@ -197,7 +165,7 @@ class Trainer:
             host = batching.rl_batch(groups, c.inference.max_seq_len) if self.primary else \
                 batching.empty_rl_batch(self.rows, c.inference.max_seq_len)
             host = _broadcast(host)
-            versions = host.pop("versions")
+            weights_steps = host.pop("weights_steps")
             batch = learner.place(host)
             with timer("recompute"):
                 prox, old_values = learner.recompute(state["params"], batch)
@@ -222,25 +190,20 @@ class Trainer:
                 # The lineage of admitted tasks (checked by tests/test_chaos.py: each at most once).
                 record["replay/task_ids"] = " ".join(a.task.task_id for a in groups)
                 record.update({f"collect/{k}": v for k, v in cstats.items()})
-                record.update(histogram_fields([int(step - 1 - v) for v in versions], prefix="staleness"))
-                record.update(_mismatch(host, prox_host, versions == step - 1))
+                record.update(histogram_fields([int(step - 1 - v) for v in weights_steps], prefix="staleness"))
+                record.update(_mismatch(host, prox_host, weights_steps == step - 1))
                 self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:
                 self._save(step, state, controller)
-            if c.eval.every and step % c.eval.every == 0 and step < c.trainer.steps:
-                self._evaluate(state, step, evals)
             self.ckpt.poll()
-        result = self._finish(state, step, controller)
-        if step >= c.trainer.steps and c.eval.num_samples:
-            self._evaluate(state, step, evals)
-        return result
+        return self._finish(state, step, controller)
 
     def _log_batch(self, step: int, groups) -> None:
         """<workdir>/batches.jsonl: what step ``step`` trained on (a restart appends its redo)."""
         rec = {"step": step, "task_ids": [a.task.task_id for a in groups],
                "prompt_ids": [a.task.prompt_id for a in groups],
-               "versions": [[int(s.version) for s in a.group.samples] for a in groups],
+               "weights_steps": [[int(s.weights_step) for s in a.group.samples] for a in groups],
                "rewards": [[float(s.reward) for s in a.group.samples] for a in groups],
                "tokens_crc": [[zlib.crc32(np.asarray(s.tokens, np.int32).tobytes()) for s in a.group.samples]
                               for a in groups]}

@@ -22,7 +22,7 @@ from flax import nnx
 
 from inference_worker.engine import fast_model, steps
 from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
-from inference_worker.engine.state import MAX_STOP_IDS, init_state, slot_groups, state_shardings
+from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
 log = logging.getLogger(__name__)
 
@@ -59,21 +59,6 @@ class _Slot:
     completion: Completion
 
 
-# XLA:CPU runs a matmul on its intra-op thread pool once its output passes this many elements
-# (the YNNPACK dot heuristic in jaxlib 0.10.x).
-_CPU_POOL_MIN_OUTPUT = 10_000
-
-
-def _split_mlp(cfg, mesh, rows: int, groups: int) -> bool:
-    """Whether the engine keeps the MLP's gate and up as two matmuls (fast_model._gate_up): only
-    with slot groups on CPU, when one group's fused gate-up output would go to the shared thread
-    pool and each half would not. Measured (2 groups of 16 rows): the ~1M-param model's decode
-    52.7 -> 43.3 ms; the ~100M one (halves still pooled) 9% slower split."""
-    if groups == 1 or mesh.devices.flat[0].platform != "cpu":
-        return False
-    return rows * cfg.intermediate_size <= _CPU_POOL_MIN_OUTPUT < 2 * rows * cfg.intermediate_size
-
-
 def _buckets(limit: int, start: int) -> list[int]:
     out, b = [], start
     while b < limit:
@@ -105,12 +90,11 @@ class Engine:
         doublings of decode_chunk, each its own compiled loop) to cover the longest remaining
         budget, so a batch finishes in fewer host round trips. The loop exits early once every
         slot has stopped, so a long chunk wastes no steps.
-      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis, and the slots
-        into independent groups over its 'data' and 'fsdp' axes (data parallelism: each group
-        prefills and decodes its own rows; max_batch must divide by the group count). Params
-        should already be placed (e.g. pulled with the inference sharding rules).
-      compiler_options: XLA options for the decode step only (e.g.
-        {"xla_cpu_multi_thread_eigen": False}); see docs/engine.md.
+      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis and the slots
+        over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params should
+        already be placed (e.g. pulled with the inference sharding rules).
+
+    Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``.
     """
 
     def __init__(
@@ -125,46 +109,49 @@ class Engine:
         decode_chunk: int = 8,
         max_decode_chunk: int = 64,
         mesh: jax.sharding.Mesh | None = None,
-        compiler_options: dict | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1:
             raise EngineError(
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
                 f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} "
                 "must be positive (max_seq_len >= 2)")
-        groups = slot_groups(mesh)
-        if max_batch % groups:
-            raise EngineError(f"max_batch={max_batch} must divide by the {groups} slot groups of the "
-                              f"mesh's data axes {dict(mesh.shape)}")
+        shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        if max_batch % shards:
+            raise EngineError(f"max_batch={max_batch} must divide by the mesh's data x fsdp = {shards} "
+                              f"({dict(mesh.shape)})")
         self.model_cfg = model_cfg
         self.max_batch = max_batch
-        self._groups = groups
         self.max_seq_len = max_seq_len
         self.decode_chunk = decode_chunk
         self._chunk_buckets = _buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
-        split_mlp = _split_mlp(model_cfg, mesh, max_batch // groups, groups)
         self._build_weights = jax.jit(
-            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg, split_mlp=split_mlp),
-            out_shardings=fast_model.weight_shardings(model_cfg, mesh, split_mlp))
+            functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg),
+            out_shardings=fast_model.weight_shardings(model_cfg, mesh))
         self._weights = self._build_weights(self._params)
         self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
-        # Prefill rows are split over the slot groups: bucket sizes are multiples of their count.
-        self._batch_buckets = _buckets(-(-max_prefill_batch // groups) * groups, groups)
+        self._batch_buckets = _buckets(max_prefill_batch, 1)
         self._insert_buckets = _buckets(max_batch, 1)
-        self._local_insert_buckets = _buckets(max_batch // groups, 1)
         state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._prefill, self._insert, self._decode, self._prefill_insert_local = steps.compile_steps(
-            model_cfg, shardings, compiler_options=compiler_options, mesh=mesh)
+        self._prefill, self._insert, self._decode = steps.compile_steps(model_cfg, shardings)
         self._slots: list[_Slot | None] = [None] * max_batch
         self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
+
+    @classmethod
+    def from_config(cls, inference, model, model_cfg, mesh: jax.sharding.Mesh | None = None) -> Engine:
+        """The engine every role uses, sized by the ``config.inference`` section. A mesh of one
+        device is treated as none."""
+        return cls(model, model_cfg, max_batch=inference.max_batch, max_seq_len=inference.max_seq_len,
+                   max_prefill_batch=inference.max_prefill_batch, decode_chunk=inference.decode_chunk,
+                   max_decode_chunk=inference.max_decode_chunk,
+                   mesh=mesh if mesh is not None and mesh.size > 1 else None)
 
     # ----------------------------------------------------------------------------- weights
     @property
@@ -261,109 +248,56 @@ class Engine:
             self._prefill_insert(batch, free)
 
     def _free_slots(self) -> list[int]:
-        """Free slots in the order to fill them: with slot groups, each next slot goes to the group
-        with the fewest busy slots, so the groups (which decode in parallel) stay balanced."""
-        free = [i for i, s in enumerate(self._slots) if s is None]
-        if self._groups == 1:
-            return free
-        per = self.max_batch // self._groups
-        busy = [sum(s is not None for s in self._slots[g * per:(g + 1) * per]) for g in range(self._groups)]
-        pending = self._by_group(free)
-        order = []
-        for _ in free:
-            g = min((g for g in range(self._groups) if pending[g]), key=lambda g: busy[g])
-            order.append(pending[g].pop(0))
-            busy[g] += 1
-        return order
-
-    def _by_group(self, slots: list[int]) -> list[list[int]]:
-        """``slots`` split by slot group (group g holds slots [g * per, (g + 1) * per)), in order."""
-        per = self.max_batch // self._groups
-        return [[s for s in slots if s // per == g] for g in range(self._groups)]
-
-    def _plan_local(self, batch, free: list[int]):
-        """With slot groups: places each request's prefill row and all its samples in one group
-        (the one with the most free slots), so prefill and insert run per group with no traffic
-        between groups. Returns per group [(request, slots)], or None when a request fits no
-        single group (then insert moves rows across groups)."""
-        if self._prefill_insert_local is None:
-            return None
-        spare = self._by_group(free)
-        rows_cap = self._batch_buckets[-1] // self._groups
-        plan = [[] for _ in range(self._groups)]
-        for b in batch:
-            count = b[4] - b[3]
-            fits = [g for g in range(self._groups) if len(plan[g]) < rows_cap and len(spare[g]) >= count]
-            if not fits:
-                return None
-            g = max(fits, key=lambda g: len(spare[g]))
-            plan[g].append((b, [spare[g].pop(0) for _ in range(count)]))
-        return plan
+        return [i for i, s in enumerate(self._slots) if s is None]
 
     def _prefill_insert(self, batch, free: list[int]) -> None:
-        parts = self._plan_local(batch, free)
-        local = parts is not None
-        if not local:  # one prefill batch; its rows go to whichever slots are free
-            slots = iter(free)
-            parts = [[(b, [next(slots) for _ in range(b[3], b[4])]) for b in batch]]
-        n_parts = len(parts)
-        nrows = _bucket(max(map(len, parts)) * n_parts, self._batch_buckets) // n_parts
-        k = _bucket(max(sum(len(sl) for _, sl in part) for part in parts),
-                    self._local_insert_buckets if local else self._insert_buckets)
+        """One prefill of the batch's prompts; each prompt's samples go into free slots and share
+        its prefill row."""
+        nrows = _bucket(len(batch), self._batch_buckets)
+        k = _bucket(sum(b[4] - b[3] for b in batch), self._insert_buckets)
         plen = _bucket(max(len(b[1]) for b in batch), self._len_buckets)
-        drop = self.max_batch // n_parts  # a slot index past the (group's) slots: dropped by the scatter
-        tokens = np.zeros((n_parts, nrows, plen), np.int32)
-        lengths = np.ones((n_parts, nrows), np.int32)
-        src = np.zeros((n_parts, k), np.int32)
-        dst = np.full((n_parts, k), drop, np.int32)
-        prompt_lens = np.zeros((n_parts, k), np.int32)
-        budget = np.zeros((n_parts, k), np.int32)
-        temp = np.ones((n_parts, k), np.float32)
-        top_k = np.zeros((n_parts, k), np.int32)
-        top_p = np.ones((n_parts, k), np.float32)
-        stop_ids = np.full((n_parts, k, MAX_STOP_IDS), -1, np.int32)
-        seeds = np.zeros((n_parts, k), np.int64)
-        sample_ids = np.zeros((n_parts, k), np.uint32)
-        placed = []  # (flat insert index, slot)
-        for g, part in enumerate(parts):
-            j = 0
-            for row, ((req, prompt, p, start, stop), slot_list) in enumerate(part):
-                tokens[g, row, : len(prompt)] = prompt
-                lengths[g, row] = len(prompt)
-                for sample_idx, slot in zip(range(start, stop), slot_list, strict=True):
-                    src[g, j], dst[g, j], prompt_lens[g, j] = row, slot - g * drop, len(prompt)
-                    # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
-                    budget[g, j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
-                    temp[g, j], top_k[g, j], top_p[g, j] = p.temperature, p.top_k, p.top_p
-                    ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
-                    stop_ids[g, j, : len(ids)] = ids
-                    seeds[g, j], sample_ids[g, j] = p.seed, sample_idx
-                    if self.stats["slot_uses"] >= self.max_batch:
-                        self.stats["slot_refills"] += 1
-                    self.stats["slot_uses"] += 1
-                    self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
-                    placed.append((g * k + j, slot))
-                    j += 1
-
-        def flat(a):  # [parts, n, ...] -> [parts * n, ...]: each part's block lands on its group
-            return a.reshape(n_parts * a.shape[1], *a.shape[2:])
-
+        tokens = np.zeros((nrows, plen), np.int32)
+        lengths = np.ones((nrows,), np.int32)
+        src = np.zeros((k,), np.int32)
+        dst = np.full((k,), self.max_batch, np.int32)  # a slot past the end: dropped by the scatter
+        prompt_lens = np.zeros((k,), np.int32)
+        budget = np.zeros((k,), np.int32)
+        temp = np.ones((k,), np.float32)
+        top_k = np.zeros((k,), np.int32)
+        top_p = np.ones((k,), np.float32)
+        stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
+        seeds = np.zeros((k,), np.int64)
+        sample_ids = np.zeros((k,), np.uint32)
+        slots = iter(free)
+        j = 0
+        for row, (req, prompt, p, start, stop) in enumerate(batch):
+            tokens[row, : len(prompt)] = prompt
+            lengths[row] = len(prompt)
+            for sample_idx in range(start, stop):
+                slot = next(slots)
+                src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
+                # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
+                budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
+                temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
+                ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
+                stop_ids[j, : len(ids)] = ids
+                seeds[j], sample_ids[j] = p.seed, sample_idx
+                if self.stats["slot_uses"] >= self.max_batch:
+                    self.stats["slot_refills"] += 1
+                self.stats["slot_uses"] += 1
+                self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+                j += 1
         # The RNG keys are derived on device, in the insert (padding entries: seed 0, never used).
-        seed_lo, seed_hi = (w.reshape(n_parts, k) for w in seed_words(seeds.ravel()))
-        insert_args = tuple(map(flat, (src, dst, prompt_lens, budget, seed_lo, seed_hi, sample_ids,
-                                       temp, top_k, top_p, stop_ids)))
-        if local:
-            self._state, first, logp, raw = self._prefill_insert_local(
-                self._weights, self._state, flat(tokens), flat(lengths), *insert_args)
-        else:
-            logits, kv = self._prefill(self._weights, flat(tokens), flat(lengths))
-            self._state, first, logp, raw = self._insert(self._state, kv, logits, *insert_args)
+        seed_lo, seed_hi = seed_words(seeds)
+        logits, kv = self._prefill(self._weights, tokens, lengths)
+        self._state, first, logp, raw = self._insert(
+            self._state, kv, logits, src, dst, prompt_lens, budget, seed_lo, seed_hi, sample_ids, temp, top_k,
+            top_p, stop_ids)
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_local_calls"] += local
         self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
         first, logp, raw = jax.device_get((first, logp, raw))
-        for j, slot in placed:
-            self._append(slot, first[j: j + 1], logp[j: j + 1], raw[j: j + 1])
+        for i in range(j):
+            self._append(int(dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
 
     def _chunk_steps(self, waiting: bool) -> int:
         """Steps for the next decode call: decode_chunk while requests wait for a slot, else
@@ -386,7 +320,7 @@ class Engine:
             self._weights, self._state, keep, num_steps=self._chunk_steps(waiting))
         toks, logp, raw, valid, steps_run = jax.device_get((toks, logp, raw, valid, steps_run))
         self.stats["decode_calls"] += 1
-        self.stats["decode_steps"] += int(np.max(steps_run))  # per slot group with a data mesh
+        self.stats["decode_steps"] += int(steps_run)
         # A slot's valid steps are a prefix of the chunk (a slot only ever stops within it).
         counts = valid.sum(axis=0)
         toks, logp, raw = toks.T, logp.T, raw.T

@@ -15,9 +15,8 @@ an ``InferenceWeights`` view:
 - everything already cast to the compute dtype (no per-step casts).
 
 The same math as ``rlax_tpu.models.Transformer`` (tests check token parity with transformers).
-On the jnp attention path (CPU) the K cache is stored transposed, ``[B, Hkv, D, S]``: the
-per-step q.K dot then reduces over a non-minor dim and streams S contiguously, which XLA:CPU runs
-about 2x faster than the ``[B, Hkv, S, D]`` form. The Pallas path keeps the kernels' layout.
+Attention goes through ``rlax_tpu.kernels`` only (Pallas on TPU/GPU, the jnp reference on CPU),
+on a ``[B, Hkv, S, D]`` cache.
 """
 
 from __future__ import annotations
@@ -30,10 +29,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from rlax_tpu import kernels
-from rlax_tpu.kernels.dispatch import resolve_impl
 from rlax_tpu.models.layers import inv_rms, rms_norm, rope_cos_sin
-
-NEG_INF = -1e30
 
 
 class LayerWeights(NamedTuple):
@@ -42,7 +38,7 @@ class LayerWeights(NamedTuple):
     q_norm: jax.Array | None  # [D]
     k_norm: jax.Array | None  # [D]
     o: jax.Array  # [Hq * D, H]
-    gate_up: jax.Array | tuple[jax.Array, jax.Array]  # [H, 2, I], or (gate [H, I], up [H, I])
+    gate_up: jax.Array  # [H, 2, I]
     down: jax.Array  # [I, H]
 
 
@@ -53,7 +49,12 @@ class InferenceWeights(NamedTuple):
 
 
 class EngineCache(NamedTuple):
-    """Per-layer K and V. v: [B, Hkv, S, D]; k: the same, or [B, Hkv, D, S] when transposed."""
+    """Per-layer K and V (RoPE applied), each [B, Hkv, S, D] in the compute dtype.
+
+    One buffer per layer, so a decode step updates and reads each layer's cache in place (slicing
+    a stacked [L, ...] array makes XLA copy every layer's slab on every step). Head-major, so each
+    (sequence, kv head) slab [S, D] is contiguous: the kernels' layout.
+    """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
@@ -63,16 +64,10 @@ class EngineCache(NamedTuple):
         return self.v[0].shape[2]
 
 
-def k_transposed(cfg) -> bool:
-    """Whether the engine stores K as [B, Hkv, D, S] (the jnp attention path) for this model."""
-    return resolve_impl(cfg.attention_impl) == "reference"
-
-
 def init_cache(cfg, batch: int, max_len: int) -> EngineCache:
-    v_shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    k_shape = (batch, cfg.num_kv_heads, cfg.head_dim, max_len) if k_transposed(cfg) else v_shape
-    zeros = lambda shape: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
-    return EngineCache(zeros(k_shape), zeros(v_shape))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
+    return EngineCache(zeros(), zeros())
 
 
 # -------------------------------------------------------------------------------- weights
@@ -82,7 +77,7 @@ def _rotate_half(x: jax.Array) -> jax.Array:
     return jnp.concatenate([-x2, x1], axis=-1)
 
 
-def build_weights(graphdef, params, cfg, split_mlp: bool = False) -> InferenceWeights:
+def build_weights(graphdef, params, cfg) -> InferenceWeights:
     """The fused view of nnx params (a pure function: jit it).
 
     Folded in, once per weight update, so a decode step does not redo them: each RMSNorm's scale
@@ -112,24 +107,21 @@ def build_weights(graphdef, params, cfg, split_mlp: bool = False) -> InferenceWe
             q_norm=f32(a.q_norm.scale[...]) * scale if cfg.qk_norm else None,
             k_norm=f32(a.k_norm.scale[...]) if cfg.qk_norm else None,
             o=a.o_proj[...].reshape(hq * d, h).astype(dt),
-            gate_up=_gate_up(blk, dt, split_mlp),
+            gate_up=_gate_up(blk, dt),
             down=blk.mlp.down_proj[...].astype(dt)))
     head = f32(model.output_weight().T) * f32(model.norm.scale[...])[:, None]
     return InferenceWeights(embed=model.embed[...].astype(dt), layers=tuple(layers), head=head.astype(dt))
 
 
-def _gate_up(blk, dt, split: bool):
-    """The MLP's gate and up weights with the post-attention norm's scale folded in: one [H, 2, I]
-    weight (one matmul), or, with ``split``, two [H, I] ones. XLA:CPU hands a matmul to its
-    intra-op thread pool once its output passes ~10k elements; with slot groups (one XLA device
-    per core, each decoding its own rows) the groups' fused gate-up matmuls then fight over that
-    shared pool, while two half-size matmuls each stay on their own core."""
+def _gate_up(blk, dt):
+    """The MLP's gate and up weights as one [H, 2, I] weight (one matmul), with the
+    post-attention norm's scale folded in."""
     scale = blk.post_norm.scale[...].astype(jnp.float32)[:, None]
     gate, up = (m[...].astype(jnp.float32) * scale for m in (blk.mlp.gate_proj, blk.mlp.up_proj))
-    return (gate.astype(dt), up.astype(dt)) if split else jnp.stack([gate, up], axis=1).astype(dt)
+    return jnp.stack([gate, up], axis=1).astype(dt)
 
 
-def weight_shardings(cfg, mesh: jax.sharding.Mesh | None, split_mlp: bool = False):
+def weight_shardings(cfg, mesh: jax.sharding.Mesh | None):
     """Tensor parallelism for the view (kv heads, q heads, mlp, vocab on 'tensor' where they divide),
     matching sharding.INFERENCE_RULES; None without a mesh."""
     if mesh is None:
@@ -147,7 +139,7 @@ def weight_shardings(cfg, mesh: jax.sharding.Mesh | None, split_mlp: bool = Fals
         qkv=spec((0, 0), (heads_ok, hkv)), qkv_bias=spec((heads_ok, hkv)) if cfg.qkv_bias else None,
         q_norm=rep if cfg.qk_norm else None, k_norm=rep if cfg.qk_norm else None,
         o=spec((heads_ok, hq)), down=spec((1, i)),
-        gate_up=(spec((0, 0), (1, i)),) * 2 if split_mlp else spec((0, 0), (0, 0), (1, i)))
+        gate_up=spec((0, 0), (0, 0), (1, i)))
     return InferenceWeights(embed=spec((1, v)), layers=(layer,) * cfg.num_layers, head=spec((0, 0), (1, v)))
 
 
@@ -184,11 +176,8 @@ def _qkv(cfg, w: LayerWeights, x: jax.Array, cos: jax.Array, sin: jax.Array):
 def _mlp(cfg, w: LayerWeights, x: jax.Array) -> jax.Array:
     """Pre-norm x -> the MLP's output (the post-attention norm is folded into gate_up)."""
     x = _normed(cfg, x)
-    if isinstance(w.gate_up, tuple):
-        gate, up = (jnp.einsum("...h,hi->...i", x, m, preferred_element_type=jnp.float32) for m in w.gate_up)
-    else:
-        gu = jnp.einsum("...h,hji->...ji", x, w.gate_up, preferred_element_type=jnp.float32)
-        gate, up = gu[..., 0, :], gu[..., 1, :]
+    gu = jnp.einsum("...h,hji->...ji", x, w.gate_up, preferred_element_type=jnp.float32)
+    gate, up = gu[..., 0, :], gu[..., 1, :]
     act = (jax.nn.silu(gate) * up).astype(w.down.dtype)
     return jnp.einsum("...i,ih->...h", act, w.down)
 
@@ -202,28 +191,12 @@ def _logits(cfg, weights: InferenceWeights, x: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", _normed(cfg, x), weights.head, preferred_element_type=jnp.float32)
 
 
-def _attend(cfg, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array,
-            bias: jax.Array | None = None) -> jax.Array:
-    """One (pre-scaled) query per sequence over a cache: q [B, Hkv, G, D] -> [B, Hq, D].
-    ``lengths`` >= 1, so every row has a valid key. ``bias``: the length mask as an additive
-    [B, 1, 1, S] term, when the caller builds it once for all layers."""
+def _attend(cfg, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:
+    """One (pre-scaled) query per sequence over its first ``lengths`` cache entries:
+    q [B, Hkv, G, D] -> [B, Hq, D]."""
     b, hkv, g, d = q.shape
-    if not k_transposed(cfg):
-        return kernels.decode_attention(q.reshape(b, hkv * g, d), k_cache, v_cache, lengths, scale=1.0,
-                                        impl=cfg.attention_impl)
-    s = v_cache.shape[2]
-    logits = jnp.einsum("bkgd,bkds->bkgs", q, k_cache, preferred_element_type=jnp.float32)
-    logits = logits + (_length_bias(lengths, s) if bias is None else bias)
-    # Unnormalized weights; the division happens on the [B, Hkv, G, D] output, not on [.., S].
-    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-    out = jnp.einsum("bkgs,bksd->bkgd", e.astype(v_cache.dtype), v_cache, preferred_element_type=jnp.float32)
-    out = out / jnp.sum(e, axis=-1, keepdims=True)
-    return out.reshape(b, hkv * g, d).astype(q.dtype)
-
-
-def _length_bias(lengths: jax.Array, s: int) -> jax.Array:
-    """0 for the first ``lengths`` cache entries of each row, NEG_INF after: [B, 1, 1, S]."""
-    return jnp.where(jnp.arange(s)[None, :] < lengths[:, None], 0.0, NEG_INF)[:, None, None, :]
+    return kernels.decode_attention(q.reshape(b, hkv * g, d), k_cache, v_cache, lengths, scale=1.0,
+                                    impl=cfg.attention_impl)
 
 
 # -------------------------------------------------------------------------------- entry points
@@ -237,11 +210,10 @@ def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, lengths: jax.Arra
     x = jnp.take(weights.embed, tokens, axis=0)
     rows = jnp.arange(b)
     last = lengths - 1
-    transposed = k_transposed(cfg)
     ks, vs = [], []
     for i, w in enumerate(weights.layers):
         q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, P, Hkv, G, D], [B, P, Hkv, D]
-        kc, vc = k.transpose(0, 2, 3, 1) if transposed else k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+        kc, vc = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         ks.append(kc)
         vs.append(vc)
         if i < cfg.num_layers - 1:
@@ -267,17 +239,13 @@ def decode_step(cfg, weights: InferenceWeights, tokens: jax.Array, positions: ja
     rows = jnp.arange(b)
     cos, sin = _rope_tables(cfg, positions)  # [B, D]
     lengths = positions + 1
-    transposed = k_transposed(cfg)
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, H]
     ks, vs = list(cache.k), list(cache.v)
-    bias = _length_bias(lengths, cache.max_len) if transposed else None  # shared by the layers
     for i, w in enumerate(weights.layers):
         q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, Hkv, G, D], [B, Hkv, D]
-        if transposed:
-            ks[i] = ks[i].at[rows, :, :, positions].set(k.astype(ks[i].dtype))
-        else:
-            ks[i] = ks[i].at[rows, :, positions].set(k.astype(ks[i].dtype))
+        # c[rows, :, positions] is [B, Hkv, D] (advanced indices first, then the slice).
+        ks[i] = ks[i].at[rows, :, positions].set(k.astype(ks[i].dtype))
         vs[i] = vs[i].at[rows, :, positions].set(v.astype(vs[i].dtype))
-        x = x + _out(w, _attend(cfg, q, ks[i], vs[i], lengths, bias))
+        x = x + _out(w, _attend(cfg, q, ks[i], vs[i], lengths))
         x = x + _mlp(cfg, w, x)
     return _logits(cfg, weights, x), EngineCache(tuple(ks), tuple(vs))

@@ -63,12 +63,6 @@ class SamplingParams:
                 raise SamplingError("stop_sequences contains an empty sequence")
 
 
-def request_key(seed: int, sample_index: int) -> jax.Array:
-    """The raw uint32[2] key of one completion: independent of batch and slot (the engine derives
-    the same keys on device, in its insert program)."""
-    return _request_keys(*seed_words([seed]), np.asarray([sample_index], np.uint32))[0]
-
-
 def seed_words(seeds) -> tuple[np.ndarray, np.ndarray]:
     """64-bit request seeds as (low, high) uint32 words, the form derive_keys takes."""
     seeds = [int(s) for s in seeds]
@@ -84,9 +78,6 @@ def derive_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
         return jax.random.key_data(jax.random.fold_in(key, index))
 
     return jax.vmap(one)(lo, hi, index)
-
-
-_request_keys = jax.jit(derive_keys)
 
 
 _ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))

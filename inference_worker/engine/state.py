@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from math import prod
 from typing import NamedTuple
 
 import jax
@@ -21,7 +20,7 @@ class DecodeState(NamedTuple):
     fed (and written to the cache) by the next decode step.
     """
 
-    cache: object  # fast_model.EngineCache: k, v per layer (v [N, Hkv, S, D], k the same or transposed)
+    cache: object  # fast_model.EngineCache: k, v per layer, each [N, Hkv, S, D]
     tokens: jax.Array  # [N] int32
     lengths: jax.Array  # [N] int32, tokens already in the cache
     step: jax.Array  # [N] int32, tokens generated so far (also the RNG fold index)
@@ -51,24 +50,12 @@ def init_state(cache, num_slots: int) -> DecodeState:
     )
 
 
-def slot_axes(mesh: jax.sharding.Mesh | None) -> tuple[str, ...]:
-    """The mesh's batch axes (of size > 1), which split the decode slots into independent groups."""
-    if mesh is None:
-        return ()
-    return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
-
-
-def slot_groups(mesh: jax.sharding.Mesh | None) -> int:
-    """How many groups the slots are split into: each decodes on its own devices."""
-    return prod(mesh.shape[a] for a in slot_axes(mesh)) if mesh is not None else 1
-
-
 def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_heads: int):
-    """Slots (dim 0 of every field) split over the mesh's data axes; the cache also over kv heads
-    on the 'tensor' axis when it divides."""
+    """Slots (dim 0 of every field) split over the mesh's batch axes (data parallelism, partitioned
+    by XLA); the cache also over kv heads on the 'tensor' axis when it divides."""
     if mesh is None:
         return None
-    slots = slot_axes(mesh) or None
+    slots = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
     tensor = mesh.shape.get("tensor", 1)
     kv_heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
     kv_sharding = NamedSharding(mesh, PartitionSpec(slots, kv_heads, None, None))

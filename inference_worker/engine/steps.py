@@ -13,11 +13,10 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec
 
 from inference_worker.engine import fast_model
 from inference_worker.engine.sampling import derive_keys, sample
-from inference_worker.engine.state import DecodeState, slot_axes
+from inference_worker.engine.state import DecodeState
 
 
 def prefill(cfg, weights, tokens: jax.Array, lengths: jax.Array):
@@ -60,15 +59,10 @@ def insert(
         logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
     p = kv.max_len
 
-    def put_seq(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
+    def put(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
         return cache_arr.at[dst, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
 
-    def put_last(cache_arr, new_arr):  # transposed K: [N, K, D, S] <- [Bp, K, D, P]
-        return cache_arr.at[dst, :, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
-
-    put_k = put_last if fast_model.k_transposed(cfg) else put_seq
-    cache = fast_model.EngineCache(tuple(map(put_k, state.cache.k, kv.k)),
-                                   tuple(map(put_seq, state.cache.v, kv.v)))
+    cache = fast_model.EngineCache(tuple(map(put, state.cache.k, kv.k)), tuple(map(put, state.cache.v, kv.v)))
 
     def setrow(arr, values):
         return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
@@ -90,13 +84,6 @@ def insert(
     first_stops = jnp.any(stop_ids == tokens[:, None], axis=-1)
     state = state._replace(active=state.active.at[dst].min(~first_stops, mode="drop"))
     return state, tokens, logp, raw_logp
-
-
-def prefill_insert(cfg, weights, state: DecodeState, tokens: jax.Array, lengths: jax.Array, *insert_args):
-    """prefill then insert in one program: with slot groups, each group prefills the prompts whose
-    samples all go to its own slots (the engine plans it so), with no traffic between groups."""
-    logits, kv = prefill(cfg, weights, tokens, lengths)
-    return insert(cfg, state, kv, logits, *insert_args)
 
 
 def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
@@ -142,60 +129,15 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
     return (state, *outs, steps_run)
 
 
-def _data_parallel(fn, mesh, in_specs, out_specs):
-    """``fn`` run per slot group (each group's rows on its own devices, no cross-group traffic,
-    its own early exit)."""
-    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-
-
-def compile_steps(cfg, state_shardings, donate: bool = True, compiler_options: dict | None = None,
-                  mesh: jax.sharding.Mesh | None = None):
-    """jit-compiled prefill / insert / decode for model config ``cfg`` (static), and with slot
-    groups a per-group prefill_insert (else None).
-
-    With a mesh whose data axes split the slots (state.slot_axes), prefill and decode run per
-    slot group under shard_map: on a CPU host with one XLA device per core this is what puts
-    both cores to work on the small per-step ops (one device runs its ops one after another),
-    and on a pod slice it is plain data parallelism. The prefill batch must then divide by the
-    number of groups (the engine buckets it so); insert stays automatic, since a prompt's
-    prefill row and its samples' slots may live in different groups. With tensor parallelism as
-    well, all three are automatic (XLA partitions them from the state's shardings)."""
+def compile_steps(cfg, state_shardings, donate: bool = True):
+    """jit-compiled prefill / insert / decode for model config ``cfg`` (static); with a mesh, XLA
+    partitions them from the state's shardings (slots over the batch axes, kv heads over
+    'tensor')."""
     donate_state = (0,) if donate else ()
-    opts = dict(compiler_options=compiler_options) if compiler_options else {}
-    # Per-group programs when the slot axes are the whole mesh (no tensor parallelism). With
-    # 'tensor' too, a partly manual shard_map around the decode loop aborted in XLA:CPU's
-    # runtime (jax 0.10.2), so that case stays automatic: the same math, state split the same way.
-    axes = slot_axes(mesh) if mesh is not None and mesh.shape.get("tensor", 1) == 1 else ()
-    prefill_impl = functools.partial(prefill, cfg)
-    decode_impl = functools.partial(decode, cfg)
-    prefill_insert_fn = None
-    if axes:
-        rows, cols = PartitionSpec(axes), PartitionSpec(None, axes)
-        prefill_impl = _data_parallel(prefill_impl, mesh, (PartitionSpec(), rows, rows), (rows, rows))
-
-        def decode_impl(weights, state, keep, num_steps):  # noqa: F811 - the per-group form
-            def local(w, s, k):
-                *out, steps_run = decode(cfg, w, s, k, num_steps)
-                return (*out, steps_run[None])
-            # steps run per group ([groups]): no collective in the program, the host takes the max.
-            return _data_parallel(local, mesh, (PartitionSpec(), rows, rows),
-                                  (rows, cols, cols, cols, cols, rows))(weights, state, keep)
-
-        # weights, state, tokens, lengths, then insert's 11 per-sample arrays; all but the weights
-        # split by group (src and dst are indices local to the group).
-        prefill_insert_fn = jax.jit(
-            _data_parallel(functools.partial(prefill_insert, cfg), mesh, (PartitionSpec(),) + (rows,) * 14,
-                           (rows,) * 4),
-            donate_argnums=(1,) if donate else (), out_shardings=(state_shardings, None, None, None))
-
-    prefill_fn = jax.jit(prefill_impl)
-    insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=(
-        state_shardings, None, None, None) if state_shardings is not None else None)
+    out = (state_shardings, None, None, None) if state_shardings is not None else None
+    prefill_fn = jax.jit(functools.partial(prefill, cfg))
+    insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=out)
     decode_fn = jax.jit(
-        decode_impl,
-        static_argnames=("num_steps",),
-        donate_argnums=(1,) if donate else (),
-        out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None,
-        **opts,
-    )
-    return prefill_fn, insert_fn, decode_fn, prefill_insert_fn
+        functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=(1,) if donate else (),
+        out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
+    return prefill_fn, insert_fn, decode_fn

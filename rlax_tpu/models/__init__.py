@@ -1,9 +1,13 @@
-"""Decoder-only transformers (Llama / Qwen2 / Qwen3) in Flax NNX, with HF interop.
+"""Decoder-only transformers (Llama / Qwen2 / Qwen3) in Flax NNX, with checkpoint interop.
 
-    model, model_cfg = models.build(config.model, seed)          # load_hf if hf_path else init
-    model, model_cfg = models.load_hf(path, mesh=mesh)           # HF safetensors + config.json
+    model_cfg = models.config_from_section(config.model, vocab_size)   # the one way to a ModelConfig
+    model = models.build(config.model, model_cfg, seed, mesh=mesh)     # weights: checkpoint or init
+    model, model_cfg = models.load_hf(path, mesh=mesh)                 # HF safetensors + config.json
     models.save_hf(model, model_cfg, path)
-    logits = model(tokens, positions, segment_ids)               # [B, T] -> f32 [B, T, V]
+    logits = model(tokens, positions, segment_ids)                     # [B, T] -> f32 [B, T, V]
+
+The model is the training forward and log-probs; generation has its own view of the same weights
+(inference_worker.engine).
 """
 
 from __future__ import annotations
@@ -11,12 +15,13 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
+from rlax_tpu import sharding
 from rlax_tpu.models.config import ModelConfig
-from rlax_tpu.models.hf import CheckpointError, load_hf, save_hf
-from rlax_tpu.models.transformer import KVCache, Transformer
+from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
+from rlax_tpu.models.transformer import Transformer
 
-__all__ = ["CheckpointError", "KVCache", "ModelConfig", "Transformer", "build", "hf_overrides", "init", "load_hf",
-           "save_hf"]
+__all__ = ["CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init", "init_rngs",
+           "load_hf", "overrides", "read_config", "save_hf"]
 
 
 def init_rngs(seed: int) -> nnx.Rngs:
@@ -25,37 +30,44 @@ def init_rngs(seed: int) -> nnx.Rngs:
     return nnx.Rngs(params=jax.random.key(seed, impl="rbg"))
 
 
-def init(model_cfg: ModelConfig, seed: int = 0) -> Transformer:
-    """Random init inside one jit: one compilation instead of one per param shape (eager)."""
+def init(model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.Mesh | None = None,
+         rules: sharding.Rules | None = None, strict: bool = False) -> Transformer:
+    """Random init inside one jit (one compilation, not one per param shape). With a mesh every
+    param is created directly in its sharding (rules default to TRAIN_RULES): none is ever whole
+    on one device."""
     make = lambda: Transformer(model_cfg, rngs=init_rngs(seed))
-    gdef = nnx.graphdef(nnx.eval_shape(make))
-    return nnx.merge(gdef, jax.jit(lambda: nnx.state(make()))())
-
-
-def hf_overrides(config_model_section) -> dict:
-    """The config.model fields that apply on top of a Hugging Face checkpoint's config.json."""
-    c = config_model_section
-    return dict(dtype=c.dtype, attention_impl=c.attention_impl, logprob_chunk=c.logprob_chunk,
-                remat=bool(c.get("remat", False)))
-
-
-def build(config_model_section, rngs: nnx.Rngs | int = 0, mesh=None, rules=None):
-    """(model, model_cfg) from ``config.model``: load_hf(hf_path) when set, else random init.
-
-    rngs: an int seed (or nnx.Rngs, only without a mesh). With a mesh, params are created or
-    loaded directly in their shardings (rules default to sharding.TRAIN_RULES).
-    """
-    c = config_model_section
-    if c.hf_path:
-        return load_hf(c.hf_path, dtype=c.param_dtype, mesh=mesh, rules=rules, overrides=hf_overrides(c))
-    cfg = ModelConfig.from_config(c)
+    gdef, abstract = nnx.split(nnx.eval_shape(make))
+    out = None
     if mesh is not None:
-        from rlax_tpu import sharding
+        out = sharding.param_shardings(abstract, mesh, sharding.TRAIN_RULES if rules is None else rules,
+                                       strict=strict)
+    return nnx.merge(gdef, jax.jit(lambda: nnx.state(make()), out_shardings=out)())
 
-        if not isinstance(rngs, int):
-            raise TypeError("models.build with a mesh needs an int seed, not nnx.Rngs")
-        return sharding.create_sharded(cfg, mesh, sharding.TRAIN_RULES if rules is None else rules,
-                                       rngs), cfg
-    if isinstance(rngs, nnx.Rngs):
-        return Transformer(cfg, rngs=rngs), cfg
-    return init(cfg, rngs), cfg
+
+def overrides(section) -> dict:
+    """The config.model fields applied on top of a checkpoint's own config (numerics only: they
+    never change the weights)."""
+    return dict(dtype=section.dtype, attention_impl=section.attention_impl, logprob_chunk=section.logprob_chunk)
+
+
+def config_from_section(section, vocab_size: int | None = None) -> ModelConfig:
+    """The ModelConfig of ``config.model``: the checkpoint's architecture when ``hf_path`` is set
+    (with the section's dtypes and numerics), else the section's fields, with ``vocab_size`` (a
+    trained tokenizer's) when given."""
+    if section.hf_path:
+        return read_config(section.hf_path, dtype=section.param_dtype, overrides=overrides(section))
+    cfg = ModelConfig.from_config(section)
+    return cfg if vocab_size is None else cfg.replace(vocab_size=vocab_size)
+
+
+def build(section, model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.Mesh | None = None,
+          rules: sharding.Rules | None = None) -> Transformer:
+    """The weights of ``model_cfg`` (from ``config_from_section``): loaded from ``hf_path`` when
+    set, else randomly initialized; placed in their shardings with a mesh."""
+    if not section.hf_path:
+        return init(model_cfg, seed, mesh=mesh, rules=rules)
+    model, loaded = load_hf(section.hf_path, dtype=section.param_dtype, mesh=mesh, rules=rules,
+                            overrides=overrides(section))
+    if loaded != model_cfg:
+        raise CheckpointError(f"{section.hf_path}: the checkpoint describes {loaded}, not {model_cfg}")
+    return model

@@ -40,7 +40,6 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: str = "auto"
     logprob_chunk: int = 1024
-    remat: bool = False
 
     def __post_init__(self):
         if isinstance(self.rope_scaling, dict):
@@ -121,5 +120,5 @@ class ModelConfig:
             rms_norm_eps=float(c.rms_norm_eps), qkv_bias=c.arch == "qwen2", qk_norm=c.arch == "qwen3",
             tie_embeddings=bool(c.tie_embeddings), max_position_embeddings=c.max_position_embeddings,
             arch=c.arch, param_dtype=c.param_dtype, dtype=c.dtype, attention_impl=c.attention_impl,
-            logprob_chunk=c.logprob_chunk, remat=bool(c.get("remat", False)),
+            logprob_chunk=c.logprob_chunk,
         )

@@ -197,7 +197,7 @@ def read_config(path: str, *, dtype: str | None = None, overrides: dict | None =
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), dtype=dtype, where=cfg_path)
     if overrides:
-        allowed = {"dtype", "attention_impl", "logprob_chunk", "remat", "max_position_embeddings"}
+        allowed = {"dtype", "attention_impl", "logprob_chunk", "max_position_embeddings"}
         bad = sorted(set(overrides) - allowed)
         if bad:
             raise CheckpointError(f"load_hf: overrides {bad} would contradict the checkpoint; "
@@ -213,7 +213,7 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
     dtype: param and compute dtype ('float32'/'bfloat16'); default: the checkpoint's dtype
     (float32 when it is neither). mesh/rules: place every param straight into its NamedSharding
     (rules default to sharding.TRAIN_RULES). overrides: ModelConfig fields that do not change
-    the weights (dtype, attention_impl, logprob_chunk, remat, max_position_embeddings).
+    the weights (dtype, attention_impl, logprob_chunk, max_position_embeddings).
     """
     cfg = read_config(path, dtype=dtype, overrides=overrides)
     tensors = _open_checkpoint(path)

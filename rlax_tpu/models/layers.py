@@ -127,7 +127,7 @@ class Attention(nnx.Module):
         attn = kernels.flash_attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
             scale=self.cfg.head_dim**-0.5, impl=self.cfg.attention_impl)
-        return self.out(attn), (k, v)
+        return self.out(attn)
 
 
 class MLP(nnx.Module):
@@ -154,6 +154,5 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, rngs)
 
     def __call__(self, x, cos, sin, segment_ids):
-        a, kv = self.attn(self.input_norm(x), cos, sin, segment_ids)
-        x = x + a
-        return x + self.mlp(self.post_norm(x)), kv
+        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids)
+        return x + self.mlp(self.post_norm(x))

@@ -1,11 +1,13 @@
-"""The replay queue: tasks out to inference workers, rollout groups back, over the run's store.
+"""The replay queue's wire format, shared by its two halves.
 
-Durable (every record lives in the kvstore), bounded (admission control), leased (a dead
-worker's task is taken over after its lease expires). Compare-and-swap is the only
-synchronization. See docs/replay.md.
+Tasks go out from the trainer's controller (``trainer.replay_controller``) and rollout groups
+come back from inference workers (``inference_worker.replay_client``), as msgpack records under
+the key layout in ``keys``, in the run's store. Durable (every record lives in the kvstore),
+bounded (admission control), leased (a dead worker's task is taken over after its lease
+expires); compare-and-swap is the only synchronization. See docs/replay.md.
 """
 
-from rlax_tpu.replay.controller import Admitted, PollResult, QueueFull, ReplayController
+from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     SCHEMA_VERSION,
     RecordError,
@@ -18,12 +20,8 @@ from rlax_tpu.replay.records import (
     encode_task,
     task_digest,
 )
-from rlax_tpu.replay.sampling import ReuseBuffer, filter_zero_variance, is_zero_variance
-from rlax_tpu.replay.worker import Lease, ReplayWorker, install_sigterm_handler
 
 __all__ = [
-    "SCHEMA_VERSION", "Admitted", "Lease", "PollResult", "QueueFull", "RecordError", "ReplayController",
-    "ReplayWorker", "ReuseBuffer", "RolloutGroup", "Sample", "Task", "decode_rollout", "decode_task",
-    "encode_rollout", "encode_task", "filter_zero_variance", "install_sigterm_handler",
-    "is_zero_variance", "task_digest",
+    "SCHEMA_VERSION", "RecordError", "RolloutGroup", "Sample", "Task", "decode_rollout", "decode_task",
+    "encode_rollout", "encode_task", "keys", "task_digest",
 ]

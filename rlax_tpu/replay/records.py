@@ -15,7 +15,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 TASK_KIND = "rlax.task"
 ROLLOUT_KIND = "rlax.rollout_group"
 # Only these dtypes cross the wire (tokens and log-probs); anything else is a foreign record.
@@ -36,8 +36,7 @@ class Task:
     spec: dict  # task / reward spec: plain JSON-able data (e.g. {"reward": "arith", "answer": "12"})
     n_samples: int
     seed: int
-    version: int  # policy version current when the controller issued the task
-    attempt: int = 0  # 0 for the original; k for the k-th dynamic-sampling replacement
+    weights_step: int  # the trainer step whose published weights (or newer) must generate it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Sample:
 
     tokens: np.ndarray  # [T] int32, generated tokens only (the prompt is in the Task)
     logprobs: np.ndarray  # [T] float32 behavior log-probs from the engine
-    version: int  # policy version that generated this sample
+    weights_step: int  # trainer step of the weights that generated this sample
     reward: float
     reward_details: dict  # plain JSON-able data (e.g. {"format": 1.0, "correct": 0.0})
     finish_reason: str  # "stop" | "length" | ...
@@ -63,9 +62,9 @@ class RolloutGroup:
     task_digest: str = ""  # task_digest() of the task it answers; guards against re-issued ids
 
     @property
-    def min_version(self) -> int:
-        """The oldest policy version among the samples: what staleness is judged by."""
-        return min(s.version for s in self.samples)
+    def min_weights_step(self) -> int:
+        """The oldest weights step among the samples: what staleness is judged by."""
+        return min(s.weights_step for s in self.samples)
 
     @property
     def rewards(self) -> np.ndarray:
@@ -75,10 +74,10 @@ class RolloutGroup:
 def task_digest(task: Task) -> str:
     """Short digest of what a task asks for, carried by its rollout group.
 
-    The issue version is left out: a task re-issued after a restart with the same prompt, spec
-    and seed but a newer issue version is the same work, and its rollout stays valid.
+    The weights step is left out: a task re-issued after a restart with the same prompt, spec
+    and seed but a newer weights step is the same work, and its rollout stays valid.
     """
-    raw = encode_task(dataclasses.replace(task, version=0))
+    raw = encode_task(dataclasses.replace(task, weights_step=0))
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
@@ -157,7 +156,7 @@ def encode_task(t: Task) -> bytes:
         "kind": TASK_KIND, "schema": SCHEMA_VERSION, "task_id": t.task_id, "prompt_id": t.prompt_id,
         "prompt_tokens": _pack_array(np.asarray(t.prompt_tokens, np.int32)),
         "spec": t.spec, "n_samples": int(t.n_samples), "seed": int(t.seed),
-        "version": int(t.version), "attempt": int(t.attempt),
+        "weights_step": int(t.weights_step),
     })
 
 
@@ -173,7 +172,7 @@ def decode_task(raw: bytes) -> Task:
         task_id=tid, prompt_id=_field(d, "prompt_id", str, w),
         prompt_tokens=_unpack_array(d.get("prompt_tokens"), f"{w}.prompt_tokens", 1),
         spec=_field(d, "spec", dict, w), n_samples=n, seed=_field(d, "seed", int, w),
-        version=_field(d, "version", int, w), attempt=_field(d, "attempt", int, w),
+        weights_step=_field(d, "weights_step", int, w),
     )
 
 
@@ -188,7 +187,7 @@ def encode_rollout(g: RolloutGroup) -> bytes:
             raise RecordError(f"rollout {g.task_id}: tokens {tokens.shape} vs logprobs {logprobs.shape}")
         samples.append({
             "tokens": _pack_array(tokens.astype(np.int32, copy=False)),
-            "logprobs": _pack_array(logprobs), "version": int(s.version),
+            "logprobs": _pack_array(logprobs), "weights_step": int(s.weights_step),
             "reward": float(s.reward), "reward_details": s.reward_details,
             "finish_reason": s.finish_reason,
         })
@@ -218,7 +217,7 @@ def decode_rollout(raw: bytes) -> RolloutGroup:
             raise RecordError(f"{ws}: tokens {tokens.dtype} / logprobs {logprobs.dtype} have wrong kinds")
         reward = _field(s, "reward", (int, float), ws)
         samples.append(Sample(
-            tokens=tokens, logprobs=logprobs, version=_field(s, "version", int, ws),
+            tokens=tokens, logprobs=logprobs, weights_step=_field(s, "weights_step", int, ws),
             reward=float(reward), reward_details=_field(s, "reward_details", dict, ws),
             finish_reason=_field(s, "finish_reason", str, ws),
         ))

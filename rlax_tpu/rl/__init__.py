@@ -5,7 +5,7 @@ data side. The parts are selected by config strings through the registries below
 """
 
 from rlax_tpu.rl import aggregation, kl, off_policy, policy_losses  # noqa: F401  (registrations)
-from rlax_tpu.rl.advantages import AdvantageResult, compute_advantages, discounted_returns, gae
+from rlax_tpu.rl.advantages import AdvantageResult, compute_advantages, discounted_returns, gae, with_advantages
 from rlax_tpu.rl.loss import RLLoss, build_loss
 from rlax_tpu.rl.registry import (
     ADVANTAGES,
@@ -20,15 +20,15 @@ from rlax_tpu.rl.registry import (
     register_off_policy,
     register_policy_loss,
 )
-from rlax_tpu.rl.settings import RLSettings, as_settings
-from rlax_tpu.rl.shaping import dynamic_sampling_keep, overlong_filter, overlong_penalty
+from rlax_tpu.rl.settings import RLSettings, as_settings, settings
+from rlax_tpu.rl.shaping import overlong_filter, overlong_penalty
 from rlax_tpu.rl.value import ValueHead, clipped_value_loss
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "OFF_POLICY", "POLICY_LOSSES",
-    "AdvantageResult", "RLLoss", "RLSettings", "Registry", "ValueHead", "as_settings",
+    "AdvantageResult", "RLLoss", "RLSettings", "Registry", "ValueHead", "as_settings", "settings",
     "build_loss", "clipped_value_loss", "compute_advantages", "discounted_returns",
-    "dynamic_sampling_keep", "gae", "overlong_filter", "overlong_penalty", "register_advantage",
+    "gae", "overlong_filter", "overlong_penalty", "register_advantage",
     "register_aggregation", "register_kl_estimator", "register_off_policy",
-    "register_policy_loss",
+    "register_policy_loss", "with_advantages",
 ]

@@ -171,3 +171,20 @@ def compute_advantages(
     adv = jax.lax.stop_gradient(adv)
     returns = None if returns is None else jax.lax.stop_gradient(returns)
     return AdvantageResult(adv, returns, _seq_rewards(rewards, mask, token_rewards))
+
+
+def with_advantages(cfg: Any, batch: dict) -> dict:
+    """The batch with 'advantages' (and 'returns', 'shaped_rewards') from its 'rewards', computed
+    on the whole batch (groups are whole there) from the rollout-time log-probs and values: what
+    the loss consumes."""
+    s = as_settings(cfg)
+    if "rewards" not in batch or "mask" not in batch:
+        raise KeyError("the RL batch needs 'rewards' [B] and 'mask' [B, T]")
+    res = compute_advantages(
+        s, batch["rewards"], None, batch["mask"], group_ids=batch.get("group_ids"),
+        values=batch.get("old_values"), logp=batch.get("proximal_logp", batch.get("behavior_logp")),
+        ref_logp=batch.get("ref_logp"), lengths=batch.get("lengths"), sample_mask=batch.get("sample_mask"))
+    out = {**batch, "advantages": res.advantages, "shaped_rewards": res.rewards}
+    if res.returns is not None:
+        out["returns"] = res.returns
+    return out

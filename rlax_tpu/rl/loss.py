@@ -9,7 +9,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from rlax_tpu.rl.advantages import compute_advantages
 from rlax_tpu.rl.masked import (
     group_ids_from_size,
     group_sum,
@@ -75,22 +74,12 @@ class RLLoss:
         behavior = None if behavior is None else behavior.astype(_F32)
         proximal = None if proximal is None else proximal.astype(_F32)
 
-        # Advantages: given, or computed here from rewards (outside the gradient).
+        # Advantages come from the data side (rl.with_advantages, on the whole batch).
         returns = batch.get("returns")
-        if "advantages" in batch:
-            adv = batch["advantages"].astype(_F32)
-            adv = jnp.where(data_mask, adv[:, None] if adv.ndim == 1 else adv, 0.0)
-        elif "rewards" in batch:
-            rollout_logp = proximal if proximal is not None else behavior
-            res = compute_advantages(
-                s, batch["rewards"], None, data_mask, group_ids=group_ids,
-                values=batch.get("old_values"), logp=rollout_logp, ref_logp=batch.get("ref_logp"),
-                lengths=batch.get("lengths"), sample_mask=batch.get("sample_mask"))
-            adv = res.advantages
-            returns = res.returns if returns is None else returns
-        else:
-            raise KeyError("RL batch needs 'advantages' [B, T] or 'rewards' [B]")
-        adv = sg(adv)
+        if "advantages" not in batch:
+            raise KeyError("RL batch needs 'advantages' [B, T] (rl.with_advantages(settings, batch))")
+        adv = batch["advantages"].astype(_F32)
+        adv = sg(jnp.where(data_mask, adv[:, None] if adv.ndim == 1 else adv, 0.0))
 
         # The ratio's denominator: the proximal policy, else the behavior policy, else on-policy.
         old = proximal if proximal is not None else behavior
@@ -135,8 +124,7 @@ class RLLoss:
                 raise ValueError("rl.advantage='gae' needs loss_fn(..., values=[B, T]) from the "
                                  "value head")
             if returns is None or "old_values" not in batch:
-                raise KeyError("the value loss needs batch['old_values'] (and 'returns' or "
-                               "'rewards') [B, T]")
+                raise KeyError("the value loss needs batch['old_values'] and 'returns' [B, T]")
             old_values = batch["old_values"].astype(_F32)
             v_tok, v_clipped = clipped_value_loss(values.astype(_F32), old_values,
                                                   sg(returns.astype(_F32)), s.value_clip)

@@ -1,4 +1,8 @@
-"""A frozen, hashable copy of config.rl: static under jax.jit, plain data across processes."""
+"""RLSettings: the loss's fields of config.rl, frozen (static under jax.jit, plain data).
+
+The section (rlax_tpu/config/sections/rl.py) is the one place that defines and documents them;
+this dataclass has no defaults of its own.
+"""
 
 from __future__ import annotations
 
@@ -8,56 +12,62 @@ from typing import Any
 
 @dataclasses.dataclass(frozen=True)
 class RLSettings:
-    """The fields of config.rl (documented in rlax_tpu/config/sections/rl.py)."""
+    """The loss's fields of config.rl (documented in rlax_tpu/config/sections/rl.py)."""
 
-    group_size: int = 8
-    max_staleness: int = 1
-    advantage: str = "grpo"
-    adv_eps: float = 1e-6
-    whiten_advantages: str = "none"
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    policy_loss: str = "ppo"
-    clip_eps_low: float = 0.2
-    clip_eps_high: float = 0.2
-    dual_clip_c: float = 0.0
-    loss_agg: str = "token_mean"
-    agg_max_len: int = 0
-    kl_coef: float = 0.0
-    kl_estimator: str = "k3"
-    kl_mode: str = "loss"
-    entropy_coef: float = 0.0
-    off_policy: str = "none"
-    is_cap: float = 2.0
-    value_coef: float = 0.5
-    value_clip: float = 0.2
-    overlong_buffer: int = 0
-    overlong_max_len: int = 0
-    overlong_penalty: float = 1.0
-    overlong_filter: bool = False
-    dynamic_sampling: bool = False
+    group_size: int
+    advantage: str
+    adv_eps: float
+    whiten_advantages: str
+    gamma: float
+    gae_lambda: float
+    policy_loss: str
+    clip_eps_low: float
+    clip_eps_high: float
+    dual_clip_c: float
+    loss_agg: str
+    agg_max_len: int
+    kl_coef: float
+    kl_estimator: str
+    kl_mode: str
+    entropy_coef: float
+    off_policy: str
+    is_cap: float
+    value_coef: float
+    value_clip: float
+    overlong_buffer: int
+    overlong_max_len: int
+    overlong_penalty: float
+    overlong_filter: bool
 
     @property
     def uses_values(self) -> bool:
         return self.advantage == "gae"
 
+    @classmethod
+    def from_config(cls, rl_section) -> RLSettings:
+        """From a config.rl section (its other fields, read by the controller, are left out)."""
+        return cls(**{f.name: rl_section[f.name] for f in dataclasses.fields(cls)})
 
-def as_settings(cfg: Any) -> RLSettings:
-    """Accepts an RLSettings, a config.rl ConfigDict or a plain dict.
 
-    A ConfigDict may carry rl.* fields that other parts (e.g. the controller) read; those are
-    ignored here. A plain dict must name only loss fields (typos fail).
-    """
-    if isinstance(cfg, RLSettings):
-        return cfg
-    names = {f.name for f in dataclasses.fields(RLSettings)}
-    if hasattr(cfg, "to_dict"):
-        items = {k: v for k, v in cfg.to_dict().items() if k in names}
-    else:
-        items = dict(cfg)
-    unknown = sorted(set(items) - names)
+def settings(**overrides) -> RLSettings:
+    """The default config.rl's settings with ``overrides`` (a typo names the field)."""
+    from rlax_tpu.config.base import get_base_config
+
+    section = get_base_config().rl
+    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RLSettings)})
     if unknown:
         from rlax_tpu.config.errors import ConfigError
 
-        raise ConfigError(f"rl.{unknown[0]}", "no such field")
-    return RLSettings(**items)
+        raise ConfigError(f"rl.{unknown[0]}", "no such loss field")
+    for k, v in overrides.items():
+        section[k] = v
+    return RLSettings.from_config(section)
+
+
+def as_settings(cfg: Any) -> RLSettings:
+    """An RLSettings from an RLSettings, a config.rl ConfigDict or a dict of overrides."""
+    if isinstance(cfg, RLSettings):
+        return cfg
+    if hasattr(cfg, "to_dict"):
+        return RLSettings.from_config(cfg)
+    return settings(**dict(cfg))

@@ -1,10 +1,10 @@
-"""Reward shaping and sample filtering on the data side (DAPO, arXiv 2503.14476)."""
+"""Reward shaping and sample filtering on the data side (DAPO, arXiv 2503.14476). Dynamic
+sampling (dropping zero-variance groups) happens where groups are admitted: trainer.controller."""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def overlong_penalty(lengths: jax.Array, max_len: int, buffer: int, penalty: float = 1.0) -> jax.Array:
@@ -23,13 +23,3 @@ def overlong_penalty(lengths: jax.Array, max_len: int, buffer: int, penalty: flo
 def overlong_filter(mask: jax.Array, truncated: jax.Array) -> jax.Array:
     """Overlong filtering: truncated completions ([B] bool) keep no loss tokens."""
     return jnp.logical_and(mask, jnp.logical_not(truncated)[:, None])
-
-
-def dynamic_sampling_keep(rewards, group_size: int, atol: float = 1e-6) -> np.ndarray:
-    """DAPO dynamic sampling: which groups (contiguous, [B // G]) have non-constant rewards.
-
-    Host-side helper for the controller: groups with all-equal rewards give zero advantage
-    and are dropped, then refilled with new prompts.
-    """
-    r = np.asarray(rewards, dtype=np.float64).reshape(-1, group_size)
-    return (r.max(axis=1) - r.min(axis=1)) > atol

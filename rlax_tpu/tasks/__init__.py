@@ -13,6 +13,7 @@ from rlax_tpu.tasks.base import (
     Reward,
     RewardTimeout,
     Task,
+    is_solved,
     safe_reward,
 )
 from rlax_tpu.tasks.compose import ComposeTask
@@ -26,6 +27,6 @@ from rlax_tpu.tasks.registry import TASKS, get_task
 __all__ = [
     "ArithTask", "ComposeTask", "CountdownTask", "DatasetError", "Deadline", "JsonlTask", "Problem",
     "PromptSource", "Reward", "RewardTimeout", "TASKS", "Task", "extract_answer", "get_task",
-    "is_equivalent", "load_jsonl", "mean_pass_at_k", "pass_at_k", "prompt_dataset", "safe_reward",
+    "is_equivalent", "is_solved", "load_jsonl", "mean_pass_at_k", "pass_at_k", "prompt_dataset", "safe_reward",
     "verify",
 ]

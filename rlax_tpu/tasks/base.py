@@ -57,7 +57,13 @@ class Reward:
 
     @property
     def correct(self) -> bool:
-        return bool(self.details.get("correct", False))
+        return is_solved(self.details)
+
+
+def is_solved(details: dict) -> bool:
+    """Whether a scored completion counts as solved (pass@k, pass rates, difficulty): the
+    verifier's 'correct' verdict, which every reward carries (safe_reward fills it in)."""
+    return bool(isinstance(details, dict) and details.get("correct", False))
 
 
 def stable_hash(text: str) -> int:

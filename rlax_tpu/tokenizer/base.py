@@ -65,3 +65,7 @@ class Tokenizer(abc.ABC):
     def apply_template(self, prompt: str) -> str:
         """The model input text for a task prompt (config.tokenizer.prompt_template)."""
         return render_template(self.prompt_template, prompt, self.system_prompt)
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """The model input ids for a task prompt: what every role feeds the model."""
+        return self.encode(self.apply_template(prompt), add_bos=self.bos_id is not None)

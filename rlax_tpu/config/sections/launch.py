@@ -18,6 +18,11 @@ def defaults() -> ml_collections.ConfigDict:
     c.status_every_s = 30.0
     # Echo the trainer's progress lines from logs/trainer.log to the console.
     c.tail_trainer = True
+    # Pin each inference worker to one CPU core (round robin over the cores after the trainer's
+    # first trainer_cores) with XLA's CPU thread pool off: on a CPU host throughput comes from
+    # more workers, one per core, as on a pod.
+    c.pin_workers = False
+    c.trainer_cores = 1
     return c
 
 
@@ -26,6 +31,8 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     require(isinstance(c.num_workers, int), f"{SECTION}.num_workers",
             f"must be an int, got {c.num_workers!r}")
     positive(SECTION, c, "grace_s")
+    require(isinstance(c.pin_workers, bool), f"{SECTION}.pin_workers", f"must be a bool, got {c.pin_workers!r}")
+    positive(SECTION, c, "trainer_cores", allow_zero=True)
     positive(SECTION, c, "status_every_s")
     grace = config.trainer.sigterm_grace_s if "trainer" in config else 0
     require(c.grace_s > grace, f"{SECTION}.grace_s",

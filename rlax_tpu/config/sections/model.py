@@ -40,9 +40,6 @@ def defaults() -> ml_collections.ConfigDict:
     c.attention_impl = "auto"
     # Vocabulary chunk for target log-probs: the [B, T, V] logits are never built at once.
     c.logprob_chunk = 1024
-    # Rematerialize each decoder layer in the backward pass (less activation memory, ~1/3 more
-    # compute). Training only; inference never differentiates.
-    c.remat = False
     return c
 
 

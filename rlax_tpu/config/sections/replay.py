@@ -22,13 +22,6 @@ def defaults() -> ml_collections.ConfigDict:
     c.heartbeat_seconds = 10.0
     # Most tasks a worker leases at once (its continuous-batching window, in groups).
     c.worker_max_leases = 4
-    # Dynamic sampling: drop groups whose rewards all agree (no learning signal) and issue a
-    # replacement task for the same prompt, at most this many times per prompt. 0 disables.
-    c.dynamic_sampling_max_attempts = 0
-    # Rewards closer than this count as equal for the zero-variance filter.
-    c.zero_variance_tol = 1e-6
-    # Rollout reuse: a buffer of this many recently admitted groups (0 = off, the default).
-    c.reuse_buffer_size = 0
     # The trainer stops with a clear error when no rollout arrives for this many seconds.
     c.collect_timeout_s = 600.0
     return c
@@ -37,8 +30,7 @@ def defaults() -> ml_collections.ConfigDict:
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     for f in ("lease_seconds", "poll_seconds", "heartbeat_seconds", "worker_max_leases", "collect_timeout_s"):
         positive(SECTION, c, f)
-    for f in ("max_in_flight", "dynamic_sampling_max_attempts", "zero_variance_tol", "reuse_buffer_size"):
-        positive(SECTION, c, f, allow_zero=True)
+    positive(SECTION, c, "max_in_flight", allow_zero=True)
     if c.poll_seconds >= c.lease_seconds:
         raise ConfigError("replay.poll_seconds", f"must be below replay.lease_seconds={c.lease_seconds}")
 

@@ -8,7 +8,7 @@ import ml_collections
 
 from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.config.sections._checks import one_of, positive
-from rlax_tpu.store import SUPPORTED_SCHEMES
+from rlax_tpu.kvstore import SUPPORTED_SCHEMES
 
 SECTION = "store"
 
