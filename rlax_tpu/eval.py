@@ -23,8 +23,7 @@ def evaluate(engine, tokenizer, task, problems, *, num_samples: int, ks, tempera
     """Samples ``num_samples`` completions per problem; returns pass@k for each k and details."""
     from inference_worker.engine import SamplingParams
 
-    prompts = [tokenizer.encode(tokenizer.apply_template(p.prompt), add_bos=tokenizer.bos_id is not None)
-               for p in problems]
+    prompts = [tokenizer.encode_prompt(p.prompt) for p in problems]
     params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=num_samples,
                              seed=seed + i, stop_token_ids=(tokenizer.eos_id,)) for i in range(len(problems))]
     outs = engine.generate(prompts, params)

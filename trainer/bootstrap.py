@@ -91,7 +91,7 @@ def sft_section(config) -> ml_collections.ConfigDict:
 def sft_pairs(task, tok, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
     pairs = []
     for problem in task.train_problems(n, seed):
-        prompt = tok.encode(tok.apply_template(problem.prompt), add_bos=tok.bos_id is not None)
+        prompt = tok.encode_prompt(problem.prompt)
         answer = tok.encode(task.solution_text(problem)) + [tok.eos_id]
         pairs.append((prompt, answer))
     return pairs

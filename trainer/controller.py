@@ -98,10 +98,9 @@ class Controller:
         requests = []
         for _ in range(free):
             problem = self._next_prompt()
-            text = self.tokenizer.apply_template(problem["prompt"])
             requests.append(dict(
                 prompt_id=problem["prompt_id"],
-                prompt_tokens=self.tokenizer.encode(text, add_bos=self.tokenizer.bos_id is not None),
+                prompt_tokens=self.tokenizer.encode_prompt(problem["prompt"]),
                 spec={"problem": problem, "sampling": self.sampling},
                 n_samples=self.group_size))
         self.replay.issue_many(requests, version)
