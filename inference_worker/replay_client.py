@@ -24,6 +24,7 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from rlax_tpu.kvstore import KVStore
 from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
@@ -34,7 +35,6 @@ from rlax_tpu.replay.records import (
     encode_rollout,
     task_digest,
 )
-from rlax_tpu.kvstore import KVStore
 
 log = logging.getLogger(__name__)
 EXPIRY_SCAN = 64  # most lease records read per expiry scan

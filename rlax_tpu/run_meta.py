@@ -56,20 +56,15 @@ def read_model_config(kv: KVStore):
 
 
 def tokenizer_files(tokenizer) -> dict[str, bytes]:
-    """The files that reconstruct ``tokenizer`` (by base name)."""
+    """The files that reconstruct ``tokenizer``, by relative path (a Hugging Face or GGUF-converted
+    tokenizer: tokenizer.json, tokenizer_config.json with the chat template, template files)."""
+    if hasattr(tokenizer, "files"):
+        return tokenizer.files()
     path = getattr(tokenizer, "path", None)
     if not path:
-        proto = tokenizer.sp.serialized_model_proto()
-        return {"spm.model": proto}
-    paths = {os.path.basename(path): path}
-    side = os.path.join(os.path.dirname(path), "tokenizer_config.json")
-    if path.endswith(".json") and os.path.isfile(side):
-        paths["tokenizer_config.json"] = side
-    files = {}
-    for name, p in paths.items():
-        with open(p, "rb") as f:
-            files[name] = f.read()
-    return files
+        return {"spm.model": tokenizer.sp.serialized_model_proto()}
+    with open(path, "rb") as f:
+        return {os.path.basename(path): f.read()}
 
 
 def write_tokenizer(kv: KVStore, tokenizer) -> None:
@@ -81,27 +76,42 @@ def write_tokenizer(kv: KVStore, tokenizer) -> None:
 
 def read_tokenizer(kv: KVStore, config, cache_dir: str):
     """Rebuilds the run's tokenizer from the store into ``cache_dir``; None if not written yet."""
-    from rlax_tpu.tokenizer.hf import HFTokenizer
+    import shutil
+
+    from rlax_tpu.tokenizer.hf import CONFIG_FILE, TEMPLATE_DIR, TEMPLATE_FILE, HFTokenizer
     from rlax_tpu.tokenizer.spm import SentencePieceTokenizer
 
     keys = kv.list(TOKENIZER_PREFIX)
     if not keys:
         return None
     os.makedirs(cache_dir, exist_ok=True)
+    names = [key[len(TOKENIZER_PREFIX):] for key in keys]
+    # Side files left by another run's tokenizer would be read as this one's chat template.
+    for side in (CONFIG_FILE, TEMPLATE_FILE, TEMPLATE_DIR):
+        stale = os.path.join(cache_dir, side)
+        if not any(n == side or n.startswith(side + "/") for n in names):
+            if os.path.isdir(stale):
+                shutil.rmtree(stale)
+            elif os.path.exists(stale):
+                os.unlink(stale)
     paths = {}
-    for key in keys:
-        name = key[len(TOKENIZER_PREFIX):]
-        paths[name] = os.path.join(cache_dir, name)
+    for key, name in zip(keys, names, strict=True):
+        if name.startswith("/") or ".." in name.split("/"):
+            raise MetaError(f"{kv.url}{key}: tokenizer file name escapes the cache directory")
+        paths[name] = os.path.join(cache_dir, *name.split("/"))
+        os.makedirs(os.path.dirname(paths[name]), exist_ok=True)
         with open(paths[name], "wb") as f:
             f.write(kv.get(key))
     c = config.tokenizer
     if "spm.model" in paths or any(n.endswith(".model") for n in paths):
         model = next(p for n, p in paths.items() if n.endswith(".model"))
         return SentencePieceTokenizer(model, c.prompt_template, c.system_prompt)
-    json_file = next((p for n, p in paths.items() if n != "tokenizer_config.json"), None)
+    json_file = paths.get("tokenizer.json") or next(
+        (p for n, p in paths.items() if n.endswith(".json") and "/" not in n and n != CONFIG_FILE), None)
     if json_file is None:
         raise MetaError(f"{kv.url}{TOKENIZER_PREFIX} has no tokenizer file: {sorted(paths)}")
-    return HFTokenizer(json_file, c.bos_token, c.eos_token, c.pad_token, c.prompt_template, c.system_prompt)
+    return HFTokenizer(json_file, c.bos_token, c.eos_token, c.pad_token, c.prompt_template, c.system_prompt,
+                       bool(c.get("use_chat_template", True)))
 
 
 def wait_for_meta(kv: KVStore, config, cache_dir: str, timeout_s: float, poll_s: float = 1.0,

@@ -28,10 +28,11 @@ import tensorstore as ts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from rlax_tpu.replay.testing_worker import fake_samples  # noqa: E402
+
+from rlax_tpu.kvstore import KVStore  # noqa: E402
 from rlax_tpu.replay import ReplayController, ReplayWorker, encode_rollout, keys  # noqa: E402
 from rlax_tpu.replay.records import RolloutGroup, Task  # noqa: E402
-from rlax_tpu.replay.testing_worker import fake_samples  # noqa: E402
-from rlax_tpu.kvstore import KVStore  # noqa: E402
 
 
 def group_bytes(samples: int, tokens: int) -> bytes:

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from rlax_tpu import fencing
+from rlax_tpu.kvstore import KVStore
 from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
@@ -32,7 +33,6 @@ from rlax_tpu.replay.records import (
     encode_task,
     task_digest,
 )
-from rlax_tpu.kvstore import KVStore
 
 log = logging.getLogger(__name__)
 STATE_SCHEMA = 1

@@ -17,8 +17,8 @@ import time
 import numpy as np
 
 from inference_worker.replay_client import ReplayWorker, install_sigterm_handler
-from rlax_tpu.replay.records import Sample, Task
 from rlax_tpu.kvstore import KVStore
+from rlax_tpu.replay.records import Sample, Task
 
 
 def fake_samples(task: Task, weights_step: int, new_tokens: int) -> list[Sample]:

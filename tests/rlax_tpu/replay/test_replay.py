@@ -10,6 +10,7 @@ import pytest
 from inference_worker.replay_client import ReplayWorker
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.fencing import FencedError, acquire_epoch
+from rlax_tpu.kvstore import KVStore
 from rlax_tpu.replay import (
     RecordError,
     RolloutGroup,
@@ -21,7 +22,6 @@ from rlax_tpu.replay import (
     encode_task,
     keys,
 )
-from rlax_tpu.kvstore import KVStore
 from tests.helpers.fake_worker import fake_samples
 from trainer.replay_controller import QueueFull, ReplayController
 
