@@ -20,6 +20,7 @@ def get_config(arg: str = ""):
     c.rl.clip_eps_high = 2.0
     c.rl.loss_agg = "token_mean"
     c.rl.kl_coef = 0.0
+    c.rl.off_policy = "tis"  # truncated IS against the engine's log-probs (max_staleness=1)
     if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

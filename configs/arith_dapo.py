@@ -25,6 +25,7 @@ def get_config(arg: str = ""):
     c.rl.clip_eps_high = 0.28
     c.rl.loss_agg = "token_mean"
     c.rl.kl_coef = 0.0
+    c.rl.off_policy = "tis"  # truncated IS against the engine's log-probs (max_staleness=1)
     c.rl.dynamic_sampling = True
     c.rl.overlong_max_len = c.inference.max_new_tokens
     c.rl.overlong_buffer = c.inference.max_new_tokens // 4

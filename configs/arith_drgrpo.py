@@ -21,6 +21,7 @@ def get_config(arg: str = ""):
     c.rl.loss_agg = "seq_mean_token_sum_norm"
     c.rl.agg_max_len = c.inference.max_new_tokens
     c.rl.kl_coef = 0.0
+    c.rl.off_policy = "tis"  # truncated IS against the engine's log-probs (max_staleness=1)
     if arg not in ("", "smoke"):
         raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
     return c

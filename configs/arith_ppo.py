@@ -31,6 +31,9 @@ def get_config(arg: str = ""):
     c.rl.kl_mode = "reward"
     c.rl.kl_estimator = "k3"
     c.rl.kl_coef = 0.02
+    # Decoupled PPO (AReaL): clip against the proximal policy, weight by pi_prox / pi_behavior.
+    c.rl.off_policy = "decoupled"
+    c.rl.is_cap = 5.0
     # One sample per prompt: as many sequences per step as the GRPO configs.
     c.trainer.batch_size *= 4 if arg == "smoke" else 8
     if arg not in ("", "smoke"):

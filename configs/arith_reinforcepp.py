@@ -22,6 +22,7 @@ def get_config(arg: str = ""):
     c.rl.kl_mode = "reward"
     c.rl.kl_estimator = "k2"
     c.rl.kl_coef = 0.01
+    c.rl.off_policy = "tis"  # truncated IS against the engine's log-probs (max_staleness=1)
     if arg == "baseline":
         c.rl.advantage = "reinforce_pp_baseline"
     elif arg not in ("", "smoke"):

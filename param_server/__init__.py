@@ -1,8 +1,13 @@
-"""param_server: versioned weight snapshots in tensorstore (zarr3 over a kvstore).
+"""param_server: versioned weight snapshots in tensorstore (zarr3 over the run's kvstore).
 
-The trainer publishes (``ParamStore.publish`` / ``publish_async``); inference workers pull into
-their own sharding (``ParamStore.pull`` or a background ``VariableClient``). ``python -m
-param_server.main`` is the janitor (gc) and status process. See docs/param_server.md.
+    python -m param_server.main --config=configs/X.py[:arg] --workdir=DIR [--mode=janitor]
+
+The store (``ParamStore``) is a library both sides use: the trainer publishes (``publish`` /
+``publish_async``), readers pull into their own sharding (``pull`` / ``read`` or a background
+``VariableClient``). Bytes go straight between each role and storage. The role itself
+(``main``) relays none: it is the janitor (garbage collection of old versions and expired pins)
+and the status command. Reads and writes ``params/`` and ``run.json``; reads ``workers/``
+heartbeats for the status. See docs/param_server.md.
 """
 
 from param_server.errors import (

@@ -2,13 +2,16 @@
 
 It reads prompts through a checkpointed grain iterator, issues tasks through the replay queue
 under admission control, waits for finished groups within the staleness bound, applies dynamic
-sampling (drop zero-variance groups; fresh prompts refill the batch) and, when enabled,
-difficulty-aware selection (stop issuing prompts that are always or never solved). Everything it
-must remember across a restart is in ``state_dict()``, which the trainer checkpoints.
+sampling (drop zero-variance groups; fresh prompts refill the batch), difficulty-aware selection
+(stop issuing prompts that are always or never solved) and rollout reuse (recent groups fill part
+of a batch again). Tasks name the newest weights step the trainer has published (or is
+publishing), never one it may not publish. Everything it must remember across a restart is in
+``state_dict()``, which the trainer checkpoints.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -17,13 +20,16 @@ import numpy as np
 
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.kvstore import KVStore
+from rlax_tpu.replay import keys
 from trainer.replay_controller import Admitted, ReplayController
+from trainer.reuse import ReuseBuffer
 
 log = logging.getLogger(__name__)
 
 
 class CollectTimeout(RuntimeError):
-    """No rollouts arrived in time: are inference workers running against this store?"""
+    """No usable rollout group arrived in time; the message says what was seen (no worker alive,
+    workers waiting for weights, every group dropped by a filter)."""
 
 
 class DifficultyTracker:
@@ -85,6 +91,10 @@ class Controller:
         self.difficulty = DifficultyTracker(config.rl.difficulty_filter, config.rl.difficulty_min_groups,
                                             state.get("difficulty"))
         self.dropped_zero_variance = int(state.get("dropped_zero_variance", 0))
+        r = config.rl
+        self.reuse = ReuseBuffer(kv, fraction=r.reuse_fraction, max_uses=r.reuse_max_uses, max_age=r.reuse_max_age,
+                                 state=state.get("reuse"))
+        self.replay.retain(self.reuse.retained())
 
     # ------------------------------------------------------------------ issuing
     def _next_prompt(self) -> dict:
@@ -112,16 +122,33 @@ class Controller:
         return len(requests)
 
     # ------------------------------------------------------------------ collecting
-    def collect(self, step: int, num_groups: int, *, should_stop: Callable[[], bool], timeout_s: float,
-                poll_s: float) -> tuple[list[Admitted], dict]:
-        """Blocks until ``num_groups`` groups are admitted at ``step`` (sorted by task id)."""
+    def collect(self, step: int, num_groups: int, *, weights_step: int, should_stop: Callable[[], bool],
+                timeout_s: float, poll_s: float) -> tuple[list[Admitted], dict]:
+        """Blocks until ``num_groups`` groups are admitted at trainer ``step``: reused ones first
+        (rollout reuse), then fresh ones, the fresh tasks issued for ``weights_step`` (the newest
+        step the trainer has published or is publishing). Returns them sorted by task id, and
+        stats. Raises CollectTimeout after ``timeout_s`` without a usable group."""
+        reused = self.reuse.take(step, self.reuse.slots(num_groups))
+        fresh, stats = self._collect_fresh(step, num_groups - len(reused), weights_step, should_stop, timeout_s,
+                                           poll_s)
+        if not fresh and num_groups - len(reused) > 0:  # stopped
+            return [], stats
+        self.reuse.add(fresh)
+        self.replay.retain(self.reuse.retained())
+        if self.reuse.enabled:
+            stats.update(self.reuse.metrics(reused, num_groups))
+        batch = sorted(fresh + reused, key=lambda a: a.task.task_id)
+        return batch, stats
+
+    def _collect_fresh(self, step, num_groups, weights_step, should_stop, timeout_s, poll_s):
         batch: list[Admitted] = []
         stats = {"dropped_stale": 0, "dropped_future": 0, "dropped_zero_variance": 0, "invalid": 0}
-        start = last_progress = time.monotonic()
+        start = last_kept = time.monotonic()
+        dropped_since_kept = 0
         while len(batch) < num_groups:
             if should_stop():
                 return [], stats
-            self.fill(weights_step=step)
+            self.fill(weights_step=weights_step)
             res = self.replay.poll(step, limit=num_groups - len(batch))
             stats["dropped_stale"] += len(res.dropped_stale)
             stats["dropped_future"] += len(res.dropped_future)
@@ -132,20 +159,48 @@ class Controller:
                 if self.config.rl.dynamic_sampling and is_zero_variance(a):
                     stats["dropped_zero_variance"] += 1
                     self.dropped_zero_variance += 1
+                    dropped_since_kept += 1
                     continue
                 batch.append(a)
-            if res.admitted or res.dropped_stale or res.dropped_future:
-                last_progress = time.monotonic()
-            elif time.monotonic() - last_progress > timeout_s:
-                raise CollectTimeout(
-                    f"no rollout arrived for {timeout_s:.0f}s at step {step} ({len(batch)}/{num_groups} "
-                    f"groups, {self.replay.in_flight} tasks in flight in {self.replay.kv.url}): are "
-                    "inference workers running with the same store.url? (config.replay.collect_timeout_s)")
+                last_kept, dropped_since_kept = time.monotonic(), 0
+            dropped_since_kept += len(res.dropped_stale) + len(res.dropped_future) + len(res.invalid)
+            if time.monotonic() - last_kept > timeout_s:
+                raise CollectTimeout(self._diagnose(step, weights_step, len(batch), num_groups, timeout_s,
+                                                    arrived=dropped_since_kept > 0, stats=stats))
             if len(batch) < num_groups:
                 time.sleep(poll_s)
         stats["wait_s"] = time.monotonic() - start
-        batch.sort(key=lambda a: a.task.task_id)
         return batch, stats
+
+    def _diagnose(self, step, weights_step, have, want, timeout_s, *, arrived: bool, stats: dict) -> str:
+        """Why no usable group came: from the workers' heartbeats and what did arrive."""
+        c = self.config
+        head = (f"no usable rollout group for {timeout_s:.0f}s at step {step} ({have}/{want} groups, "
+                f"{self.replay.in_flight} tasks in flight for weights step {weights_step} in {self.replay.kv.url}; "
+                "config.replay.collect_timeout_s): ")
+        if arrived:
+            return head + (f"groups arrived but all were dropped: {stats['dropped_zero_variance']} by dynamic "
+                           f"sampling (every sample got the same reward: rl.dynamic_sampling), "
+                           f"{stats['dropped_stale']} too stale (rl.max_staleness={c.rl.max_staleness}), "
+                           f"{stats['dropped_future']} from weights newer than this step (a restart discarded "
+                           f"them), {stats['invalid']} invalid")
+        now, alive, behind = time.time(), [], []
+        for key, entry in self.replay.kv.iter_values(keys.WORKERS):
+            try:
+                hb = json.loads(entry.value)
+            except ValueError:
+                continue
+            if hb.get("state") == "running" and now - float(hb.get("time", 0)) < 3 * c.replay.heartbeat_seconds:
+                alive.append(key[len(keys.WORKERS):])
+                if hb.get("weights_step") is not None and int(hb["weights_step"]) < weights_step:
+                    behind.append(f"{key[len(keys.WORKERS):]} (step {hb['weights_step']})")
+        if not alive:
+            return head + ("no inference worker is alive (no fresh heartbeat under workers/): start workers "
+                           "with the same store.url")
+        if behind and len(behind) == len(alive):
+            return head + (f"every live worker waits for the weights of step {weights_step} and holds older ones: "
+                           f"{', '.join(behind)}; is the trainer's publish reaching the store?")
+        return head + f"{len(alive)} worker(s) alive ({', '.join(alive)}) but no group came back"
 
     def group_metrics(self, groups: list[Admitted]) -> dict:
         rewards = np.array([s.reward for a in groups for s in a.group.samples], np.float32)
@@ -165,6 +220,7 @@ class Controller:
             "data": self._prompts.get_state(),
             "difficulty": self.difficulty.state_dict(),
             "dropped_zero_variance": self.dropped_zero_variance,
+            "reuse": self.reuse.state_dict(),
         }
 
     def close(self) -> None:

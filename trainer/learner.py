@@ -27,12 +27,19 @@ SEQ_KEYS = ("tokens", "targets", "positions", "segment_ids")
 
 @dataclasses.dataclass(frozen=True)
 class LearnerSpec:
-    """Static settings of the compiled steps."""
+    """Static settings of the compiled steps and of the update schedule (config.rl.ppo_epochs,
+    config.rl.mini_batches: the optimizer updates one admitted batch gets)."""
 
     micro_batches: int
     logprob_chunk: int
     remat: bool
     compute_entropy: bool
+    ppo_epochs: int = 1
+    mini_batches: int = 1
+
+    @property
+    def updates_per_batch(self) -> int:
+        return self.ppo_epochs * self.mini_batches
 
 
 def _model_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef=None, value_params=None,
@@ -101,10 +108,9 @@ def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec)
 
 
 def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, loss: rl.RLLoss):
-    """One RL update. Advantages are computed on the whole batch first (groups never straddle
-    micro-batches), then the loss is accumulated over micro-batches."""
+    """One optimizer update on a (mini-)batch whose advantages are already in it (computed on the
+    whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches."""
     s = loss.settings
-    batch = rl.with_advantages(s, batch)
 
     def loss_fn(trainable, mb):
         logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec,
@@ -133,6 +139,37 @@ def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     return logp, values
 
 
+# Per-update metrics combined over a batch's updates: the extreme for *_max / *_min, else the mean.
+def combine_metrics(per_update: list[dict]) -> dict:
+    out = {}
+    for k in per_update[0]:
+        vals = np.asarray([float(m[k]) for m in per_update])
+        out[k] = float(vals.max() if k.endswith("_max") else vals.min() if k.endswith("_min") else vals.mean())
+    out["updates"] = len(per_update)
+    return out
+
+
+def mini_batch_groups(num_groups: int, spec: LearnerSpec, seed: int) -> list[np.ndarray]:
+    """The groups of each update, in order: every epoch covers every group once, split into
+    spec.mini_batches equal parts; the first epoch in batch order, later ones in a seeded
+    permutation (so an update does not always pair the same groups)."""
+    per = num_groups // spec.mini_batches
+    out = []
+    for epoch in range(spec.ppo_epochs):
+        order = np.arange(num_groups) if epoch == 0 else np.random.default_rng([seed, epoch]).permutation(num_groups)
+        out += [np.sort(order[i * per:(i + 1) * per]) for i in range(spec.mini_batches)]
+    return out
+
+
+def select_groups(host: dict, groups: np.ndarray, group_size: int) -> dict:
+    """The rows of ``groups`` (contiguous rows of group_size each), group ids renumbered 0.."""
+    rows = (groups[:, None] * group_size + np.arange(group_size)[None, :]).ravel()
+    out = {k: v[rows] for k, v in host.items()}
+    if "group_ids" in out:
+        out["group_ids"] = np.repeat(np.arange(len(groups), dtype=np.int32), group_size)
+    return out
+
+
 class Learner:
     """Owns the compiled steps for one mesh, layout and optimizer."""
 
@@ -145,8 +182,10 @@ class Learner:
         self._sft = jax.jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
                             in_shardings=(state_sh, None), out_shardings=(state_sh, None),
                             donate_argnums=(0,))
-        self._rl = None
+        self._rl = self._advantages = None
+        self.group_size = None if loss is None else loss.settings.group_size
         if loss is not None:
+            self._advantages = jax.jit(functools.partial(rl.with_advantages, loss.settings))
             self._rl = jax.jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec,
                                                  loss=loss),
                                in_shardings=(state_sh, None), out_shardings=(state_sh, None),
@@ -171,6 +210,26 @@ class Learner:
     def rl_step(self, state, batch):
         with jax.transfer_guard("disallow"):
             return self._rl(state, batch)
+
+    def with_advantages(self, batch):
+        """Advantages (and returns, shaped rewards) on the whole placed batch."""
+        with jax.transfer_guard("disallow"):
+            return self._advantages(batch)
+
+    def rl_update(self, state, batch, *, seed: int):
+        """All of a batch's optimizer updates (spec.ppo_epochs x spec.mini_batches), the
+        proximal log-probs in ``batch`` fixed before the first; returns (state, host metrics
+        combined over the updates). ``batch`` is placed and has its advantages."""
+        if self.spec.updates_per_batch == 1:
+            state, m = self.rl_step(state, batch)
+            return state, {**to_host(m), "updates": 1}
+        host = to_host(batch)  # mini-batches are cut on the host, then placed like any batch
+        num_groups = host["rewards"].shape[0] // self.group_size
+        per_update = []
+        for groups in mini_batch_groups(num_groups, self.spec, seed):
+            state, m = self.rl_step(state, self.place(select_groups(host, groups, self.group_size)))
+            per_update.append(to_host(m))
+        return state, combine_metrics(per_update)
 
     def recompute(self, params, batch):
         with jax.transfer_guard("disallow"):

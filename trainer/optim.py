@@ -28,12 +28,14 @@ NO_DECAY_PATTERN = re.compile(r"(^|[/_.])(norm|ln|layernorm|rmsnorm|bias|biases|
                               re.IGNORECASE)
 
 
-def make_schedule(trainer_section: Any, total_steps: int | None = None) -> optax.Schedule:
-    """The learning rate as a function of the update count (0-based), per config.trainer."""
+def make_schedule(trainer_section: Any, total_steps: int | None = None,
+                  updates_per_step: int = 1) -> optax.Schedule:
+    """The learning rate as a function of the update count (0-based), per config.trainer, whose
+    steps and warm-up steps count trainer steps of ``updates_per_step`` updates each."""
     c = trainer_section
-    total = int(total_steps if total_steps is not None else c.steps)
+    total = int(total_steps if total_steps is not None else c.steps) * updates_per_step
     peak = float(c.learning_rate)
-    warmup = int(c.warmup_steps)
+    warmup = int(c.warmup_steps) * updates_per_step
     end = peak * float(c.min_lr_ratio)
     if c.schedule == "constant":
         main = optax.constant_schedule(peak)
@@ -62,15 +64,16 @@ def decay_mask(params: Any) -> Any:
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def make_optimizer(trainer_section: Any, total_steps: int | None = None
+def make_optimizer(trainer_section: Any, total_steps: int | None = None, updates_per_step: int = 1
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns ``(optimizer, schedule_fn)`` from config.trainer.
 
     ``schedule_fn(count)`` is the learning rate used by the ``count``-th update (log it as
-    ``lr``). ``total_steps`` overrides ``trainer.steps`` as the schedule length.
+    ``lr``). ``total_steps`` overrides ``trainer.steps`` as the schedule length; each step is
+    ``updates_per_step`` optimizer updates (config.rl.ppo_epochs x config.rl.mini_batches).
     """
     c = trainer_section
-    schedule = make_schedule(c, total_steps)
+    schedule = make_schedule(c, total_steps, updates_per_step)
     parts = []
     if float(c.grad_clip) > 0:
         parts.append(optax.clip_by_global_norm(float(c.grad_clip)))

@@ -52,6 +52,7 @@ class Admitted:
     task: Task
     group: RolloutGroup
     staleness: int  # trainer step - the group's oldest weights step
+    reused: bool = False  # trained on before (rollout reuse)
 
 
 @dataclasses.dataclass
@@ -89,6 +90,7 @@ class ReplayController:
         self._next = 0
         self._issued: dict[str, str] = {}  # outstanding task id -> task digest
         self._consumed: set[str] = set()  # admitted, records not yet deleted (awaiting ack)
+        self._retained: set[str] = set()  # consumed ones whose records must outlive acks (reuse)
         self.counters = dict.fromkeys(COUNTERS, 0)
         self._pool = ThreadPoolExecutor(8, thread_name_prefix="replay-ctl")
         if state is not None:
@@ -114,6 +116,7 @@ class ReplayController:
             "next_task_id": self._next,
             "issued": dict(sorted(self._issued.items())),
             "consumed": sorted(self._consumed),
+            "retained": sorted(self._retained),
             "counters": dict(self.counters),
         }
 
@@ -124,6 +127,7 @@ class ReplayController:
             self._next = int(state["next_task_id"])
             self._issued = {str(k): str(v) for k, v in state["issued"].items()}
             self._consumed = {str(k) for k in state["consumed"]}
+            self._retained = {str(k) for k in state.get("retained", [])} & self._consumed
             for k, v in state.get("counters", {}).items():
                 self.counters[k] = int(v)
         except (KeyError, TypeError, ValueError, AttributeError) as e:
@@ -289,10 +293,16 @@ class ReplayController:
 
     # ------------------------------------------------------------------ acknowledging
 
+    def retain(self, task_ids: set[str]) -> None:
+        """Consumed tasks whose records acks must keep (until a later state no longer retains them)."""
+        self._retained = set(task_ids) & self._consumed
+
     def ack(self, committed_state: dict) -> int:
         """Deletes the records of tasks consumed in ``committed_state`` (a state_dict() saved in a
-        checkpoint that is now committed). Returns how many tasks were acknowledged."""
-        consumed = [str(t) for t in committed_state.get("consumed", [])]
+        checkpoint that is now committed), except those it retains. Returns how many tasks were
+        acknowledged."""
+        kept = set(committed_state.get("retained", []))
+        consumed = [str(t) for t in committed_state.get("consumed", []) if str(t) not in kept]
         if consumed:
             self._delete_records(consumed)
             self._consumed.difference_update(consumed)

@@ -48,7 +48,9 @@ class Trainer:
         os.makedirs(self.local, exist_ok=True)
         self.mesh = sharding.make_mesh(config.mesh)
         self.rows = config.trainer.batch_size * config.rl.group_size
-        check_batch_divides_mesh(self.rows, self.mesh, config.trainer.micro_batches, "trainer.batch_size")
+        check_batch_divides_mesh(self.rows // config.rl.mini_batches, self.mesh, config.trainer.micro_batches,
+                                 "trainer.batch_size")
+        self.updates_per_step = config.rl.ppo_epochs * config.rl.mini_batches
         self.kv = KVStore.open(config.store.url, workdir)
         self.store = ParamStore.open(self.kv, config=config)
         self.epoch = self.store.acquire_epoch(workdir=workdir, pid=os.getpid()) if self.primary else None
@@ -56,7 +58,8 @@ class Trainer:
         self.tok = bootstrap.build_tokenizer(config, workdir, self.task, self.kv)
         self.model_cfg = bootstrap.model_config(config, self.tok)
         self.loss = rl.build_loss(config.rl)
-        self.optimizer, self.schedule = make_optimizer(config.trainer, total_steps=config.trainer.steps)
+        self.optimizer, self.schedule = make_optimizer(config.trainer, total_steps=config.trainer.steps,
+                                                       updates_per_step=self.updates_per_step)
         self.ckpt = Checkpointer(workdir, keep=config.trainer.keep_checkpoints,
                                  async_save=config.trainer.async_checkpoint)
         # A fresh run tells workers its model now (they start compiling during SFT); a resumed one
@@ -71,6 +74,7 @@ class Trainer:
         self._pending_acks: dict[int, dict] = {}
         self._saved: set[int] = set()
         self._publish = None
+        self.published_step = 0  # the newest step published (or being published): what tasks ask for
 
     def _write_meta(self) -> None:
         if self._meta_pending:
@@ -129,6 +133,7 @@ class Trainer:
         if self._publish is not None:
             self._publish.result()  # a failed publish surfaces here, in the trainer
         self._publish = self.store.publish_async(params["model"], step, **self._keep(step))
+        self.published_step = step
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -153,8 +158,10 @@ class Trainer:
             self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
         self.store.publish(state["params"]["model"], step, **self._keep(step))
+        self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                           remat=c.trainer.remat, compute_entropy=True)
+                           remat=c.trainer.remat, compute_entropy=True, ppo_epochs=c.rl.ppo_epochs,
+                           mini_batches=c.rl.mini_batches)
         learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
         timer = Timer()
         while step < c.trainer.steps and not self.stop.requested:
@@ -168,6 +175,8 @@ class Trainer:
             weights_steps = host.pop("weights_steps")
             batch = learner.place(host)
             with timer("recompute"):
+                # The proximal policy: this step's parameters before its first update (decoupled
+                # PPO's pi_prox; the PPO ratio's denominator for every update of the batch).
                 prox, old_values = learner.recompute(state["params"], batch)
                 batch["proximal_logp"] = prox
                 if old_values is not None:
@@ -175,21 +184,24 @@ class Trainer:
                 ref = state.get("ref")  # frozen: kept out of the donated train state
                 if ref is not None:
                     batch["ref_logp"] = learner.ref_logprobs(ref, batch)
+                batch = learner.with_advantages(batch)
             with timer("train"):
-                train_state, m = learner.rl_step({k: v for k, v in state.items() if k != "ref"}, batch)
+                train_state, m = learner.rl_update({k: v for k, v in state.items() if k != "ref"}, batch,
+                                                   seed=c.seed * 1_000_003 + step)
                 state = train_state if ref is None else {**train_state, "ref": ref}
-                m = to_host(m)
             step += 1
             with timer("publish"):
                 if step % c.trainer.publish_every == 0 or step == c.trainer.steps:
                     self._publish_async(state["params"], step)
             prox_host = to_host(prox)  # a collective on several hosts: every process calls it
-            record = {**m, **timer.pop(), "lr": float(self.schedule(step - 1))}
+            record = {**m, **timer.pop(), "lr": float(self.schedule(step * self.updates_per_step - 1))}
             if self.primary:
                 record.update(controller.group_metrics(groups))
                 # The lineage of admitted tasks (checked by tests/test_chaos.py: each at most once).
-                record["replay/task_ids"] = " ".join(a.task.task_id for a in groups)
-                record.update({f"collect/{k}": v for k, v in cstats.items()})
+                record["replay/task_ids"] = " ".join(a.task.task_id for a in groups if not a.reused)
+                if any(a.reused for a in groups):
+                    record["reuse/task_ids"] = " ".join(a.task.task_id for a in groups if a.reused)
+                record.update({k if "/" in k else f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in weights_steps], prefix="staleness"))
                 record.update(_mismatch(host, prox_host, weights_steps == step - 1))
                 self._log_batch(step - 1, groups)
@@ -201,7 +213,7 @@ class Trainer:
 
     def _log_batch(self, step: int, groups) -> None:
         """<workdir>/batches.jsonl: what step ``step`` trained on (a restart appends its redo)."""
-        rec = {"step": step, "task_ids": [a.task.task_id for a in groups],
+        rec = {"step": step, "task_ids": [a.task.task_id for a in groups], "reused": [a.reused for a in groups],
                "prompt_ids": [a.task.prompt_id for a in groups],
                "weights_steps": [[int(s.weights_step) for s in a.group.samples] for a in groups],
                "rewards": [[float(s.reward) for s in a.group.samples] for a in groups],
@@ -214,8 +226,9 @@ class Trainer:
         if controller is None:
             return [], {}
         c = self.config
-        return controller.collect(step, c.trainer.batch_size, should_stop=lambda: self.stop.requested,
-                                  timeout_s=c.replay.collect_timeout_s, poll_s=c.replay.poll_seconds)
+        return controller.collect(step, c.trainer.batch_size, weights_step=self.published_step,
+                                  should_stop=lambda: self.stop.requested, timeout_s=c.replay.collect_timeout_s,
+                                  poll_s=c.replay.poll_seconds)
 
     def _finish(self, state, step: int, controller) -> int:
         """Final (or SIGTERM) checkpoint of the current step, published weights, clean shutdown."""

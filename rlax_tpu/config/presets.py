@@ -42,6 +42,10 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
     c.sft.max_len = 48
     c.rl.group_size = 8
     c.rl.max_staleness = 1
+    # Two mini-batch updates per admitted batch, two passes: the ratio leaves 1 after the first
+    # update, so the clip acts (one update per batch would make every loss plain REINFORCE).
+    c.rl.mini_batches = 2
+    c.rl.ppo_epochs = 2
     # Drop groups whose samples all agree (no signal) and refill the batch (DAPO).
     c.rl.dynamic_sampling = True
     c.trainer.steps = 500
@@ -74,6 +78,7 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
         c.sft.steps = 20
         c.sft.batch_size = 16
         c.rl.group_size = 4
+        c.rl.ppo_epochs = 1
         c.trainer.steps = 4
         c.trainer.batch_size = 2
         c.trainer.checkpoint_every = 2

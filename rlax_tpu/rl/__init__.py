@@ -20,13 +20,13 @@ from rlax_tpu.rl.registry import (
     register_off_policy,
     register_policy_loss,
 )
-from rlax_tpu.rl.settings import RLSettings, as_settings, settings
+from rlax_tpu.rl.settings import RLSettings, as_settings
 from rlax_tpu.rl.shaping import overlong_filter, overlong_penalty
 from rlax_tpu.rl.value import ValueHead, clipped_value_loss
 
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "OFF_POLICY", "POLICY_LOSSES",
-    "AdvantageResult", "RLLoss", "RLSettings", "Registry", "ValueHead", "as_settings", "settings",
+    "AdvantageResult", "RLLoss", "RLSettings", "Registry", "ValueHead", "as_settings",
     "build_loss", "clipped_value_loss", "compute_advantages", "discounted_returns",
     "gae", "overlong_filter", "overlong_penalty", "register_advantage",
     "register_aggregation", "register_kl_estimator", "register_off_policy",

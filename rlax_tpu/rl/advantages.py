@@ -110,11 +110,34 @@ def reinforce_pp(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, 
 
 @register_advantage("reinforce_pp_baseline")
 def reinforce_pp_baseline(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, values=None):
-    """REINFORCE++-baseline: group-mean baseline on the reward, then the global std."""
+    """REINFORCE++-baseline: the group-mean baseline on the reward, then the batch's token mean
+    and std (as the reference implementations, OpenRLHF and verl, whiten): without re-centering,
+    when reward correlates with length the token mean is off zero and every token gets a constant
+    push."""
     _, mean, _ = group_stats(rewards, group_ids, valid)
     outcome = _outcome_token_rewards(rewards - mean, mask, token_rewards)
     g = discounted_returns(outcome, mask, s.gamma)
-    return whiten(g, mask, s.adv_eps, shift_mean=False), None
+    return whiten(g, mask, s.adv_eps), None
+
+
+@register_advantage("grpo_passk")
+def grpo_passk(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, values=None):
+    """Pass@k-aware GRPO (arXiv 2503.19595, verl's grpo_passk): only each group's best sample
+    (the first, on ties) gets an advantage, (r_max - r_second) / (std_g + eps); the rest get 0.
+    A prompt already solved twice teaches nothing more, so the update favours rare successes and
+    leaves the spread of the other samples alone (pass@k is kept, not traded for pass@1)."""
+    r = _seq_rewards(rewards, mask, token_rewards)
+    b = r.shape[0]
+    rows = jnp.arange(b)
+    neg = jnp.float32(-jnp.inf)
+    r_valid = jnp.where(valid, r, neg)
+    best = jax.ops.segment_max(r_valid, group_ids, num_segments=b)[group_ids]
+    first = jax.ops.segment_min(jnp.where(valid & (r_valid == best), rows, b), group_ids, num_segments=b)
+    is_best = rows == first[group_ids]
+    second = jax.ops.segment_max(jnp.where(is_best, neg, r_valid), group_ids, num_segments=b)[group_ids]
+    count, _, std = group_stats(r, group_ids, valid)
+    adv = jnp.where(is_best & (count > 1), (best - second) / (std + s.adv_eps), 0.0)
+    return _broadcast(adv, mask), None
 
 
 @register_advantage("gae")

@@ -49,25 +49,16 @@ class RLSettings:
         return cls(**{f.name: rl_section[f.name] for f in dataclasses.fields(cls)})
 
 
-def settings(**overrides) -> RLSettings:
-    """The default config.rl's settings with ``overrides`` (a typo names the field)."""
-    from rlax_tpu.config.base import get_base_config
-
-    section = get_base_config().rl
-    unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(RLSettings)})
-    if unknown:
-        from rlax_tpu.config.errors import ConfigError
-
-        raise ConfigError(f"rl.{unknown[0]}", "no such loss field")
-    for k, v in overrides.items():
-        section[k] = v
-    return RLSettings.from_config(section)
-
-
 def as_settings(cfg: Any) -> RLSettings:
-    """An RLSettings from an RLSettings, a config.rl ConfigDict or a dict of overrides."""
+    """An RLSettings from an RLSettings, a config.rl ConfigDict or a dict naming every field."""
     if isinstance(cfg, RLSettings):
         return cfg
     if hasattr(cfg, "to_dict"):
         return RLSettings.from_config(cfg)
-    return settings(**dict(cfg))
+    fields = {f.name for f in dataclasses.fields(RLSettings)}
+    unknown = sorted(set(cfg) - fields)
+    if unknown:
+        from rlax_tpu.config.errors import ConfigError
+
+        raise ConfigError(f"rl.{unknown[0]}", "no such loss field")
+    return RLSettings(**dict(cfg))

@@ -120,7 +120,7 @@ def published(workdir: str) -> tuple[int, dict[str, np.ndarray]]:
     """(step, params as numpy) of the newest weights in the run's param store."""
     import jax
 
-    from inference_worker.worker import abstract_params
+    from inference_worker.bootstrap import abstract_params
     from param_server import ParamStore
     from rlax_tpu import run_meta
     from rlax_tpu.kvstore import KVStore

@@ -27,7 +27,7 @@ def test_status_and_janitor(tmp_path):
     for step in (10, 20, 30):
         store.publish(params, step=step)
     store.pin(1, "worker-7", ttl_s=300)
-    store.kv.put("workers/worker-7", json.dumps({"time": 0.0, "version": 1, "rollouts": 12}).encode())
+    store.kv.put("workers/worker-7", json.dumps({"time": 0.0, "weights_step": 10, "rollouts": 12}).encode())
     store.kv.put("workers/worker-8", b"\x00not json")
 
     res = _main(workdir, "--mode=status")

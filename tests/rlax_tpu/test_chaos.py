@@ -233,7 +233,7 @@ def _check_final_checkpoint_and_lineage(workdir: str) -> None:
 
 
 def _check_weights(workdir: str, workers: list[Role]) -> None:
-    from inference_worker.worker import abstract_params
+    from inference_worker.bootstrap import abstract_params
     from param_server import ParamStore
     from rlax_tpu import run_meta, sharding
     from rlax_tpu.launch import load_config

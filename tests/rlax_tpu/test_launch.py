@@ -1,5 +1,6 @@
-"""rlax_tpu.launch: supervision of role processes (fake roles), signals, workdir handling, and one
-real smoke run (janitor, trainer, two inference workers) to completion."""
+"""rlax_tpu.launch: supervision of role processes (fake roles), signals, workdir handling, worker
+pinning, and one real smoke run (janitor, trainer, two inference workers, the evaluator) to
+completion."""
 
 import io
 import json
@@ -24,6 +25,11 @@ _ROLE = textwrap.dedent("""
         open(os.path.join(d, name + ".stopped"), "w").write("TERM")
         sys.exit(0)
     signal.signal(signal.SIGTERM, signal.SIG_IGN if mode == "ignore_term" else term)
+    def usr1(*a):  # the evaluator asked to finish: one more 'evaluation', then a clean exit
+        time.sleep(0.5)
+        open(os.path.join(d, name + ".finished"), "w").write("USR1")
+        sys.exit(0)
+    signal.signal(signal.SIGUSR1, usr1)
     open(os.path.join(d, name + ".pid"), "w").write(str(os.getpid()))
     print(f"{name} up", flush=True)
     if mode in ("fail", "finish"):
@@ -115,6 +121,39 @@ def test_trainer_exit_zero_stops_all_and_echoes_progress(tmp_path):
     assert (wd / "logs" / "trainer.log").read_text().count("[progress] step 2/2\n") == 2
 
 
+def test_after_the_trainer_the_evaluator_is_asked_to_finish_and_waited_for(tmp_path):
+    d = tmp_path / "marks"
+    d.mkdir()
+    out = io.StringIO()
+    rc = launch.run(_config(tmp_path), str(tmp_path / "wd"), [],
+                    commands=_commands(d, param_server="run", trainer="finish", worker_0="run", evaluator="run"),
+                    out=out)
+    text = out.getvalue()
+    assert rc == 0, text
+    assert (d / "worker_0.stopped").exists() and (d / "param_server.stopped").exists()
+    assert (d / "evaluator.finished").exists() and not (d / "evaluator.stopped").exists()
+    assert "waiting for the evaluator" in text
+
+
+def test_pinned_workers_get_one_core_each(tmp_path):
+    assert launch.worker_cores(["worker_0", "worker_1", "worker_2"], 1, cores=[0, 1, 2]) == \
+        {"worker_0": 1, "worker_1": 2, "worker_2": 1}
+    assert launch.worker_cores(["worker_0"], 2, cores=[0, 1]) == {"worker_0": 0}  # no core left: share
+    d = tmp_path / "marks"
+    d.mkdir()
+    cfg = tmp_path / "pin.py"
+    cfg.write_text(open(_config(tmp_path)).read().replace("return c", "c.launch.pin_workers = True\n    return c"))
+    probe = ("import os, sys; open(sys.argv[1], 'w').write(repr((sorted(os.sched_getaffinity(0)), "
+             "os.environ.get('XLA_FLAGS', ''))))")
+    cmds = {"trainer": [sys.executable, "-c", probe, str(d / "trainer.txt")],
+            "worker_0": [sys.executable, "-c", probe + "; import time; time.sleep(30)", str(d / "w0.txt")]}
+    launch.run(str(cfg), str(tmp_path / "wd"), [], commands=cmds, out=io.StringIO())
+    cores, flags = eval((d / "w0.txt").read_text())
+    want = launch.worker_cores(["worker_0"], 1)["worker_0"]
+    assert cores == [want] and launch.SINGLE_THREAD_XLA in flags
+    assert launch.SINGLE_THREAD_XLA not in eval((d / "trainer.txt").read_text())[1]
+
+
 def test_sigint_to_launcher_stops_every_role(tmp_path):
     d = tmp_path / "marks"
     d.mkdir()
@@ -149,8 +188,9 @@ def test_commands_overrides_and_config(tmp_path):
     assert ov == ["--config.rl.max_staleness=0", "--noconfig.trainer.remat"]
     with pytest.raises(launch.LaunchError, match="--config.rl.max_staleness=VALUE"):
         launch.passthrough_overrides(["--config.rl.max_staleness", "0"])
-    cmds = launch.role_commands(f"{cfg}:smoke", "/w", ov, 2)
-    assert list(cmds) == ["param_server", "trainer", "worker_0", "worker_1"]
+    cmds = launch.role_commands(f"{cfg}:smoke", "/w", ov, 2, evaluator=True)
+    assert list(cmds) == ["param_server", "trainer", "worker_0", "worker_1", "evaluator"]
+    assert cmds["evaluator"][2] == "inference_worker.evaluator"
     assert cmds["trainer"] == [sys.executable, "-m", "trainer.main", f"--config={cfg}:smoke",
                                "--workdir=/w", *ov]
     assert cmds["worker_1"][2] == "inference_worker.main" and cmds["worker_1"][-1] == "--worker_id=worker_1"
@@ -189,7 +229,8 @@ def test_cli_rejects_bad_override(tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_real_roles_smoke_run_to_completion(tmp_path):
-    """The real roles: janitor, trainer and config.launch.num_workers=2 workers, to exit 0."""
+    """The real roles: janitor, trainer, config.launch.num_workers=2 workers and the evaluator, to
+    exit 0."""
     wd = tmp_path / "wd"
     env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
@@ -198,15 +239,18 @@ def test_real_roles_smoke_run_to_completion(tmp_path):
     # runs its SIGTERM handler (which writes the 'stopped' heartbeat checked below) only after the
     # compile, which on a loaded 2-core machine can outlast 30 s and end in SIGKILL.
     cmd = [sys.executable, "-m", "rlax_tpu.launch", "--config=configs/arith_grpo.py:smoke", f"--workdir={wd}",
-           "--config.eval.num_samples=0", "--config.sft.steps=5", "--config.store.janitor_interval_s=2",
+           "--config.task.num_eval=4", "--config.sft.steps=5", "--config.store.janitor_interval_s=2",
            "--config.launch.grace_s=120"]
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=840)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
     assert "[trainer] [progress] step 4/4" in out and "trainer finished (exit code 0)" in out, out[-4000:]
-    assert "alive 4/4: param_server trainer worker_0 worker_1" in out
+    assert "alive 5/5: param_server trainer worker_0 worker_1 evaluator" in out
     logs = wd / "logs"
-    assert sorted(os.listdir(logs)) == ["param_server.log", "trainer.log", "worker_0.log", "worker_1.log"]
+    assert sorted(os.listdir(logs)) == ["evaluator.log", "param_server.log", "trainer.log", "worker_0.log",
+                                        "worker_1.log"]
+    evals = [json.loads(line) for line in (wd / "eval.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in evals] == [0, 4] and all(0 <= e["pass@1"] <= e["pass@2"] <= 1 for e in evals)
     assert '{"gc":' in (logs / "param_server.log").read_text()  # the janitor ran
     for i in range(2):
         assert "weights v" in (logs / f"worker_{i}.log").read_text()

@@ -64,10 +64,10 @@ def reference():
 
 
 @pytest.mark.parametrize("sizes,rules,expected", EXPECTED)
-def test_create_sharded_layout_values_and_forward(reference, sizes, rules, expected):
+def test_sharded_init_layout_values_and_forward(reference, sizes, rules, expected):
     ref_model, (tokens, pos, mask), ref_logits = reference
     mesh = mesh_of(**{"fsdp": 1, **sizes})
-    model = sharding.create_sharded(CFG, mesh, rules, seed=3)
+    model = models.init(CFG, 3, mesh=mesh, rules=rules)
     flat = {tuple(p): v.get_value() for p, v in nnx.to_flat_state(nnx.state(model))}
     for path, spec in expected.items():
         arr = flat[path]
@@ -77,7 +77,7 @@ def test_create_sharded_layout_values_and_forward(reference, sizes, rules, expec
                               strict=True):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
     if sizes == dict(data=2, fsdp=2, tensor=2):  # one forward under jit with sharded params + batch
-        batch = sharding.shard_batch((tokens, pos, mask), mesh)
+        batch = [jax.device_put(x, sharding.batch_sharding(mesh, x.ndim)) for x in (tokens, pos, mask)]
         out = jax.jit(lambda m, *a: m(*a))(model, *batch)
         np.testing.assert_allclose(np.asarray(out), ref_logits, atol=1e-5)
 
@@ -90,11 +90,8 @@ def test_strict_mode_names_param_and_axis():
         sharding.param_shardings(abstract, mesh, sharding.INFERENCE_RULES, strict=True)
 
 
-def test_logical_to_mesh_sharding_tree():
+def test_batch_sharding():
     mesh = mesh_of(fsdp=4, tensor=2)
-    tree = {"a": ("embed", "mlp"), "b": [("vocab", None)]}
-    out = sharding.logical_to_mesh_sharding(tree, mesh, sharding.TRAIN_RULES)
-    assert out["a"].spec == P("fsdp", "tensor") and out["b"][0].spec == P("tensor", None)
     assert sharding.batch_sharding(mesh, 3).spec == P(("data", "fsdp"), None, None)
 
 

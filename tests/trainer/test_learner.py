@@ -67,7 +67,7 @@ def _groups(rng, completions=None, prompt_len=6):
 def _step(learner, state, host):
     batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
     batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
-    return learner.rl_step(state, batch)
+    return learner.rl_step(state, learner.with_advantages(batch))
 
 
 @pytest.mark.slow
@@ -163,9 +163,52 @@ def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
         batch["proximal_logp"], batch["old_values"] = learner.recompute(state["params"], batch)
         batch["ref_logp"] = learner.ref_logprobs(ref, batch)
-        state, metrics = learner.rl_step(state, batch)
+        state, metrics = learner.rl_step(state, learner.with_advantages(batch))
         metrics = to_host(metrics)
         assert np.isfinite(metrics["loss"]) and metrics["grad_norm"] > 0
         out[m] = to_host(state["params"])
     assert set(out[1]) == {"model", "value"}
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=2e-5), out[1], out[2])
+
+
+def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
+    """One batch through the real schedule (2 epochs x 2 mini-batches, proximal log-probs fixed
+    before the first update): ppo, gspo, cispo and reinforce share the first (on-policy) update,
+    then their ratios move and their updates part; the clip acts."""
+    from trainer.learner import combine_metrics, mini_batch_groups
+
+    c = _config()
+    c.rl.ppo_epochs, c.rl.mini_batches = 2, 2
+    c.rl.loss_agg = "seq_mean_token_mean"
+    c.trainer.learning_rate = 3e-2
+    host = batching.rl_batch(_groups(np.random.default_rng(7)), SEQ)
+    mesh = _mesh(1, 2, 1)
+    after, metrics = {}, {}
+    for name in ("ppo", "gspo", "cispo", "reinforce"):
+        c.rl.policy_loss = name
+        c.rl.clip_eps_low, c.rl.clip_eps_high = (3e-4, 4e-4) if name == "gspo" else (0.2, 0.2)
+        model_cfg = ModelConfig.from_config(c.model)
+        optimizer, _ = make_optimizer(c.trainer, updates_per_step=4)
+        state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
+                                     with_value_head=False)
+        spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True,
+                           ppo_epochs=2, mini_batches=2)
+        learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
+        batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
+        batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
+        state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0)
+        assert m["updates"] == 4
+        after[name], metrics[name] = to_host(state["params"]["model"]), m
+    flat = {k: np.concatenate([x.ravel() for x in jax.tree.leaves(v)]) for k, v in after.items()}
+    names = sorted(flat)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            assert np.abs(flat[a] - flat[b]).max() > 1e-6, (a, b)
+    assert metrics["ppo"]["clip_frac"] > 0 and metrics["ppo"]["approx_kl"] > 0
+    assert metrics["reinforce"]["clip_frac"] == 0  # no clip in the vanilla policy gradient
+    # The schedule: each epoch covers every group once; later epochs reorder them.
+    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, ppo_epochs=3, mini_batches=2), seed=1)
+    assert len(groups) == 6 and all(sorted(np.concatenate(groups[e * 2:e * 2 + 2])) == list(range(8))
+                                    for e in range(3))
+    assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \
+        {"a_max": 3.0, "b": 1.5, "updates": 2}

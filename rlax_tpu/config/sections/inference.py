@@ -28,10 +28,9 @@ def defaults() -> ml_collections.ConfigDict:
     # log lines, for the first weights.
     c.meta_timeout_s = 600.0
     c.weights_timeout_s = 60.0
-    # The worker's own mesh (weights are resharded on pull); by default tensor-parallel only.
-    # data (or fsdp) > 1 splits the slots into that many groups, each decoding on its own devices
-    # (max_batch must divide); on a CPU host one XLA device per core (XLA_FLAGS=
-    # --xla_force_host_platform_device_count=N) with data=N, tensor=1 speeds up small models.
+    # The worker's own mesh (weights are resharded on pull); by default tensor-parallel only over
+    # the worker's devices. data (or fsdp) > 1 also splits the decode slots over those axes
+    # (max_batch must divide by their product).
     c.mesh = mesh_section.defaults()
     c.mesh.fsdp = 1
     c.mesh.tensor = -1
@@ -57,8 +56,8 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     if c.max_batch % groups:
         from rlax_tpu.config.errors import ConfigError
 
-        raise ConfigError("inference.max_batch", f"={c.max_batch} must divide by the {groups} slot groups of "
-                          f"inference.mesh.data x inference.mesh.fsdp")
+        raise ConfigError("inference.max_batch", f"={c.max_batch} must divide by inference.mesh.data x "
+                          f"inference.mesh.fsdp = {groups} (the slots are split over them)")
     group, leases = config.rl.group_size, config.replay.worker_max_leases
     if group * leases > c.max_batch:
         from rlax_tpu.config.errors import ConfigError

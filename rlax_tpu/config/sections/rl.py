@@ -6,7 +6,7 @@ The string fields select functions from the registries in ``rlax_tpu/rl`` (see d
 
 import ml_collections
 
-from rlax_tpu.config.sections._checks import one_of, positive, require
+from rlax_tpu.config.sections._checks import in_range, one_of, positive, require
 
 SECTION = "rl"
 WHITEN = ("none", "batch", "batch_scale")
@@ -18,14 +18,28 @@ def defaults() -> ml_collections.ConfigDict:
     # Samples per prompt (the GRPO group size). Groups are contiguous rows of the batch unless
     # the batch carries explicit 'group_ids'.
     c.group_size = 8
-    # A rollout from policy version v is admitted at trainer step s only if s - v <= this.
-    # 0 is strictly on-policy.
+    # A rollout generated with the weights of trainer step v is admitted at step s only if
+    # s - v <= this. 0 is strictly on-policy (every batch from the newest published weights).
     c.max_staleness = 1
+    # Stale rollouts (max_staleness > 0, or reuse) are corrected by off_policy ('tis' or
+    # 'decoupled'); training on them uncorrected must be asked for explicitly.
+    c.allow_uncorrected_staleness = False
+
+    # --- the update schedule (trainer/learner.py) ---
+    # Each admitted batch is split into mini_batches optimizer updates (groups are never split),
+    # and passed over ppo_epochs times (verl's ppo_mini_batch_size / ppo_epochs, TRL's
+    # num_iterations): after the first update the policy differs from the proximal one (fixed
+    # before the first update), so the ratio moves and the clip acts. trainer.micro_batches
+    # (gradient accumulation inside one update) is a separate memory knob.
+    c.ppo_epochs = 1
+    c.mini_batches = 1
 
     # --- advantages (rlax_tpu/rl/advantages.py) ---
     # Estimator: 'grpo' (group mean/std), 'drgrpo' (group mean, no std), 'rloo' (leave-one-out
     # baseline), 'reinforce_pp' (REINFORCE++: token returns, global batch normalization),
-    # 'reinforce_pp_baseline' (group mean then global std), 'gae' (PPO, needs a value head).
+    # 'reinforce_pp_baseline' (group mean, then the batch's token mean and std), 'grpo_passk'
+    # (pass@k-aware: only each group's best sample is pushed, by r_max - r_second over the group
+    # std), 'gae' (PPO, needs a value head).
     c.advantage = "grpo"
     # Epsilon added to every standard deviation used to normalize advantages.
     c.adv_eps = 1e-6
@@ -73,10 +87,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.entropy_coef = 0.0
 
     # --- off-policy correction (rlax_tpu/rl/off_policy.py) ---
-    # 'none' (ratio against the proximal policy, no behavior correction), 'tis' (truncated
-    # IS: weight min(pi_prox / pi_behav, is_cap)), 'decoupled' (decoupled PPO: weight
+    # Three policies meet in a step: the behavior policy (the engine's weights of the rollout's
+    # weights step, whose log-probs the worker stored), the proximal policy (this step's
+    # parameters before its first update, recomputed by the trainer) and the current one (the
+    # parameters being updated). The PPO ratio is current / proximal; this weight is proximal /
+    # behavior: 'none' (no behavior correction: only for on-policy data), 'tis' (truncated IS:
+    # weight min(pi_prox / pi_behav, is_cap)), 'decoupled' (decoupled PPO, AReaL: weight
     # pi_prox / pi_behav, tokens whose weight exceeds is_cap are dropped).
-    c.off_policy = "none"
+    c.off_policy = "tis"
     # Cap C of the behavior importance weight; for 'decoupled', 0 means no cap.
     c.is_cap = 2.0
 
@@ -105,6 +123,15 @@ def defaults() -> ml_collections.ConfigDict:
     # difficulty_min_groups groups. The tracked rates are checkpointed with the controller.
     c.difficulty_filter = False
     c.difficulty_min_groups = 2
+
+    # --- rollout reuse (Motif-2's mixed-policy trajectory reuse; trainer/reuse.py) ---
+    # Up to this fraction of each batch's groups are recently admitted groups trained on again,
+    # corrected by their stored behavior log-probs (needs off_policy 'tis' or 'decoupled');
+    # 0 turns reuse off. A group is reused at most reuse_max_uses times and only while its
+    # weights are at most reuse_max_age steps old. The buffer is checkpointed with the controller.
+    c.reuse_fraction = 0.0
+    c.reuse_max_uses = 1
+    c.reuse_max_age = 4
     return c
 
 
@@ -114,6 +141,22 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
 
     positive(SECTION, c, "group_size")
     positive(SECTION, c, "max_staleness", allow_zero=True)
+    for f in ("ppo_epochs", "mini_batches", "reuse_max_uses", "reuse_max_age"):
+        positive(SECTION, c, f)
+        require(isinstance(c[f], int), f"{SECTION}.{f}", f"must be an int, got {c[f]!r}")
+    in_range(SECTION, c, "reuse_fraction", 0.0, 1.0)
+    require(isinstance(c.allow_uncorrected_staleness, bool), f"{SECTION}.allow_uncorrected_staleness",
+            f"must be a bool, got {c.allow_uncorrected_staleness!r}")
+    groups = config.trainer.batch_size
+    require(groups % c.mini_batches == 0, f"{SECTION}.mini_batches",
+            f"={c.mini_batches} must divide trainer.batch_size={groups} (groups are never split)")
+    require((groups // c.mini_batches) % config.trainer.micro_batches == 0, "trainer.micro_batches",
+            f"={config.trainer.micro_batches} must divide the {groups // c.mini_batches} groups of each "
+            f"mini-batch (trainer.batch_size / rl.mini_batches)")
+    stale = c.max_staleness > 0 or c.reuse_fraction > 0
+    require(not stale or c.off_policy != "none" or c.allow_uncorrected_staleness, f"{SECTION}.off_policy",
+            f"is 'none' but rollouts can be stale (rl.max_staleness={c.max_staleness}, rl.reuse_fraction="
+            f"{c.reuse_fraction}): use 'tis' or 'decoupled', or set rl.allow_uncorrected_staleness=True")
     one_of(SECTION, c, "advantage", rl.ADVANTAGES.names())
     one_of(SECTION, c, "policy_loss", rl.POLICY_LOSSES.names())
     one_of(SECTION, c, "loss_agg", rl.AGGREGATIONS.names())

@@ -48,11 +48,11 @@ def test_load_config_file_with_variant_and_override(tmp_path):
         load_config(str(tmp_path / "missing.py"))
 
 
-def test_inference_slot_groups_must_divide_max_batch():
+def test_inference_slots_must_divide_over_the_data_axes():
     config = get_base_config()
     config.inference.mesh.data, config.inference.mesh.tensor = 3, 1
     config.inference.max_batch = 32
-    with pytest.raises(ConfigError, match=r"inference\.max_batch.*3 slot groups"):
+    with pytest.raises(ConfigError, match=r"inference\.max_batch.*= 3"):
         finalize(config)
     config.inference.max_batch = 33
     finalize(config)

@@ -143,11 +143,15 @@ def test_build_from_config_section(ckpts):
     c = get_base_config().model
     c.hf_path = ckpts["qwen3_untied"][1]
     c.logprob_chunk = 40
-    model, cfg = models.build(c, 0)
-    assert cfg.arch == "qwen3" and cfg.logprob_chunk == 40 and cfg.head_dim == 32
+    cfg = models.config_from_section(c)
+    model = models.build(c, cfg, 0)
+    assert cfg.arch == "qwen3" and cfg.logprob_chunk == 40 and cfg.head_dim == 32 and model.cfg == cfg
+    with pytest.raises(CheckpointError, match="the checkpoint describes"):
+        models.build(c, cfg.replace(rope_theta=1.0), 0)
     c.hf_path = ""
     c.arch, c.rope_scaling_factor = "llama", 8.0
-    model, cfg = models.build(c, 0)
+    cfg = models.config_from_section(c)
+    model = models.build(c, cfg, 0)
     assert cfg.rope_scaling_dict["factor"] == 8.0 and not cfg.qkv_bias
     assert model.embed[...].shape == (c.vocab_size, c.hidden_size)
 
@@ -167,8 +171,8 @@ def test_model_config_errors_name_the_field():
 
 
 def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_path):
-    """The trainer publishes bootstrap.model_config() to workers and trains bootstrap.build_model():
-    for a Hugging Face checkpoint both must apply config.model's dtype/attention/remat settings."""
+    """The trainer publishes bootstrap.model_config() to workers and trains models.build(): for a
+    Hugging Face checkpoint both must apply config.model's dtype and attention settings."""
     from rlax_tpu import sharding
     from rlax_tpu.config import get_base_config
     from trainer import bootstrap
@@ -178,7 +182,6 @@ def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_p
     config.model.hf_path = str(tmp_path)
     config.model.attention_impl = "reference"
     config.model.logprob_chunk = 32
-    config.model.remat = True
 
     class Tok:  # the vocabulary check needs only the size
         vocab_size = 8
@@ -186,5 +189,5 @@ def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_p
     published = bootstrap.model_config(config, Tok())
     mesh = jax.make_mesh((1, 1, 1), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:1])
-    assert bootstrap.build_model(config, published, mesh).cfg == published
-    assert (published.attention_impl, published.logprob_chunk, published.remat) == ("reference", 32, True)
+    assert models.build(config.model, published, mesh=mesh).cfg == published
+    assert (published.attention_impl, published.logprob_chunk) == ("reference", 32)

@@ -12,6 +12,7 @@ from flax import nnx
 
 from rlax_tpu import models
 from rlax_tpu.models import ModelConfig, Transformer
+from rlax_tpu.models.logprobs import chunked_target_logprobs
 from tests.helpers.hf_models import KINDS, VOCAB, hf_logits, left_padded_batch, make_hf_model
 
 TOL = 1e-4
@@ -87,12 +88,12 @@ def test_target_logprobs_value_entropy_and_grad():
     w = jnp.asarray(np.random.default_rng(0).normal(size=tokens.shape), jnp.float32)
     cfg = _small_cfg(True)
     gdef, state = nnx.split(models.init(cfg, seed=1))
-    gdef_remat = nnx.graphdef(nnx.eval_shape(lambda: Transformer(cfg.replace(remat=True), rngs=nnx.Rngs(0))))
     gdef_u, state_u = nnx.split(models.init(_small_cfg(False), seed=1))
 
-    def chunked(state, gdef=gdef):
-        lp, ent = nnx.merge(gdef, state).target_logprobs(tokens, targets, pos, mask, chunk=16,
-                                                         return_entropy=True)
+    def chunked(state, gdef=gdef, remat=False):
+        model = nnx.merge(gdef, state)
+        h = model.hidden(tokens, pos, mask, remat=remat)
+        lp, ent = chunked_target_logprobs(h, model.output_weight(), targets, 16, True)
         return jnp.sum(lp * w) + 0.3 * jnp.sum(ent * w), (lp, ent)
 
     def full(state, gdef=gdef):
@@ -105,7 +106,7 @@ def test_target_logprobs_value_entropy_and_grad():
     def run(state, state_u):
         vg = lambda f, **kw: jax.value_and_grad(lambda s: f(s, **kw), has_aux=True)(state)
         untied = (chunked(state_u, gdef=gdef_u)[1], full(state_u, gdef=gdef_u)[1])
-        return vg(chunked), vg(full), vg(chunked, gdef=gdef_remat), untied
+        return vg(chunked), vg(full), vg(chunked, remat=True), untied
 
     ((_, (lp_c, ent_c)), g_c), ((_, (lp_f, ent_f)), g_f), ((_, (lp_r, _)), g_r), untied = run(state, state_u)
     for a, b in [(lp_c, lp_f), (ent_c, ent_f), (lp_r, lp_f), *zip(*untied, strict=True)]:

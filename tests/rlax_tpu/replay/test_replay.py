@@ -12,6 +12,7 @@ from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.fencing import FencedError, acquire_epoch
 from rlax_tpu.kvstore import KVStore
 from rlax_tpu.replay import (
+    SCHEMA_VERSION,
     RecordError,
     RolloutGroup,
     Sample,
@@ -91,7 +92,7 @@ def _mutate(raw, **fields):
     lambda raw: raw[: len(raw) // 2],  # truncated msgpack
     lambda raw: b"\xc1garbage",
     lambda raw: msgpack.packb([1, 2, 3]),
-    lambda raw: _mutate(raw, schema=2),  # newer writer
+    lambda raw: _mutate(raw, schema=SCHEMA_VERSION + 1),  # newer writer
     lambda raw: _mutate(raw, kind="rlax.task"),  # foreign record
     lambda raw: _mutate(raw, worker_id=7),  # wrong type
     lambda raw: _mutate(raw, samples=[]),

@@ -10,9 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from rlax_tpu import rl
-
-S = rl.settings
-
+from tests.helpers.rl import settings as S
 
 # Jitted with the settings static, as the trainer uses it (and so properties compile once).
 _compute = jax.jit(rl.compute_advantages, static_argnums=(0, 2))
@@ -68,11 +66,32 @@ def test_reinforce_pp_global_normalization():
     np.testing.assert_allclose(adv, want, rtol=1e-5)
 
 
-def test_reinforce_pp_baseline_group_mean_then_std():
+def test_reinforce_pp_baseline_group_mean_then_batch_whitening():
     mask = [[1, 1], [1, 1]]
     adv, _ = _adv(S(advantage="reinforce_pp_baseline", adv_eps=0.0), [1, 0], mask, 2)
-    # Baseline 0.5 -> returns +-0.5 on all tokens, std 0.5, no mean shift.
+    # Baseline 0.5 -> returns +-0.5 on all tokens: token mean 0, std 0.5.
     np.testing.assert_allclose(adv, [[1, 1], [-1, -1]], rtol=1e-6)
+    # Reward correlated with length: the token mean is off zero after the group baseline (the
+    # long right answer has more tokens) and is subtracted, as OpenRLHF and verl whiten.
+    mask = np.asarray([[1, 1, 1], [1, 0, 0]], bool)
+    adv, _ = _adv(S(advantage="reinforce_pp_baseline", adv_eps=0.0), [1, 0], mask, 2)
+    g = np.where(mask, np.asarray([[0.5], [-0.5]]), 0.0)  # returns after the group baseline
+    mean = g[mask].mean()
+    want = np.where(mask, (g - mean) / g[mask].std(), 0.0)
+    np.testing.assert_allclose(adv, want, rtol=1e-5)
+    assert abs(np.asarray(adv)[mask].mean()) < 1e-6
+
+
+def test_grpo_passk_pushes_only_the_best_sample_by_its_margin():
+    mask = np.ones((8, 2), bool)
+    rewards = [0, 1, 0, 0,  1, 1, 0, 0]  # group 0: one success; group 1: two (no margin)
+    adv, _ = _adv(S(advantage="grpo_passk", adv_eps=0.0), rewards, mask, 4)
+    std0 = np.std([0, 1, 0, 0])
+    np.testing.assert_allclose(adv[:, 0], [0, 1 / std0, 0, 0, 0, 0, 0, 0], rtol=1e-6)
+    adv, _ = _adv(S(advantage="grpo_passk", adv_eps=0.0), [0.2, 0.9, 0.5, 0.9], np.ones((4, 1), bool), 4)
+    np.testing.assert_allclose(adv[:, 0], 0.0, atol=1e-7)  # a tie at the top: the margin is 0
+    adv, _ = _adv(S(advantage="grpo_passk", adv_eps=0.0), [0.2, 0.9, 0.5, 0.1], np.ones((4, 1), bool), 4)
+    np.testing.assert_allclose(adv[:, 0], [0, 0.4 / np.std([0.2, 0.9, 0.5, 0.1]), 0, 0], rtol=1e-5)
 
 
 def test_discounted_returns_skip_gaps():
@@ -147,7 +166,9 @@ def _mask_from(lengths, t=5):
     return (np.arange(t)[None, :] < np.asarray(lengths)[:, None])
 
 
-@pytest.mark.parametrize("name", GROUP_ESTIMATORS)
+# reinforce_pp_baseline re-centres by the batch's token mean after the group baseline, so a
+# constant group gets the (shared) shift: it is checked above against the formula instead.
+@pytest.mark.parametrize("name", [n for n in GROUP_ESTIMATORS if n != "reinforce_pp_baseline"] + ["grpo_passk"])
 @settings(max_examples=25, deadline=None)
 @given(value=st.floats(-3, 3, allow_nan=False, width=32), rewards=rewards_st, lengths=lengths_st)
 def test_constant_reward_group_has_zero_advantage(name, value, rewards, lengths):

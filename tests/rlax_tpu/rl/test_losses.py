@@ -14,14 +14,17 @@ from hypothesis import strategies as st
 
 from rlax_tpu import rl
 from rlax_tpu.config import ConfigError
-
-S = rl.settings
+from tests.helpers.rl import settings as S
 
 
 def _loss(s):
     """The loss as the learner applies it: advantages from the batch's rewards first."""
     fn = rl.build_loss(s)
-    return lambda lp, batch, **kw: fn(lp, rl.with_advantages(fn.settings, batch), **kw)
+
+    def loss(lp, batch, **kw):
+        return fn(lp, batch if "advantages" in batch else rl.with_advantages(fn.settings, batch), **kw)
+
+    return loss
 log = np.log
 
 

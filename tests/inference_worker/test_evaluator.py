@@ -1,0 +1,129 @@
+"""The evaluator role: which published steps it evaluates, its records, and the versions the
+trainer keeps for it; a trainer with evaluation on runs to the end with no evaluator at all."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from flax import nnx
+
+from inference_worker.evaluator import Evaluator, evaluate
+from param_server import ParamStore
+from rlax_tpu import eval_keys, models, run_meta
+from rlax_tpu import tasks as tasks_lib
+from rlax_tpu import tokenizer as tokenizer_lib
+from rlax_tpu.config import load_config
+from rlax_tpu.config.sections import eval as eval_section
+from rlax_tpu.kvstore import KVStore
+from tests.helpers import trainer_procs as tp
+
+
+def _config(**overrides):
+    base = {"model.hidden_size": 32, "model.intermediate_size": 64, "model.num_layers": 1,
+            "task.num_eval": 6, "eval.num_samples": 4, "eval.ks": (1, 2, 4), "eval.every": 2,
+            "trainer.steps": 4, "inference.max_new_tokens": 8, "inference.max_batch": 8}
+    return load_config("configs/arith_grpo.py:smoke", {**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run's store as the trainer leaves it: metadata and versions of steps 0..4."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = _config()
+    task = tasks_lib.get_task(config.task)
+    tok = tokenizer_lib.build(config, workdir, corpus=task.corpus())
+    kv = KVStore.open(config.store.url, workdir)
+    model_cfg = models.config_from_section(config.model, tok.vocab_size)
+    run_meta.write_model_config(kv, model_cfg)
+    run_meta.write_tokenizer(kv, tok)
+    store = ParamStore.open(kv, config=config)
+    weights = {}
+    for step in range(5):
+        params = nnx.state(models.init(model_cfg, seed=step))
+        keep = {"keep_for": eval_keys.keep_reader(step), "keep_s": 60.0} if eval_section.due(config, step) else {}
+        store.publish(params, step, **keep)
+        weights[step] = params
+    return workdir, config, store, weights, tok, task
+
+
+def test_due_steps_are_evaluated_once_with_the_same_record_as_the_function(run):
+    workdir, config, store, weights, tok, task = run
+    assert [eval_section.due(config, s) for s in range(5)] == [True, False, True, False, True]
+    ev = Evaluator(config, workdir)
+    assert [s for s, _, _ in ev.pending()] == [0, 2, 4]
+    pins = {k.split("~")[-1] for k in store.pins()}
+    assert {"step_0", "step_2", "step_4"} <= pins
+    store.gc(keep=1)  # the janitor: the versions kept for the evaluator survive
+    assert [s for s, _, _ in ev.pending()] == [0, 2, 4]
+    assert ev.follow() == 3  # exits after the last step
+    assert ev.pending() == []
+    assert not any("step_" in k for k in store.pins())  # each released once evaluated
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [0, 2, 4]
+    assert json.loads(store.kv.get(eval_keys.record_key(2))) == records[1]
+    # The record is what evaluate() gives for the same weights and seed, on a fresh engine.
+    engine = ev.run.engine(config, nnx.to_pure_dict(weights[2]))
+    want = evaluate(engine, tok, task, task.eval_problems(config.task.num_eval, config.seed),
+                    num_samples=4, ks=(1, 2, 4), temperature=config.eval.temperature,
+                    max_new_tokens=config.inference.max_new_tokens, seed=config.seed + eval_section.SEED_OFFSET)
+    for k in ("pass@1", "pass@2", "pass@4", "mean_reward", "generated_tokens", "num_problems"):
+        assert records[1][k] == want[k], k
+    assert 0.0 <= records[1]["pass@1"] <= records[1]["pass@4"] <= 1.0
+
+
+def test_a_new_trainer_epoch_of_a_step_is_evaluated_again(run):
+    workdir, config, store, weights, _, _ = run
+    ev = Evaluator(config, workdir)
+    ev.follow()
+    assert ev.pending() == []
+    before = json.loads(store.kv.get(eval_keys.record_key(4)))
+    store.acquire_epoch(role="test")  # a restarted trainer republishes step 4
+    store.publish(weights[3], 4, keep_for=eval_keys.keep_reader(4), keep_s=60.0)
+    (step, version, epoch), = ev.pending()
+    assert step == 4 and epoch > before["epoch"]
+    assert ev.follow() == 1
+    after = json.loads(store.kv.get(eval_keys.record_key(4)))
+    assert after["epoch"] == epoch and after["version"] == version
+
+
+def test_finishing_evaluator_stops_when_nothing_published_is_left(tmp_path):
+    config = _config(**{"trainer.steps": 100})
+    workdir = str(tmp_path)
+    task = tasks_lib.get_task(config.task)
+    tok = tokenizer_lib.build(config, workdir, corpus=task.corpus())
+    kv = KVStore.open(config.store.url, workdir)
+    model_cfg = models.config_from_section(config.model, tok.vocab_size)
+    run_meta.write_model_config(kv, model_cfg)
+    run_meta.write_tokenizer(kv, tok)
+    ParamStore.open(kv, config=config).publish(nnx.state(models.init(model_cfg, 0)), 0)
+    ev = Evaluator(config, workdir)
+    ev.finishing = True  # what SIGUSR1 sets: the trainer stopped before step 100
+    assert ev.follow() == 1
+
+
+@pytest.mark.slow
+def test_the_trainer_never_waits_for_evaluation(tmp_path):
+    """Evaluation on, no evaluator running: the trainer finishes every step, and the versions due
+    for evaluation are still there for an evaluator started afterwards."""
+    workdir = str(tmp_path)
+    args = [a for a in tp.TINY if not a.startswith("--config.eval.num_samples")] + [
+        "--config.eval.num_samples=2", "--config.eval.ks=(1, 2)", "--config.task.num_eval=4",
+        "--config.eval.every=2", "--config.store.gc_keep=1", "--config.store.janitor_interval_s=1"]
+    janitor = tp.start("param_server.main", workdir, [*args, "--mode=janitor"], log="janitor.log")
+    worker = tp.start_worker(workdir, args)
+    trainer = tp.start_trainer(workdir, args)
+    try:
+        assert tp.wait(trainer, 300, workdir, "trainer.log") == 0, tp.tail(workdir, "trainer.log")
+        tp.wait_for(lambda: "gc" in tp.tail(workdir, "janitor.log"), 60, "a janitor pass", [janitor])
+    finally:
+        for p in (worker, janitor):
+            tp.stop(p)
+    assert sorted(tp.batches(workdir)) == [0, 1, 2, 3]
+    ev = tp.start("inference_worker.evaluator", workdir, args, log="evaluator.log")
+    assert tp.wait(ev, 300, workdir, "evaluator.log") == 0, tp.tail(workdir, "evaluator.log")
+    with open(os.path.join(workdir, "eval.jsonl")) as f:
+        steps = [json.loads(line)["step"] for line in f]
+    assert steps == [0, 2, 4]
