@@ -28,11 +28,15 @@ def evaluate(engine, tokenizer, task, problems, *, num_samples: int, ks, tempera
     params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=num_samples,
                              seed=seed + i, stop_token_ids=(tokenizer.eos_id,)) for i in range(len(problems))]
     outs = engine.generate(prompts, params)
-    correct, rewards = [], []
-    for problem, completions in zip(problems, outs, strict=True):
-        results = [task.reward(problem, tokenizer.decode(c.tokens)) for c in completions]
-        correct.append(sum(bool(r.details.get("correct", r.score > 0)) for r in results))
-        rewards.extend(r.score for r in results)
+    # All completions in one batch: a math task checks them in its process pool together.
+    flat = [(problem, tokenizer.decode(c.tokens)) for problem, completions in zip(problems, outs, strict=True)
+            for c in completions]
+    results = task.rewards([p for p, _ in flat], [text for _, text in flat])
+    correct, rewards, start = [], [r.score for r in results], 0
+    for completions in outs:
+        group = results[start:start + len(completions)]
+        start += len(completions)
+        correct.append(sum(bool(r.details.get("correct", r.score > 0)) for r in group))
     report = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct])) for k in ks}
     report.update(num_problems=len(problems), num_samples=num_samples, temperature=temperature,
                   mean_reward=float(np.mean(rewards)) if rewards else 0.0)
