@@ -10,14 +10,16 @@ Children are fresh interpreters started with subprocess rather than fork (tensor
 a forked child) and rather than multiprocessing's spawn, which would re-import the parent's
 __main__ (the whole model stack) in every child. Calls and results are pickled over two pipes.
 The module imports only the standard library, since every child imports it. On Linux a child
-dies with the thread that started it (PR_SET_PDEATHSIG), so a killed worker leaves no checker
-spinning on; should that thread end first, the next call finds the pipe closed and restarts it.
+dies with its parent (PR_SET_PDEATHSIG), so a killed worker leaves no checker spinning on; as
+that signal follows the parent *thread*, children are started from one launcher thread that
+lives as long as the process, whichever thread asks for rewards.
 """
 
 from __future__ import annotations
 
 import atexit
 import collections
+import concurrent.futures
 import dataclasses
 import importlib
 import logging
@@ -141,6 +143,21 @@ def _serve(requests: Connection, results: Connection) -> None:
                           reply[3]))
 
 
+_LAUNCHER: tuple[int, concurrent.futures.ThreadPoolExecutor] | None = None  # (pid, executor)
+_LAUNCHER_LOCK = threading.Lock()
+
+
+def _launch(cmd: list[str], **kwargs) -> subprocess.Popen:
+    """subprocess.Popen in the process-wide launcher thread (see the module docstring)."""
+    global _LAUNCHER
+    with _LAUNCHER_LOCK:
+        if _LAUNCHER is None or _LAUNCHER[0] != os.getpid():  # none yet, or a forked copy without it
+            executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="reward-pool-launcher")
+            _LAUNCHER = (os.getpid(), executor)
+        launcher = _LAUNCHER[1]
+    return launcher.submit(subprocess.Popen, cmd, **kwargs).result()
+
+
 def _child_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(p) if p else os.getcwd() for p in sys.path)
@@ -152,10 +169,8 @@ class _Child:
         req_r, req_w = os.pipe()
         res_r, res_w = os.pipe()
         try:
-            self.proc = subprocess.Popen([sys.executable, "-c", _BOOT, str(req_r), str(res_w), warmup,
-                                          str(os.getpid())],
-                                         pass_fds=(req_r, res_w), stdin=subprocess.DEVNULL,
-                                         env=_child_env())
+            self.proc = _launch([sys.executable, "-c", _BOOT, str(req_r), str(res_w), warmup, str(os.getpid())],
+                                pass_fds=(req_r, res_w), stdin=subprocess.DEVNULL, env=_child_env())
         except BaseException:
             for fd in (req_w, res_r):
                 os.close(fd)
