@@ -47,11 +47,15 @@ def evaluate(engine: Engine, tokenizer, task, problems, *, num_samples: int, ks,
     t0 = time.perf_counter()
     outs = engine.generate(prompts, params)
     gen_s = time.perf_counter() - t0
+    # All completions in one call: a math task checks them in its process pool together.
+    flat = [(problem, tokenizer.decode(c.tokens)) for problem, completions in zip(problems, outs, strict=True)
+            for c in completions]
+    results = iter(task.rewards([p for p, _ in flat], [text for _, text in flat]))
     correct, rewards, tokens = [], [], 0
-    for problem, completions in zip(problems, outs, strict=True):
-        results = [task.reward(problem, tokenizer.decode(c.tokens)) for c in completions]
-        correct.append(sum(tasks_lib.is_solved(r.details) for r in results))
-        rewards.extend(r.score for r in results)
+    for completions in outs:
+        group = [next(results) for _ in completions]
+        correct.append(sum(tasks_lib.is_solved(r.details) for r in group))
+        rewards.extend(r.score for r in group)
         tokens += sum(len(c.tokens) for c in completions)
     report = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct])) for k in ks}
     report.update(num_problems=len(problems), num_samples=num_samples, temperature=temperature,

@@ -76,12 +76,15 @@ class Worker:
         outs = self.engine.generate([lease.task.prompt_tokens.tolist() for lease in leases],
                                     [self._sampling(lease.task) for lease in leases])
         gen_s = time.time() - t0
+        # Every completion of every leased group scored in one call (a math task's process pool).
+        rewards = iter(self.task.rewards(
+            [lease.task.spec.get("problem", {}) for lease, cs in zip(leases, outs, strict=True) for _ in cs],
+            [self.tokenizer.decode(c.tokens) for cs in outs for c in cs]))
         results = []
         for lease, completions in zip(leases, outs, strict=True):
-            problem = lease.task.spec.get("problem", {})
             samples = []
             for c in completions:
-                reward = self.task.reward(problem, self.tokenizer.decode(c.tokens))
+                reward = next(rewards)
                 details = dict(reward.details)
                 if c.error:
                     details["engine_error"] = c.error

@@ -1,5 +1,6 @@
 """Reward and tokenizer cost per completion, against decoding the same completion (the work a
-worker already does per sample). Prints JSON; ratio = reward_us / decode_us.
+worker already does per sample), and GSM8K rewards per second through math-verify's process
+pool. Prints JSON; ratio = reward_us / decode_us.
 
     python scripts/bench_tasks.py [--n 2000]
 """
@@ -47,13 +48,26 @@ def main() -> None:
         out[name] = {"generate_us": round(gen_us, 1), "decode_us": round(decode_us, 1),
                      "reward_us": round(reward_us, 1),
                      "ratio_reward_over_decode": round(reward_us / decode_us, 2)}
-    math_pairs = [(f"so the answer is \\boxed{{\\frac{{{i}}}{{{i + 1}}}}}.", f"{i}/{i + 1}")
-                  for i in range(args.n)]
-    ids = [tok.encode(c) for c, _ in math_pairs]
-    decode_us = _per_item_us(tok.decode, ids)
-    verify_us = _per_item_us(lambda cr: tasks.verify(*cr), math_pairs)
-    out["math_verify"] = {"decode_us": round(decode_us, 1), "verify_us": round(verify_us, 1),
-                          "ratio_verify_over_decode": round(verify_us / decode_us, 2)}
+    # GSM8K rewards through math-verify in the process pool, a batch of groups at a time: the
+    # worked solutions (all correct) and the same with the final number changed (all wrong).
+    config.task.name = "gsm8k"
+    task = tasks.get_task(config.task)
+    probs = (task.split("train") + task.split("eval"))[:args.n]
+    right = [task.solution_text(p) for p in probs]
+    wrong = [s.rsplit("####", 1)[0] + "#### 0.5" for s in right]
+    t0 = time.perf_counter()
+    task.reward(probs[0], right[0])  # starts the pool
+    start_s = time.perf_counter() - t0
+    rates = {}
+    for name, texts in (("correct", right), ("wrong", wrong)):
+        t0 = time.perf_counter()
+        rs = task.rewards(probs, texts)
+        rates[name] = round(len(probs) / (time.perf_counter() - t0), 1)
+        assert all(r.correct == (name == "correct") for r in rs), name
+    ids = [tok.encode(s) for s in right]
+    out["gsm8k_math_verify"] = {"n": len(probs), "workers": int(config.task.reward_workers),
+                                "pool_start_s": round(start_s, 2), "rewards_per_s": rates,
+                                "decode_us": round(_per_item_us(tok.decode, ids), 1)}
     print(json.dumps(out, indent=1))
 
 

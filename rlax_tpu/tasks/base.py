@@ -6,7 +6,7 @@ import dataclasses
 import hashlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 # Completions longer than this are cut (keeping the tail, where the final answer is) before any
@@ -84,6 +84,13 @@ def combine(correct: bool, format_ok: bool, correct_weight: float, format_weight
     return correct_weight * float(correct) + format_weight * float(format_ok)
 
 
+def clip_completion(completion: str) -> str:
+    """Type-checks a completion and keeps its last MAX_COMPLETION_CHARS (the final answer's end)."""
+    if not isinstance(completion, str):
+        raise TypeError(f"completion must be str, got {type(completion).__name__}")
+    return completion[-MAX_COMPLETION_CHARS:] if len(completion) > MAX_COMPLETION_CHARS else completion
+
+
 def safe_reward(fn: Callable[[Problem, str], Reward], problem: Problem, completion: str) -> Reward:
     """Calls fn(problem, completion); any exception or a non-finite score gives reward 0.
 
@@ -92,11 +99,7 @@ def safe_reward(fn: Callable[[Problem, str], Reward], problem: Problem, completi
     """
     t0 = time.monotonic()
     try:
-        if not isinstance(completion, str):
-            raise TypeError(f"completion must be str, got {type(completion).__name__}")
-        if len(completion) > MAX_COMPLETION_CHARS:
-            completion = completion[-MAX_COMPLETION_CHARS:]
-        out = fn(problem, completion)
+        out = fn(problem, clip_completion(completion))
         score = float(out.score)
         if not math.isfinite(score):
             return Reward(0.0, {"correct": False, "reason": "bad_score", "error": f"score={score!r}"})
@@ -145,11 +148,18 @@ class Task:
         """The raw verifier; may raise on pathological input. Prefer reward()."""
         raise NotImplementedError
 
-    def reward(self, problem: Problem, completion: str) -> Reward:
+    def reward(self, problem: Problem | dict, completion: str) -> Reward:
         """Never raises: exceptions and timeouts give 0 with the reason in details."""
         if isinstance(problem, dict):
             problem = Problem.from_dict(problem)
         return safe_reward(self.score, problem, completion)
+
+    def rewards(self, problems: Sequence[Problem | dict], completions: Sequence[str]) -> list[Reward]:
+        """reward() for each (problem, completion) pair; tasks whose checks run in a process
+        pool submit the whole batch (e.g. a group) at once. Never raises per item."""
+        if len(problems) != len(completions):
+            raise ValueError(f"{len(problems)} problems but {len(completions)} completions")
+        return [self.reward(p, c) for p, c in zip(problems, completions, strict=True)]
 
     def _weights(self) -> tuple[float, float]:
         return float(self.config.correct_weight), float(self.config.format_weight)

@@ -7,13 +7,14 @@ from rlax_tpu.tasks.arith import ArithTask
 from rlax_tpu.tasks.base import Task
 from rlax_tpu.tasks.compose import ComposeTask
 from rlax_tpu.tasks.countdown import CountdownTask
-from rlax_tpu.tasks.jsonl import JsonlTask
+from rlax_tpu.tasks.jsonl import Gsm8kTask, JsonlTask
 
 TASKS: dict[str, type[Task]] = {
     "arith": ArithTask,
     "countdown": CountdownTask,
     "compose": ComposeTask,
     "jsonl": JsonlTask,
+    "gsm8k": Gsm8kTask,
 }
 
 

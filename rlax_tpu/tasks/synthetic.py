@@ -11,8 +11,8 @@ from __future__ import annotations
 import random
 
 from rlax_tpu.config.errors import ConfigError
+from rlax_tpu.tasks.answers import extract_hash
 from rlax_tpu.tasks.base import Problem, Reward, Task, combine, is_eval_prompt, prompt_id_for
-from rlax_tpu.tasks.math_verify import extract_hash
 
 ANSWER_MARK = "####"
 _MAX_REJECTS = 1000

