@@ -320,6 +320,20 @@ def test_missing_metadata_key_is_named(tmp_path, key):
         models.read_model_config(path)
 
 
+@pytest.mark.parametrize("edit,match", [
+    ({"llama.rope.scaling.type": ("string", "yarn"), "llama.rope.scaling.factor": ("float32", 4.0)},
+     "rope scaling 'yarn' by 4.0"),
+    ({"llama.attention.head_count_kv": ("uint32", 3)}, "invalid model.*num_kv_heads"),
+    ({"llama.rope.dimension_count": ("uint32", 32)}, "llama.rope.dimension_count=32 differs"),
+    ({"llama.vocab_size": ("uint32", 999)}, "llama.vocab_size=999 but token_embd.weight has 320 rows"),
+], ids=["yarn", "kv_heads", "partial_rope", "vocab"])
+def test_bad_metadata_is_named(tmp_path, edit, match):
+    path = write_gguf(tmp_path / "m.gguf", "llama", random_tensors("llama", tied=True),
+                      meta={**metadata("llama"), **edit})
+    with pytest.raises(CheckpointError, match=f"m.gguf: .*{match}"):
+        models.read_model_config(path)
+
+
 def test_tensor_problems_are_named(tmp_path):
     tensors = random_tensors("llama", tied=True)
     extra = write_gguf(tmp_path / "extra.gguf", "llama", tensors,

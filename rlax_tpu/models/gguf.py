@@ -17,6 +17,7 @@ import re
 import jax
 import numpy as np
 
+from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.models.config import DTYPES, ModelConfig
 from rlax_tpu.models.hf import CheckpointError, apply_overrides, hf_mapping, place_params
 from rlax_tpu.models.layers import rope_inv_freq
@@ -104,9 +105,10 @@ def _config(reader, where: str, dtype: str | None) -> ModelConfig:
             raise CheckpointError(f"{where}: {arch}.{suffix}={other} differs from the head dimension {head_dim}; "
                                   "only full-width rotary heads with equal k/v sizes are supported")
     scaling = get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or num("rope.scale_linear", float, 1.0) != 1.0:
-        raise CheckpointError(f"{where}: rope scaling {scaling!r} ({arch}.rope.scaling.type / rope.scale_linear) "
-                              "is not supported; only Llama 3 scaling (a rope_freqs.weight tensor) is")
+    factor = num("rope.scale_linear" if scaling == "none" else "rope.scaling.factor", float, 1.0)
+    if scaling not in ("none", "linear") or factor != 1.0:  # linear by 1 is plain RoPE
+        raise CheckpointError(f"{where}: rope scaling {scaling!r} by {factor} ({arch}.rope.scaling.*) is not "
+                              "supported; only Llama 3 scaling (a rope_freqs.weight tensor) is")
 
     tensors = {t.name: t for t in reader.tensors}
     if "token_embd.weight" not in tensors:
@@ -118,13 +120,17 @@ def _config(reader, where: str, dtype: str | None) -> ModelConfig:
     param_dtype = dtype or "float32"  # dequantized weights are f32
     if param_dtype not in DTYPES:
         raise CheckpointError(f"load_gguf: dtype={param_dtype!r} must be one of {DTYPES}")
-    cfg = ModelConfig(
+    fields = dict(
         vocab_size=vocab, hidden_size=hidden, intermediate_size=num("feed_forward_length"),
         num_layers=num("block_count"), num_heads=heads, num_kv_heads=num("attention.head_count_kv", default=heads),
         head_dim=head_dim, rope_theta=num("rope.freq_base", float, 10000.0),
         rms_norm_eps=num("attention.layer_norm_rms_epsilon", float), qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3", tie_embeddings="output.weight" not in tensors,
         max_position_embeddings=num("context_length"), arch=arch, param_dtype=param_dtype, dtype=param_dtype)
+    try:
+        cfg = ModelConfig(**fields)
+    except ConfigError as e:  # e.g. head counts that do not divide: name the file, not config.model
+        raise CheckpointError(f"{where}: the metadata gives an invalid model: {e}") from None
     if _ROPE_FREQS in tensors:
         if arch != "llama":
             raise CheckpointError(f"{where}: tensor {_ROPE_FREQS!r} (Llama 3 rope scaling) in a {arch} model")
@@ -167,8 +173,9 @@ def _llama3_scaling(divisors: np.ndarray, cfg: ModelConfig, where: str) -> dict 
 
 
 def read_gguf_config(path: str, *, dtype: str | None = None, overrides: dict | None = None) -> ModelConfig:
-    """The ModelConfig of the GGUF file ``path`` (from its metadata; no weights are read), with
-    ``overrides`` of fields that do not change the weights. ``load_gguf`` builds exactly this."""
+    """The ModelConfig of the GGUF file ``path`` (from its metadata; of the weights only the small
+    rope_freqs tensor is read), with ``overrides`` of fields that do not change the weights.
+    ``load_gguf`` builds exactly this."""
     return apply_overrides(_config(_open(path), path, dtype), overrides, "load_gguf")
 
 
