@@ -184,12 +184,17 @@ def _type_name(tensor) -> str:
     return getattr(tensor.tensor_type, "name", str(tensor.tensor_type))
 
 
-def _dequantize(tensor, where: str) -> np.ndarray:
-    import gguf
-
+def _check_type(tensor, where: str) -> None:
     if _type_name(tensor) not in SUPPORTED_TYPES:
         raise CheckpointError(f"{where}: tensor {tensor.name!r} has type {_type_name(tensor)}, which is not "
                               f"supported; supported: {list(SUPPORTED_TYPES)}")
+
+
+def _dequantize(tensor, where: str) -> np.ndarray:
+    """f32 values in HF dimension order (outermost first)."""
+    import gguf
+
+    _check_type(tensor, where)
     return gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(_hf_shape(tensor))
 
 
@@ -223,8 +228,7 @@ def load_gguf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | 
         if _hf_shape(t) != mapping[key].hf_shape:
             raise CheckpointError(f"{path}: tensor {name!r} has shape {_hf_shape(t)} (outermost first), expected "
                                   f"{mapping[key].hf_shape} from the metadata")
-        if _type_name(t) not in SUPPORTED_TYPES:
-            _dequantize(t, path)  # raises, naming the tensor and type
+        _check_type(t, path)
     permuted = {"attn_q.weight": cfg.num_heads, "attn_k.weight": cfg.num_kv_heads}
 
     def host_array(key: tuple) -> np.ndarray:
@@ -232,8 +236,9 @@ def load_gguf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | 
             raise CheckpointError(f"internal: param {key} has no GGUF tensor mapping")
         name = names[key]
         w = _dequantize(tensors[name], path)
-        if cfg.arch in _PERMUTED_ARCHS and name.split(".", 2)[-1] in permuted:
-            w = _unpermute(w, permuted[name.split(".", 2)[-1]])
+        suffix = name.split(".", 2)[-1]  # "blk.3.attn_q.weight" -> "attn_q.weight"
+        if cfg.arch in _PERMUTED_ARCHS and suffix in permuted:
+            w = _unpermute(w, permuted[suffix])
         return mapping[key].to_ours(w)
 
     return place_params(cfg, host_array, mesh=mesh, rules=rules), cfg
