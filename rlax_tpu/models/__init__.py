@@ -2,7 +2,10 @@
 
     model_cfg = models.config_from_section(config.model, vocab_size)   # the one way to a ModelConfig
     model = models.build(config.model, model_cfg, seed, mesh=mesh)     # weights: checkpoint or init
+    model, model_cfg = models.load(path, mesh=mesh)                    # HF directory or .gguf file
+    model_cfg = models.read_model_config(path)                         # the same, without weights
     model, model_cfg = models.load_hf(path, mesh=mesh)                 # HF safetensors + config.json
+    model, model_cfg = models.load_gguf(path, mesh=mesh)               # llama.cpp GGUF (dequantized)
     models.save_hf(model, model_cfg, path)
     logits = model(tokens, positions, segment_ids)                     # [B, T] -> f32 [B, T, V]
 
@@ -12,16 +15,43 @@ The model is the training forward and log-probs; generation has its own view of 
 
 from __future__ import annotations
 
+import os
+
 import jax
 from flax import nnx
 
 from rlax_tpu import sharding
 from rlax_tpu.models.config import ModelConfig
+from rlax_tpu.models.gguf import load_gguf, read_gguf_config
 from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
 from rlax_tpu.models.transformer import Transformer
 
 __all__ = ["CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init", "init_rngs",
-           "load_hf", "overrides", "read_config", "save_hf"]
+           "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "save_hf"]
+
+
+def _is_gguf(path: str) -> bool:
+    """True for a GGUF file, False for a directory (HF); CheckpointError for anything else."""
+    if os.path.isdir(path):
+        return False
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such checkpoint (expected a HF directory or a .gguf file)")
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{path}: not a GGUF file (no GGUF magic) nor a HF checkpoint directory")
+    return True
+
+
+def load(path: str, **kw) -> tuple[Transformer, ModelConfig]:
+    """(model, model_cfg) from a HF checkpoint directory (load_hf) or a GGUF file (load_gguf);
+    keyword arguments (dtype, mesh, rules, overrides) as for those."""
+    return (load_gguf if _is_gguf(path) else load_hf)(path, **kw)
+
+
+def read_model_config(path: str, **kw) -> ModelConfig:
+    """The ModelConfig that ``load(path, **kw)`` builds, without reading the weights
+    (kw: dtype, overrides)."""
+    return (read_gguf_config if _is_gguf(path) else read_config)(path, **kw)
 
 
 def init_rngs(seed: int) -> nnx.Rngs:
@@ -55,7 +85,7 @@ def config_from_section(section, vocab_size: int | None = None) -> ModelConfig:
     (with the section's dtypes and numerics), else the section's fields, with ``vocab_size`` (a
     trained tokenizer's) when given."""
     if section.hf_path:
-        return read_config(section.hf_path, dtype=section.param_dtype, overrides=overrides(section))
+        return read_model_config(section.hf_path, dtype=section.param_dtype, overrides=overrides(section))
     cfg = ModelConfig.from_config(section)
     return cfg if vocab_size is None else cfg.replace(vocab_size=vocab_size)
 
@@ -66,8 +96,8 @@ def build(section, model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.
     set, else randomly initialized; placed in their shardings with a mesh."""
     if not section.hf_path:
         return init(model_cfg, seed, mesh=mesh, rules=rules)
-    model, loaded = load_hf(section.hf_path, dtype=section.param_dtype, mesh=mesh, rules=rules,
-                            overrides=overrides(section))
+    model, loaded = load(section.hf_path, dtype=section.param_dtype, mesh=mesh, rules=rules,
+                         overrides=overrides(section))
     if loaded != model_cfg:
         raise CheckpointError(f"{section.hf_path}: the checkpoint describes {loaded}, not {model_cfg}")
     return model

@@ -196,14 +196,22 @@ def read_config(path: str, *, dtype: str | None = None, overrides: dict | None =
         raise CheckpointError(f"{cfg_path}: missing config.json")
     with open(cfg_path) as f:
         cfg = config_from_hf(json.load(f), dtype=dtype, where=cfg_path)
-    if overrides:
-        allowed = {"dtype", "attention_impl", "logprob_chunk", "max_position_embeddings"}
-        bad = sorted(set(overrides) - allowed)
-        if bad:
-            raise CheckpointError(f"load_hf: overrides {bad} would contradict the checkpoint; "
-                                  f"allowed: {sorted(allowed)}")
-        cfg = cfg.replace(**overrides)
-    return cfg
+    return apply_overrides(cfg, overrides, "load_hf")
+
+
+# ModelConfig fields a caller may set on top of a checkpoint's: none of them changes the weights.
+OVERRIDABLE = ("dtype", "attention_impl", "logprob_chunk", "max_position_embeddings")
+
+
+def apply_overrides(cfg: ModelConfig, overrides: dict | None, who: str) -> ModelConfig:
+    """cfg with ``overrides`` applied; CheckpointError if one would contradict the weights."""
+    if not overrides:
+        return cfg
+    bad = sorted(set(overrides) - set(OVERRIDABLE))
+    if bad:
+        raise CheckpointError(f"{who}: overrides {bad} would contradict the checkpoint; "
+                              f"allowed: {sorted(OVERRIDABLE)}")
+    return cfg.replace(**overrides)
 
 
 def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -233,6 +241,23 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
             raise CheckpointError(f"{path}: tensor {e.name!r} has shape {tuple(tensors[e.name].shape)}, "
                                   f"expected {e.hf_shape} from config.json")
 
+    def host_array(key: tuple) -> np.ndarray:
+        if key not in mapping:
+            raise CheckpointError(f"internal: param {key} has no HF tensor mapping")
+        return mapping[key].to_ours(tensors[mapping[key].name])
+
+    return place_params(cfg, host_array, mesh=mesh, rules=rules), cfg
+
+
+def place_params(cfg: ModelConfig, host_array: Callable[[tuple], np.ndarray], *,
+                 mesh: jax.sharding.Mesh | None = None, rules=None) -> Transformer:
+    """The Transformer of ``cfg`` with each param taken from ``host_array(key)`` (a numpy array
+    in our layout; key is the param's state path, e.g. ("layers", 0, "attn", "q_proj")).
+
+    Called once per param, in order, so a loader can produce each array on demand (memory-map
+    or dequantize it) and drop it before the next. With a mesh each device copies only its own
+    slice (rules default to sharding.TRAIN_RULES); params are cast to cfg.param_dtype.
+    """
     abstract = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
     gdef, abs_state = nnx.split(abstract)
     shardings = None
@@ -246,9 +271,7 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
     flat = []
     for p, var in nnx.to_flat_state(abs_state):
         key = _path_key(p)
-        if key not in mapping:
-            raise CheckpointError(f"internal: param {key} has no HF tensor mapping")
-        arr = mapping[key].to_ours(tensors[mapping[key].name])
+        arr = host_array(key)
         assert arr.shape == var.shape, (key, arr.shape, var.shape)
         if shardings is None:
             value = jnp.asarray(np.asarray(arr, dtype=pdt))
@@ -257,8 +280,7 @@ def load_hf(path: str, *, dtype: str | None = None, mesh: jax.sharding.Mesh | No
                 arr.shape, flat_shardings[key].get_value(),
                 lambda idx, arr=arr: np.asarray(arr[idx], dtype=pdt))
         flat.append((p, var.replace(value)))
-    model = nnx.merge(gdef, nnx.from_flat_state(flat))
-    return model, cfg
+    return nnx.merge(gdef, nnx.from_flat_state(flat))
 
 
 # -- saving ----------------------------------------------------------------------------------
