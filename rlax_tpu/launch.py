@@ -242,6 +242,8 @@ class _Launcher:
                 if name == TRAINER and rc == 0:
                     self.say("trainer finished (exit code 0)")
                     return self.finish()
+                if name == EVALUATOR and rc == 0:
+                    continue  # it evaluated the last step (or it was already): done, not dead
                 self.say(f"role {name} died unexpectedly ({_describe_exit(rc)}); last lines of "
                          f"{role.log_path}:\n{_tail(role.log_path)}")
                 self.stop_all(f"{name} died")

@@ -84,10 +84,12 @@ def _token_shares(mask: jax.Array, m: int) -> list[jax.Array]:
     return [shares[i] for i in range(m)]
 
 
-def _apply(state, grads, optimizer):
+def _apply(state, grads, optimizer, count_step=1):
+    """One optimizer update; ``state['step']`` counts trainer steps (a batch's last update
+    counts it: ``count_step`` is 0 for the others)."""
     updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + 1}
+    return {**state, "params": params, "opt_state": opt_state, "step": state["step"] + count_step}
 
 
 def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec):
@@ -109,8 +111,12 @@ def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec)
 
 def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, loss: rl.RLLoss):
     """One optimizer update on a (mini-)batch whose advantages are already in it (computed on the
-    whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches."""
+    whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches. A batch
+    key 'count_step' (a replicated int32: 1 for a batch's last update) says whether it completes
+    a trainer step; without it, it does."""
     s = loss.settings
+    batch = dict(batch)
+    count_step = batch.pop("count_step", 1)
 
     def loss_fn(trainable, mb):
         logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec,
@@ -124,7 +130,7 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
                                  weights)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["reward_shaped_mean"] = jnp.mean(batch["shaped_rewards"])
-    return _apply(state, grads, optimizer), metrics
+    return _apply(state, grads, optimizer, count_step), metrics
 
 
 def ref_logprobs(model_params, batch, *, layout: StateLayout, spec: LearnerSpec):
@@ -178,6 +184,7 @@ class Learner:
         self.mesh, self.layout, self.spec = mesh, layout, spec
         self.batch_sharding = sharding.batch_sharding(mesh, 2)
         self.row_sharding = sharding.batch_sharding(mesh, 1)
+        self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state_sh = layout.shardings
         self._sft = jax.jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
                             in_shardings=(state_sh, None), out_shardings=(state_sh, None),
@@ -226,8 +233,11 @@ class Learner:
         host = to_host(batch)  # mini-batches are cut on the host, then placed like any batch
         num_groups = host["rewards"].shape[0] // self.group_size
         per_update = []
-        for groups in mini_batch_groups(num_groups, self.spec, seed):
-            state, m = self.rl_step(state, self.place(select_groups(host, groups, self.group_size)))
+        plan = mini_batch_groups(num_groups, self.spec, seed)
+        for i, groups in enumerate(plan):
+            mini = self.place(select_groups(host, groups, self.group_size))
+            mini["count_step"] = jax.device_put(np.int32(i == len(plan) - 1), self.replicated)
+            state, m = self.rl_step(state, mini)
             per_update.append(to_host(m))
         return state, combine_metrics(per_update)
 

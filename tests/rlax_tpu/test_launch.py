@@ -145,7 +145,8 @@ def test_pinned_workers_get_one_core_each(tmp_path):
     cfg.write_text(open(_config(tmp_path)).read().replace("return c", "c.launch.pin_workers = True\n    return c"))
     probe = ("import os, sys; open(sys.argv[1], 'w').write(repr((sorted(os.sched_getaffinity(0)), "
              "os.environ.get('XLA_FLAGS', ''))))")
-    cmds = {"trainer": [sys.executable, "-c", probe, str(d / "trainer.txt")],
+    wait = f"; import os, time\nwhile not os.path.exists({str(d / 'w0.txt')!r}): time.sleep(0.05)"
+    cmds = {"trainer": [sys.executable, "-c", probe + wait, str(d / "trainer.txt")],
             "worker_0": [sys.executable, "-c", probe + "; import time; time.sleep(30)", str(d / "w0.txt")]}
     launch.run(str(cfg), str(tmp_path / "wd"), [], commands=cmds, out=io.StringIO())
     cores, flags = eval((d / "w0.txt").read_text())

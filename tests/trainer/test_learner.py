@@ -182,7 +182,8 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
     c.rl.loss_agg = "seq_mean_token_mean"
     c.trainer.learning_rate = 3e-2
     host = batching.rl_batch(_groups(np.random.default_rng(7)), SEQ)
-    mesh = _mesh(1, 2, 1)
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 2, "tensor": 1}),
+                              devices=jax.devices()[:2])
     after, metrics = {}, {}
     for name in ("ppo", "gspo", "cispo", "reinforce"):
         c.rl.policy_loss = name
@@ -197,7 +198,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
         batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
         state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0)
-        assert m["updates"] == 4
+        assert m["updates"] == 4 and int(to_host(state["step"])) == 1  # one trainer step of 4 updates
         after[name], metrics[name] = to_host(state["params"]["model"]), m
     flat = {k: np.concatenate([x.ravel() for x in jax.tree.leaves(v)]) for k, v in after.items()}
     names = sorted(flat)

@@ -106,7 +106,7 @@ def test_opt_state_sharded_like_params():
 
 def test_trainer_config_validation_names_fields():
     for field, value, match in [
-        ("micro_batches", 3, r"trainer\.batch_size: must be divisible by trainer\.micro_batches"),
+        ("micro_batches", 3, r"trainer\.micro_batches: =3 must divide the 8 groups"),
         ("schedule", "step", r"trainer\.schedule"),
         ("b2", 1.0, r"trainer\.b2"),
         ("min_lr_ratio", 2.0, r"trainer\.min_lr_ratio"),

@@ -66,9 +66,9 @@ def runs(tmp_path_factory):
 def _same_rollouts(a: dict, b: dict) -> None:
     assert sorted(a) == sorted(b) == list(range(STEPS))
     for s in range(STEPS):
-        for field in ("task_ids", "prompt_ids", "versions", "rewards", "tokens_crc"):
+        for field in ("task_ids", "prompt_ids", "weights_steps", "rewards", "tokens_crc"):
             assert a[s][field] == b[s][field], (s, field)
-        assert all(v == s for group in a[s]["versions"] for v in group)  # on-policy
+        assert all(v == s for group in a[s]["weights_steps"] for v in group)  # on-policy
 
 
 def test_kill9_and_restart_reaches_the_same_params(runs):

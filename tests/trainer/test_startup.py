@@ -19,6 +19,7 @@ def _config(**overrides):
     c = get_config("smoke")
     c.sft.steps = 0
     c.eval.num_samples = 0
+    c.rl.mini_batches = 1  # the whole batch in one update: 8 rows over the 8 devices
     c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
     for key, value in overrides.items():
         section, field = key.split("__")

@@ -230,7 +230,7 @@ def test_pool_that_cannot_start_reports_errors():
 def test_children_die_with_a_killed_parent(tmp_path):
     code = ("import sys, threading, time\n"
             "from rlax_tpu.tasks.reward_pool import RewardPool\n"
-            "import test_math_answer as t\n"
+            "import tests.rlax_tpu.tasks.test_math_answer as t\n"
             "pool = RewardPool(1)\n"
             "assert pool.map(t.raising_equal, [('1', '1')], 30)[0].status == 'error'\n"
             "print(pool._children[0].proc.pid, flush=True)\n"
