@@ -74,6 +74,11 @@ def write_tokenizer(kv: KVStore, tokenizer) -> None:
             raise MetaError(f"{kv.url}{key} holds another tokenizer than this trainer's")
 
 
+def stored_tokenizer_files(kv: KVStore) -> dict[str, bytes]:
+    """The tokenizer's files as the trainer stored them, by relative path."""
+    return {key[len(TOKENIZER_PREFIX):]: kv.get(key) for key in kv.list(TOKENIZER_PREFIX)}
+
+
 def read_tokenizer(kv: KVStore, config, cache_dir: str):
     """Rebuilds the run's tokenizer from the store into ``cache_dir``; None if not written yet."""
     import shutil

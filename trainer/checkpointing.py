@@ -176,6 +176,19 @@ class Checkpointer:
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         return restored[STATE_ITEM], {name: restored[name] for name in json_names}
 
+    def restore_params(self, step: int, target_model_abstract: Any) -> Any:
+        """Only the policy's parameters (``state['params']['model']``) of step ``step``, into the
+        layout of ``target_model_abstract`` (the optimizer state is not read)."""
+        step = int(step)
+        if step not in self._manager.all_steps():
+            raise FileNotFoundError(f"no committed checkpoint for step {step} in {self.directory} "
+                                    f"(have {sorted(self._manager.all_steps())})")
+        item = {"params": {"model": target_model_abstract}}
+        path = epath.Path(self._manager.directory) / str(step) / STATE_ITEM
+        restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+            item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item), partial_restore=True))
+        return restored["params"]["model"]
+
     def _check_tree(self, step: int, target: Any) -> None:
         handler = ocp.StandardCheckpointHandler()
         metadata = handler.metadata(self._manager.directory / str(step) / STATE_ITEM)

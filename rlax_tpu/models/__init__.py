@@ -21,13 +21,14 @@ import jax
 from flax import nnx
 
 from rlax_tpu import sharding
-from rlax_tpu.models.config import ModelConfig
+from rlax_tpu.models.config import ModelConfig, resolve_dtype
 from rlax_tpu.models.gguf import load_gguf, read_gguf_config
 from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
 from rlax_tpu.models.transformer import Transformer
 
 __all__ = ["CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init", "init_rngs",
-           "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "save_hf"]
+           "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "resolve_dtype",
+           "save_hf"]
 
 
 def _is_gguf(path: str) -> bool:
@@ -77,7 +78,8 @@ def init(model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.Mesh | Non
 def overrides(section) -> dict:
     """The config.model fields applied on top of a checkpoint's own config (numerics only: they
     never change the weights)."""
-    return dict(dtype=section.dtype, attention_impl=section.attention_impl, logprob_chunk=section.logprob_chunk)
+    return dict(dtype=resolve_dtype(section.dtype), attention_impl=section.attention_impl,
+                logprob_chunk=section.logprob_chunk)
 
 
 def config_from_section(section, vocab_size: int | None = None) -> ModelConfig:
@@ -85,7 +87,8 @@ def config_from_section(section, vocab_size: int | None = None) -> ModelConfig:
     (with the section's dtypes and numerics), else the section's fields, with ``vocab_size`` (a
     trained tokenizer's) when given."""
     if section.hf_path:
-        return read_model_config(section.hf_path, dtype=section.param_dtype, overrides=overrides(section))
+        return read_model_config(section.hf_path, dtype=resolve_dtype(section.param_dtype),
+                                 overrides=overrides(section))
     cfg = ModelConfig.from_config(section)
     return cfg if vocab_size is None else cfg.replace(vocab_size=vocab_size)
 
@@ -96,7 +99,7 @@ def build(section, model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.
     set, else randomly initialized; placed in their shardings with a mesh."""
     if not section.hf_path:
         return init(model_cfg, seed, mesh=mesh, rules=rules)
-    model, loaded = load(section.hf_path, dtype=section.param_dtype, mesh=mesh, rules=rules,
+    model, loaded = load(section.hf_path, dtype=resolve_dtype(section.param_dtype), mesh=mesh, rules=rules,
                          overrides=overrides(section))
     if loaded != model_cfg:
         raise CheckpointError(f"{section.hf_path}: the checkpoint describes {loaded}, not {model_cfg}")

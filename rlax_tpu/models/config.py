@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from rlax_tpu.config.errors import ConfigError
@@ -13,6 +14,13 @@ ARCHS = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 IMPLS = ("auto", "pallas", "reference")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def resolve_dtype(name: str) -> str:
+    """A config dtype: 'auto' is bfloat16 on an accelerator (TPU/GPU) and float32 on CPU."""
+    if name != "auto":
+        return name
+    return "bfloat16" if jax.default_backend() in ("tpu", "gpu") else "float32"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +127,7 @@ class ModelConfig:
             head_dim=head_dim, rope_theta=float(c.rope_theta), rope_scaling=rope_scaling,
             rms_norm_eps=float(c.rms_norm_eps), qkv_bias=c.arch == "qwen2", qk_norm=c.arch == "qwen3",
             tie_embeddings=bool(c.tie_embeddings), max_position_embeddings=c.max_position_embeddings,
-            arch=c.arch, param_dtype=c.param_dtype, dtype=c.dtype, attention_impl=c.attention_impl,
+            arch=c.arch, param_dtype=resolve_dtype(c.param_dtype), dtype=resolve_dtype(c.dtype),
+            attention_impl=c.attention_impl,
             logprob_chunk=c.logprob_chunk,
         )

@@ -13,7 +13,8 @@ import re
 
 from rlax_tpu.tasks.base import Deadline
 
-ANSWER_FORMATS = ("any", "boxed", "hash")
+ANSWER_FORMATS = ("any", "boxed", "hash", "last_number")
+_NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?")
 MAX_ANSWER_CHARS = 500     # longer extracted answers are rejected (reason 'answer_too_long')
 
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
@@ -88,10 +89,14 @@ def extract_answer(text: str, style: str = "any", deadline: Deadline | None = No
     """Returns (answer or None, method) with method in 'boxed', 'hash', 'answer_is', 'none'.
 
     style: 'boxed' or 'hash' accept only that form; 'any' tries boxed, then '####', then
-    'answer is'.
+    'answer is'; 'last_number' takes the last number written anywhere (for instruct models asked
+    for a short answer, whose wording varies).
     """
     if style not in ANSWER_FORMATS:
         raise ValueError(f"unknown answer style {style!r}")
+    if style == "last_number":
+        numbers = _NUMBER.findall(text)
+        return (numbers[-1].replace(",", ""), "last_number") if numbers else (None, "none")
     if style in ("any", "boxed"):
         ans = extract_boxed(text, deadline)
         if ans is not None:

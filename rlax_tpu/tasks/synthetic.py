@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from rlax_tpu.config.errors import ConfigError
-from rlax_tpu.tasks.answers import extract_hash
+from rlax_tpu.tasks.answers import extract_answer
 from rlax_tpu.tasks.base import Problem, Reward, Task, combine, is_eval_prompt, prompt_id_for
 
 ANSWER_MARK = "####"
@@ -31,6 +31,11 @@ class SyntheticTask(Task):
                            int(c.eval_difficulty or c.difficulty))
         self.max_number = int(c.max_number or self.default_max_number)
         self.eval_fraction = float(c.eval_fraction)
+        # '####' unless asked otherwise: the form the SFT traces teach.
+        fmt = c.get("answer_format", "any")
+        self.answer_style = "hash" if fmt == "any" else fmt
+        instruction = c.get("instruction", "auto")
+        self.instruction = "" if instruction == "auto" else instruction
         if not 0.0 < self.eval_fraction < 1.0:
             raise ConfigError("task.eval_fraction", f"must be in (0, 1) for task "
                               f"{self.name!r}, got {self.eval_fraction}")
@@ -54,9 +59,12 @@ class SyntheticTask(Task):
         for _ in range(_MAX_REJECTS):
             difficulty = rng.randint(lo, hi)
             prompt, answer, meta = self.generate(rng, difficulty)
-            if is_eval_prompt(prompt, self.eval_fraction) == want_eval:
+            if is_eval_prompt(prompt, self.eval_fraction) == want_eval:  # by the question alone
                 meta = {"task": self.name, "difficulty": difficulty, **meta}
-                return Problem(prompt_id_for(self.name, prompt), prompt, answer, meta)
+                pid = prompt_id_for(self.name, prompt)
+                if self.instruction:
+                    prompt = f"{prompt}\n{self.instruction}"
+                return Problem(pid, prompt, answer, meta)
         raise ConfigError("task.eval_fraction", f"{self.name}: no {split} problem in {_MAX_REJECTS} "
                           f"draws at difficulty {lo}..{hi}; the problem space is too small for "
                           f"eval_fraction={self.eval_fraction} (raise the difficulty or max_number)")
@@ -82,7 +90,7 @@ class SyntheticTask(Task):
 
     # --- reward ---------------------------------------------------------------------------
     def score(self, problem: Problem, completion: str) -> Reward:
-        answer = extract_hash(completion)
+        answer, _ = extract_answer(completion, self.answer_style)
         if answer is None:
             details = {"correct": False, "format_ok": False, "extracted": None, "reason": "no_answer"}
         else:

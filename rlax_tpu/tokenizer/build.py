@@ -6,6 +6,8 @@ import itertools
 import os
 from collections.abc import Iterable
 
+import ml_collections
+
 from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.tokenizer.base import Tokenizer, render_template
 from rlax_tpu.tokenizer.spm import SentencePieceTokenizer, train_sentencepiece
@@ -36,6 +38,10 @@ def build(config, workdir: str | None = None, corpus: Iterable[str] | None = Non
     gets the identical tokenizer.
     """
     c = config.tokenizer if "tokenizer" in config and "kind" not in config else config
+    if c is not config:  # the whole config: an empty path may name the model's checkpoint
+        from rlax_tpu.config.sections.tokenizer import tokenizer_path
+
+        c = ml_collections.ConfigDict({**c.to_dict(), "path": tokenizer_path(config)})
     template, system = c.prompt_template, c.system_prompt
     use_chat = bool(c.get("use_chat_template", True))
     if c.kind == "sentencepiece":

@@ -33,7 +33,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_position_embeddings = 2048
     # Whether the output projection shares the embedding matrix.
     c.tie_embeddings = True
-    # dtype of stored parameters (master weights) and of activations/matmuls.
+    # dtype of stored parameters (master weights) and of activations/matmuls: 'float32',
+    # 'bfloat16', or 'auto' (bfloat16 on TPU/GPU, float32 on CPU; each process decides by its
+    # own backend, and workers take the trainer's from the run's model config).
     c.param_dtype = "float32"
     c.dtype = "float32"
     # Attention implementation: 'auto' (Pallas on TPU/GPU, jnp on CPU), 'pallas', 'reference'.
@@ -45,8 +47,8 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     one_of(SECTION, c, "arch", ("llama", "qwen2", "qwen3"))
-    one_of(SECTION, c, "param_dtype", DTYPES)
-    one_of(SECTION, c, "dtype", DTYPES)
+    one_of(SECTION, c, "param_dtype", DTYPES + ("auto",))
+    one_of(SECTION, c, "dtype", DTYPES + ("auto",))
     one_of(SECTION, c, "attention_impl", ("auto", "pallas", "reference"))
     if c.hf_path:
         return

@@ -56,12 +56,15 @@ def defaults() -> ml_collections.ConfigDict:
     # jsonl / gsm8k answer checking: 'math' (Hugging Face math-verify's parse/verify, run in a
     # process pool) or 'exact' (string match after whitespace and case normalization).
     c.verifier = "math"
-    # Where a jsonl / gsm8k completion must put its final answer: 'boxed' (\boxed{...}), 'hash'
-    # ('#### ...'), or 'any' (either, or '... answer is X'). Synthetic tasks always use '####'.
+    # Where a completion must put its final answer: 'boxed' (\boxed{...}), 'hash' ('#### ...'),
+    # 'any' (either, or '... answer is X'; synthetic tasks: '####', the form their SFT traces
+    # teach), or 'last_number' (the last number written anywhere: for an instruct model asked for
+    # a short answer, whose wording varies).
     c.answer_format = "any"
-    # Text appended (on a new line) to each jsonl / gsm8k question: 'auto' = the one matching
+    # Text appended (on a new line) to each question: 'auto' = for jsonl / gsm8k the one matching
     # answer_format ('Put your final answer within \boxed{}.' or '... after '####'.'; for 'any',
-    # the dataset's own: boxed for 'math' data, '####' otherwise), '' = none, else the text.
+    # the dataset's own: boxed for 'math' data, '####' otherwise), for synthetic tasks none (SFT
+    # teaches their format); '' = none; else the text.
     c.instruction = "auto"
     # Reward = correct_weight * correct + format_weight * format_ok, where format_ok means the
     # completion gave a parsable answer in the required format (partial credit when wrong).
@@ -112,7 +115,7 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     require(isinstance(c.instruction, str), "task.instruction",
             f"must be a string ('auto', '' or the text), got {c.instruction!r}")
     one_of(SECTION, c, "verifier", ("math", "exact"))
-    one_of(SECTION, c, "answer_format", ("any", "boxed", "hash"))
+    one_of(SECTION, c, "answer_format", ("any", "boxed", "hash", "last_number"))
     positive(SECTION, c, "correct_weight", allow_zero=True)
     positive(SECTION, c, "format_weight", allow_zero=True)
     require(c.correct_weight + c.format_weight > 0, "task.correct_weight",

@@ -16,7 +16,8 @@ def defaults() -> ml_collections.ConfigDict:
     # corpus into <workdir>/tokenizer/spm.model; an existing file there is reused, so a resumed run
     # gets the identical tokenizer).
     c.kind = "train"
-    # Path to the tokenizer file for 'sentencepiece' / 'hf' / 'gguf' (the .gguf file).
+    # Path to the tokenizer file for 'sentencepiece' / 'hf' / 'gguf' (the .gguf file); '' for
+    # 'hf' / 'gguf' = the model's own checkpoint (model.hf_path).
     c.path = ""
     # Vocabulary size when kind == 'train' (an upper bound: a small corpus may give fewer pieces;
     # read Tokenizer.vocab_size). Must exceed 300 for byte fallback (256 byte pieces + specials).
@@ -46,11 +47,13 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     one_of(SECTION, c, "kind", ("sentencepiece", "hf", "gguf", "train"))
+    path = tokenizer_path(config)
     if c.kind in ("sentencepiece", "hf", "gguf"):
-        require(isinstance(c.path, str) and bool(c.path), "tokenizer.path",
-                f"is required when tokenizer.kind={c.kind!r}")
+        require(isinstance(path, str) and bool(path), "tokenizer.path",
+                f"is required when tokenizer.kind={c.kind!r}" + ("" if c.kind == "sentencepiece" else
+                                                                   " and model.hf_path is not set"))
     if c.kind == "gguf":
-        require(c.path.endswith(".gguf"), "tokenizer.path", f"must name a .gguf file for kind='gguf', got {c.path!r}")
+        require(path.endswith(".gguf"), "tokenizer.path", f"must name a .gguf file for kind='gguf', got {path!r}")
     positive(SECTION, c, "vocab_size")
     if c.kind == "train":
         require(c.vocab_size > 300, "tokenizer.vocab_size",
@@ -62,3 +65,11 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
             f"must be True or False, got {c.use_chat_template!r}")
     for name in ("bos_token", "eos_token", "pad_token"):
         require(isinstance(c[name], str), f"tokenizer.{name}", "must be a string ('' = automatic)")
+
+
+def tokenizer_path(config: ml_collections.ConfigDict) -> str:
+    """tokenizer.path, or for 'hf' / 'gguf' the model's checkpoint when it is ''."""
+    c = config.tokenizer
+    if not c.path and c.kind in ("hf", "gguf") and "model" in config:
+        return config.model.hf_path
+    return c.path

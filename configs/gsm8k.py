@@ -1,0 +1,76 @@
+"""GSM8K with a pretrained instruct model: RL from its own checkpoint, with its own tokenizer and
+chat template, answers checked by math-verify.
+
+    python -m rlax_tpu.models.fetch smollm2                       # once: SmolLM2-135M-Instruct (GGUF)
+    python -m rlax_tpu.launch --config=configs/gsm8k.py --workdir=runs/gsm8k
+    python -m rlax_tpu.launch --config=configs/gsm8k.py:hf --config.model.hf_path=/ckpt/dir --workdir=...
+
+Variants: '' or 'smollm2' (the SmolLM2 GGUF from the fetch cache), 'hf' (any Hugging Face
+Llama / Qwen2 / Qwen3 checkpoint directory given by --config.model.hf_path: its tokenizer.json
+and chat template come with it), 'ci' (SmolLM2 with short lengths and 2 steps: the CI test).
+GSM8K here is the packaged test split divided by a hash of the question into train and
+held-out (task.eval_fraction), not the published train/test split. Params and compute are
+bfloat16 on TPU/GPU and float32 on CPU (model.dtype='auto').
+"""
+
+from rlax_tpu.config import get_base_config
+from rlax_tpu.models.fetch import cached_path
+
+
+def get_config(arg: str = ""):
+    if arg not in ("", "smollm2", "hf", "ci"):
+        raise ValueError(f"unknown variant {arg!r} (expected '', 'smollm2', 'hf' or 'ci')")
+    c = get_base_config()
+    c.name = "gsm8k"
+    c.task.name = "gsm8k"
+    c.task.eval_fraction = 0.15  # ~200 held-out problems
+    c.task.num_eval = 200
+    c.task.answer_format = "any"  # '#### N', \boxed{N} or 'the answer is N'
+    c.model.param_dtype = c.model.dtype = "auto"
+    if arg == "hf":
+        c.tokenizer.kind = "hf"  # tokenizer.json + chat template from model.hf_path
+    else:
+        c.model.hf_path = cached_path("smollm2")
+        c.tokenizer.kind = "gguf"  # the tokenizer and chat template inside the GGUF
+    c.sft.steps = 0  # an instruct model: straight to RL
+    c.mesh.fsdp = -1
+    # GRPO with PPO clip-higher, truncated IS for one step of staleness, two updates per batch.
+    c.rl.group_size = 8
+    c.rl.advantage = "grpo"
+    c.rl.policy_loss = "ppo"
+    c.rl.clip_eps_low, c.rl.clip_eps_high = 0.2, 0.28
+    c.rl.loss_agg = "token_mean"
+    c.rl.max_staleness = 1
+    c.rl.off_policy = "tis"
+    c.rl.mini_batches = 2
+    c.trainer.steps = 200
+    c.trainer.batch_size = 16
+    c.trainer.learning_rate = 1e-6
+    c.trainer.warmup_steps = 5
+    c.trainer.checkpoint_every = 20
+    c.inference.max_seq_len = 640
+    c.inference.max_new_tokens = 384
+    c.inference.max_batch = 64
+    c.inference.max_prefill_batch = 16
+    c.replay.worker_max_leases = 8
+    c.eval.num_samples = 4
+    c.eval.ks = (1, 4)
+    c.eval.every = 50
+    if arg == "ci":
+        c.task.num_eval = 4
+        c.rl.group_size = 2
+        c.rl.mini_batches = 1
+        c.trainer.steps = 2
+        c.trainer.batch_size = 1
+        c.trainer.checkpoint_every = 1
+        c.trainer.warmup_steps = 0
+        c.inference.max_seq_len = 320
+        c.inference.max_new_tokens = 8
+        c.inference.max_batch = 4
+        c.inference.max_prefill_batch = 2
+        c.replay.worker_max_leases = 2
+        c.eval.num_samples = 2
+        c.eval.ks = (1, 2)
+        c.eval.every = 0
+        c.launch.num_workers = 1
+    return c
