@@ -11,7 +11,7 @@ knowledge is there, its sampling is diffuse), which is where RL has something to
 SFT. Variant 'smoke': a few steps for tests.
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 from rlax_tpu.models.fetch import cached_path
 
 
@@ -28,20 +28,9 @@ def get_config(arg: str = ""):
     c.task.num_eval = 40
     c.task.answer_format = "last_number"
     c.task.instruction = "Answer with just the number."
-    c.model.hf_path = cached_path("smollm2")
-    c.model.param_dtype = c.model.dtype = "auto"
+    presets.pretrained(c, cached_path("smollm2"), "gguf")
     c.model.logprob_chunk = 8192
-    c.tokenizer.kind = "gguf"
-    c.sft.steps = 0
-    c.mesh.fsdp = -1
     c.rl.group_size = 8
-    c.rl.advantage = "grpo"
-    c.rl.policy_loss = "ppo"
-    c.rl.clip_eps_low, c.rl.clip_eps_high = 0.2, 0.28
-    c.rl.loss_agg = "token_mean"
-    c.rl.max_staleness = 1
-    c.rl.off_policy = "tis"
-    c.rl.mini_batches = 2
     c.trainer.steps = 60
     c.trainer.batch_size = 4
     c.trainer.learning_rate = 1e-5

@@ -13,7 +13,7 @@ held-out (task.eval_fraction), not the published train/test split. Params and co
 bfloat16 on TPU/GPU and float32 on CPU (model.dtype='auto').
 """
 
-from rlax_tpu.config import get_base_config
+from rlax_tpu.config import get_base_config, presets
 from rlax_tpu.models.fetch import cached_path
 
 
@@ -26,23 +26,11 @@ def get_config(arg: str = ""):
     c.task.eval_fraction = 0.15  # ~200 held-out problems
     c.task.num_eval = 200
     c.task.answer_format = "any"  # '#### N', \boxed{N} or 'the answer is N'
-    c.model.param_dtype = c.model.dtype = "auto"
-    if arg == "hf":
-        c.tokenizer.kind = "hf"  # tokenizer.json + chat template from model.hf_path
-    else:
-        c.model.hf_path = cached_path("smollm2")
-        c.tokenizer.kind = "gguf"  # the tokenizer and chat template inside the GGUF
-    c.sft.steps = 0  # an instruct model: straight to RL
-    c.mesh.fsdp = -1
-    # GRPO with PPO clip-higher, truncated IS for one step of staleness, two updates per batch.
+    if arg == "hf":  # the checkpoint (and its tokenizer.json, chat template) from --config.model.hf_path
+        presets.pretrained(c, "", "hf")
+    else:  # the GGUF's weights, tokenizer and chat template
+        presets.pretrained(c, cached_path("smollm2"), "gguf")
     c.rl.group_size = 8
-    c.rl.advantage = "grpo"
-    c.rl.policy_loss = "ppo"
-    c.rl.clip_eps_low, c.rl.clip_eps_high = 0.2, 0.28
-    c.rl.loss_agg = "token_mean"
-    c.rl.max_staleness = 1
-    c.rl.off_policy = "tis"
-    c.rl.mini_batches = 2
     c.trainer.steps = 200
     c.trainer.batch_size = 16
     c.trainer.learning_rate = 1e-6

@@ -177,8 +177,17 @@ class _Launcher:
         self.signals: list[int] = []
         self._tail_pos = 0  # set to the trainer's start_offset once it is started
         self._tail_buf = b""
+        # On a terminal the trainer's progress line is rewritten in place; into a log, one line each.
+        self._inplace = bool(getattr(out, "isatty", lambda: False)())
+        self._open_line = False
+
+    def _end_line(self) -> None:
+        if self._open_line:
+            print(file=self.out, flush=True)
+            self._open_line = False
 
     def say(self, msg: str) -> None:
+        self._end_line()
         print(f"[launch] {msg}", file=self.out, flush=True)
 
     def on_signal(self, signum, frame) -> None:
@@ -189,6 +198,9 @@ class _Launcher:
 
     def status(self) -> None:
         alive = [n for n, r in self.roles.items() if r.alive()]
+        if self._inplace and alive == getattr(self, "_last_alive", None):
+            return  # on a terminal only changes interrupt the progress line
+        self._last_alive = alive
         self.say(f"{time.strftime('%H:%M:%S')} alive {len(alive)}/{len(self.roles)}: {' '.join(alive)}")
 
     def echo_trainer(self) -> None:
@@ -204,8 +216,15 @@ class _Launcher:
         *lines, self._tail_buf = (self._tail_buf + data).split(b"\n")
         for line in lines:
             text = line.decode("utf-8", "replace")
-            if PROGRESS_MARKER in text:
-                print(f"[trainer] {text.strip()}", file=self.out, flush=True)
+            if PROGRESS_MARKER not in text:
+                continue
+            text = text.strip().split("\r")[-1].replace("\x1b[K", "")
+            if self._inplace:
+                self.out.write(f"\r[trainer] {text}\x1b[K")
+                self.out.flush()
+                self._open_line = True
+            else:
+                print(f"[trainer] {text}", file=self.out, flush=True)
 
     def stop_all(self, reason: str, keep: Sequence[str] = ()) -> None:
         alive = [r for r in self.roles.values() if r.alive() and r.name not in keep]

@@ -2,8 +2,8 @@
 
   python -m rlax_tpu.report --workdir=DIR [--plot=DIR/report.png]
 
-Reads <workdir>/eval.jsonl (written by the trainer before RL, every eval.every steps and at the
-end) and <workdir>/metrics.jsonl (one line per RL step).
+Reads <workdir>/eval.jsonl (written by the evaluator role: before RL, every eval.every steps and
+at the end) and <workdir>/metrics.jsonl (one line per RL step).
 """
 
 from __future__ import annotations
@@ -53,6 +53,19 @@ def table(evals: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def smooth(values: list[float], window: int = 0) -> list[float]:
+    """Trailing moving average (window: ~5% of the points, at least 1), so a noisy per-step
+    reward reads as a trend; the raw curve is drawn faintly beneath it."""
+    window = window or max(1, len(values) // 20)
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
     try:
         import matplotlib
@@ -62,10 +75,16 @@ def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
     except ImportError:
         print("matplotlib is not installed (pip install -e '.[plot]'): no plot written", file=sys.stderr)
         return False
-    steps = [m["step"] for m in metrics if "reward/mean" in m]
+    rl = [m for m in metrics if "reward/mean" in m]
+    steps = [m["step"] for m in rl]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    ax1.plot(steps, [m["reward/mean"] for m in metrics if "reward/mean" in m], label="mean reward")
-    ax1.plot(steps, [m["reward/pass_rate"] for m in metrics if "reward/mean" in m], label="train pass rate")
+    curves = {"mean reward": [m["reward/mean"] for m in rl],
+              "train pass rate": [m.get("reward/pass_rate", m["reward/mean"]) for m in rl]}
+    if curves["train pass rate"] == curves["mean reward"]:  # reward is correctness: one curve
+        curves = {"train pass rate (= reward)": curves["mean reward"]}
+    for (label, ys), color in zip(curves.items(), ("C0", "C1"), strict=False):
+        ax1.plot(steps, ys, color=color, alpha=0.25, linewidth=0.8)
+        ax1.plot(steps, smooth(ys), color=color, label=f"{label}, smoothed")
     ax1.set_xlabel("RL step")
     ax1.set_title("training rollouts")
     ax1.legend()

@@ -2,7 +2,7 @@
 
     python scripts/bench_replay.py [--groups 400] [--samples 8] [--tokens 1024]
 
-file:// with 1 and 4 worker processes (rlax_tpu.replay.testing_worker) and memory:// in one
+file:// with 1 and 4 worker processes (tests/helpers/fake_worker.py) and memory:// in one
 process with 1 and 4 worker threads. The controller issues tasks under admission control,
 admits every group and acknowledges every 64 admitted (the deletes a checkpoint triggers), so
 the figure covers a task's whole life. Baseline, measured in the same run on the same backend:
@@ -28,11 +28,12 @@ import tensorstore as ts
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from rlax_tpu.replay.testing_worker import fake_samples  # noqa: E402
-
+from inference_worker.replay_client import ReplayWorker  # noqa: E402
 from rlax_tpu.kvstore import KVStore  # noqa: E402
-from rlax_tpu.replay import ReplayController, ReplayWorker, encode_rollout, keys  # noqa: E402
+from rlax_tpu.replay import encode_rollout, keys  # noqa: E402
 from rlax_tpu.replay.records import RolloutGroup, Task  # noqa: E402
+from tests.helpers.fake_worker import fake_samples  # noqa: E402
+from trainer.replay_controller import ReplayController  # noqa: E402
 
 
 def group_bytes(samples: int, tokens: int) -> bytes:
@@ -94,7 +95,7 @@ def run_file(root: str, workers: int, args, base: float) -> dict:
     url = f"file://{root}/q{workers}/"
     kv = KVStore.open(url)
     env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    procs = [subprocess.Popen([sys.executable, "-m", "rlax_tpu.replay.testing_worker", "--url", url,
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.helpers.fake_worker", "--url", url,
                                "--worker-id", f"w{i}", "--lease-seconds", "10", "--batch", "4",
                                "--new-tokens", str(args.tokens), "--poll", "0.002"],
                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL)

@@ -93,6 +93,9 @@ class MetricsWriter:
         self._tb = None
         self._last_log: tuple[float, int] | None = None  # (time, step) of the last console line
         self._tokens_since = 0.0
+        # On a terminal the progress line is rewritten in place; into a log, one line each.
+        self._inplace = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._open_line = False
         if not is_primary:
             return
         os.makedirs(workdir, exist_ok=True)
@@ -153,7 +156,13 @@ class MetricsWriter:
         keys = self.console_keys if self.console_keys is not None else [
             k for k in record if k not in ("step", "time")]
         parts.extend(f"{k}={_fmt_value(record[k])}" for k in keys if k in record)
-        print(" | ".join(parts), file=self.stream, flush=True)
+        line = " | ".join(parts)
+        if self._inplace:
+            self.stream.write("\r" + line + "\x1b[K")
+            self.stream.flush()
+            self._open_line = True
+        else:
+            print(line, file=self.stream, flush=True)
         self._last_log = (now, step)
         self._tokens_since = 0.0
 
@@ -164,6 +173,9 @@ class MetricsWriter:
             self._tb.flush()
 
     def close(self) -> None:
+        if self._open_line:
+            self.stream.write("\n")
+            self._open_line = False
         if self._file is not None:
             self._file.close()
             self._file = None

@@ -36,8 +36,8 @@ from trainer.state import abstract_state, reset_optimizer
 
 log = logging.getLogger(__name__)
 JSON_ITEMS = ("controller", "meta")
-CONSOLE_KEYS = ("reward/mean", "reward/pass_rate", "loss", "entropy", "mismatch/max_abs_ratio_minus_1",
-                "staleness/mean", "time/wait_rollouts", "time/train")
+# The console's one progress line (every metric is in metrics.jsonl and TensorBoard).
+CONSOLE_KEYS = ("reward/mean", "entropy", "clip_frac", "staleness/mean", "time/wait_rollouts", "time/train")
 
 
 class Trainer:

@@ -1,8 +1,11 @@
 """Shared sizes for the synthetic-task experiments in configs/ (each adds its algorithm).
 
 ``arith(config, variant)`` sets model, tokenizer, task, SFT, trainer and inference for:
-  ''      the CPU demo: a ~1M-param Qwen2-style model, SFT then RL with 2 workers (~15 min);
+  ''      the CPU demo: a ~1M-param Qwen2-style model, SFT then RL with 2 workers;
   'smoke' a seconds-long run for tests and the chaos test.
+``countdown(config, variant)`` the same for the Countdown game (the RL studies in docs/rl.md).
+``compose(config, variant)`` the same for list-operation composition (the extrapolation study).
+``pretrained(config, hf_path, tokenizer_kind)`` RL straight from an instruct checkpoint.
 """
 
 from __future__ import annotations
@@ -55,7 +58,6 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
     c.trainer.grad_clip = 1.0
     c.trainer.checkpoint_every = 50
     c.trainer.publish_every = 1
-    c.trainer.tensorboard = False
     c.inference.max_batch = 32
     c.inference.max_seq_len = 48
     c.inference.max_new_tokens = 24
@@ -95,4 +97,57 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
         c.launch.grace_s = 30.0
     elif variant:
         raise ValueError(f"unknown variant {variant!r} (expected '' or 'smoke')")
+    return c
+
+
+def countdown(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.ConfigDict:
+    """The arith demo's model and schedule on Countdown: reach a target from 2-3 numbers in 1..6
+    (a short SFT on worked solutions first), 20% of the problem space held out by prompt hash."""
+    arith(c, "smoke" if variant == "smoke" else "")
+    c.task.name = "countdown"
+    c.task.max_number = 6
+    c.task.min_difficulty = 1
+    c.task.difficulty = 2
+    c.tokenizer.vocab_size = 512
+    c.sft.max_len = 48
+    c.inference.max_seq_len = 48
+    c.inference.max_new_tokens = 24
+    if variant not in ("", "smoke"):
+        raise ValueError(f"unknown variant {variant!r} (expected '' or 'smoke')")
+    return c
+
+
+def compose(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.ConfigDict:
+    """The arith demo's model and schedule on compositions of list operations: trained on depth
+    1-2, evaluated on depth 2 (held out by prompt hash); deeper evaluations measure extrapolation."""
+    arith(c, "smoke" if variant == "smoke" else "")
+    c.task.name = "compose"
+    c.task.min_difficulty = 1
+    c.task.difficulty = 2
+    c.task.eval_min_difficulty = c.task.eval_difficulty = 2
+    c.sft.max_len = 64
+    c.inference.max_seq_len = 80
+    c.inference.max_new_tokens = 48
+    if variant not in ("", "smoke"):
+        raise ValueError(f"unknown variant {variant!r} (expected '' or 'smoke')")
+    return c
+
+
+def pretrained(c: ml_collections.ConfigDict, hf_path: str, tokenizer_kind: str) -> ml_collections.ConfigDict:
+    """RL from a pretrained instruct model: its checkpoint, its own tokenizer and chat template
+    (tokenizer_kind 'gguf' or 'hf', read from the checkpoint), no SFT, bfloat16 on accelerators;
+    GRPO with clip-higher, two mini-batch updates per batch, one step of staleness under
+    truncated IS."""
+    c.model.hf_path = hf_path
+    c.model.param_dtype = c.model.dtype = "auto"
+    c.tokenizer.kind = tokenizer_kind
+    c.sft.steps = 0
+    c.mesh.fsdp = -1
+    c.rl.advantage = "grpo"
+    c.rl.policy_loss = "ppo"
+    c.rl.clip_eps_low, c.rl.clip_eps_high = 0.2, 0.28
+    c.rl.loss_agg = "token_mean"
+    c.rl.max_staleness = 1
+    c.rl.off_policy = "tis"
+    c.rl.mini_batches = 2
     return c

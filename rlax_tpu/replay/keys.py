@@ -3,7 +3,7 @@
     tasks/<task_id>      Task (msgpack), written by the controller
     leases/<task_id>     {"worker", "token", "expires_at", "renewed_at"} (JSON), claimed by CAS
     rollouts/<task_id>   RolloutGroup (msgpack), created once (create-if-absent): first result wins
-    workers/<worker_id>  heartbeat {"time", "tasks_done", "version", ...} (JSON)
+    workers/<worker_id>  heartbeat {"time", "tasks_done", "weights_step", ...} (JSON)
 
 Task ids are decimal integers zero-padded to 12 digits so that key order is issue order.
 """

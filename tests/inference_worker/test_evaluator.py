@@ -27,18 +27,23 @@ def _config(**overrides):
     return load_config("configs/arith_grpo.py:smoke", {**base, **overrides})
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A run's store as the trainer leaves it: metadata and versions of steps 0..4."""
-    workdir = str(tmp_path_factory.mktemp("run"))
-    config = _config()
+def _meta(config, workdir):
+    """The run metadata the trainer writes: (store, model config, tokenizer, task)."""
     task = tasks_lib.get_task(config.task)
     tok = tokenizer_lib.build(config, workdir, corpus=task.corpus())
     kv = KVStore.open(config.store.url, workdir)
     model_cfg = models.config_from_section(config.model, tok.vocab_size)
     run_meta.write_model_config(kv, model_cfg)
     run_meta.write_tokenizer(kv, tok)
-    store = ParamStore.open(kv, config=config)
+    return ParamStore.open(kv, config=config), model_cfg, tok, task
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A run's store as the trainer leaves it: metadata and versions of steps 0..4."""
+    workdir = str(tmp_path_factory.mktemp("run"))
+    config = _config()
+    store, model_cfg, tok, task = _meta(config, workdir)
     weights = {}
     for step in range(5):
         params = nnx.state(models.init(model_cfg, seed=step))
@@ -92,13 +97,8 @@ def test_a_new_trainer_epoch_of_a_step_is_evaluated_again(run):
 def test_finishing_evaluator_stops_when_nothing_published_is_left(tmp_path):
     config = _config(**{"trainer.steps": 100})
     workdir = str(tmp_path)
-    task = tasks_lib.get_task(config.task)
-    tok = tokenizer_lib.build(config, workdir, corpus=task.corpus())
-    kv = KVStore.open(config.store.url, workdir)
-    model_cfg = models.config_from_section(config.model, tok.vocab_size)
-    run_meta.write_model_config(kv, model_cfg)
-    run_meta.write_tokenizer(kv, tok)
-    ParamStore.open(kv, config=config).publish(nnx.state(models.init(model_cfg, 0)), 0)
+    store, model_cfg, _, _ = _meta(config, workdir)
+    store.publish(nnx.state(models.init(model_cfg, 0)), 0)
     ev = Evaluator(config, workdir)
     ev.finishing = True  # what SIGUSR1 sets: the trainer stopped before step 100
     assert ev.follow() == 1

@@ -10,8 +10,9 @@ DTYPES = ("float32", "bfloat16")
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Directory of a Hugging Face checkpoint (config.json + *.safetensors). When set, the
-    # architecture fields below are read from it and these values are ignored.
+    # A pretrained checkpoint: a Hugging Face directory (config.json + *.safetensors) or a
+    # llama.cpp .gguf file. When set, the architecture fields below are read from it and these
+    # values are ignored.
     c.hf_path = ""
     # Architecture family when building from the fields below: 'llama', 'qwen2' or 'qwen3'.
     c.arch = "qwen2"
