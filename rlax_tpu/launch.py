@@ -93,12 +93,17 @@ def role_commands(config_arg: str, workdir: str, overrides: Sequence[str], num_w
     return commands
 
 
-def worker_cores(names: Sequence[str], trainer_cores: int, cores: Sequence[int] | None = None) -> dict[str, int]:
-    """One core per worker, round robin over the cores left after the trainer's first
-    ``trainer_cores`` (over all cores when none are left)."""
+def pinned_cores(names: Sequence[str], trainer_cores: int, cores: Sequence[int] | None = None
+                 ) -> dict[str, list[int]]:
+    """The trainer on the first ``trainer_cores`` cores, each worker (names 'worker_*') on one
+    core of the rest, round robin (over all cores when none are left); other roles unpinned."""
     cores = sorted(os.sched_getaffinity(0)) if cores is None else list(cores)
     spare = cores[trainer_cores:] or cores
-    return {name: spare[i % len(spare)] for i, name in enumerate(names)}
+    workers = [n for n in names if n.startswith("worker_")]
+    out = {name: [spare[i % len(spare)]] for i, name in enumerate(workers)}
+    if TRAINER in names and trainer_cores:
+        out[TRAINER] = cores[:trainer_cores]
+    return out
 
 
 def prepare_workdir(workdir: str, fresh: bool) -> None:
@@ -142,8 +147,11 @@ def _tail(path: str, n: int = TAIL_LINES) -> str:
 
 
 class _Role:
+    """A role's process. ``cores``: the CPU cores it is pinned to (None: not pinned); a role
+    pinned to one core runs XLA without its CPU thread pool."""
+
     def __init__(self, name: str, argv: Sequence[str], log_path: str, env: Mapping[str, str],
-                 core: int | None = None):
+                 cores: Sequence[int] | None = None):
         self.name, self.log_path = name, log_path
         self.log = open(log_path, "ab")
         stamp = time.strftime("%Y-%m-%d %H:%M:%S")
@@ -151,12 +159,11 @@ class _Role:
         self.log.flush()
         self.start_offset = self.log.tell()  # where this run's output starts in the log
         env = dict(env)
-        if core is not None:
+        if cores is not None and len(cores) == 1:
             env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {SINGLE_THREAD_XLA}".strip()
-        self.core = core
+        pin = None if cores is None else (lambda: os.sched_setaffinity(0, set(cores)))
         self.proc = subprocess.Popen(list(argv), stdout=self.log, stderr=subprocess.STDOUT,
-                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True,
-                                     preexec_fn=None if core is None else lambda: os.sched_setaffinity(0, {core}))
+                                     stdin=subprocess.DEVNULL, env=env, start_new_session=True, preexec_fn=pin)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -314,8 +321,7 @@ def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_worker
         from rlax_tpu.config.sections import eval as eval_section
 
         commands = role_commands(config_arg, workdir, overrides, workers, evaluator=eval_section.enabled(config))
-    cores = worker_cores([n for n in commands if n.startswith("worker_")], lc.trainer_cores) \
-        if lc.pin_workers else {}
+    cores = pinned_cores(list(commands), lc.trainer_cores) if lc.pin_workers else {}
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (REPO_ROOT, env.get("PYTHONPATH", "")) if p)
     env.setdefault("PYTHONUNBUFFERED", "1")
@@ -327,7 +333,7 @@ def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_worker
     try:
         for name, argv in commands.items():
             roles[name] = _Role(name, argv, os.path.join(log_dir, f"{name}.log"), env, cores.get(name))
-            where = f", core {cores[name]}" if name in cores else ""
+            where = f", cores {','.join(map(str, cores[name]))}" if name in cores else ""
             launcher.say(f"started {name} (pid {roles[name].proc.pid}{where}), log: {roles[name].log_path}")
         if TRAINER in roles:
             launcher._tail_pos = roles[TRAINER].start_offset

@@ -50,6 +50,9 @@ STUDIES = {
         ("GRPO clip-higher 0.28", "configs/arith_grpo.py", {"rl.clip_eps_high": 0.28}),
         ("GRPO pass@k advantage", "configs/arith_grpo.py", {"rl.advantage": "grpo_passk"}),
         ("GRPO + KL 0.05", "configs/arith_grpo.py", {"rl.kl_coef": 0.05}),
+        ("pass@k advantage k=4", "configs/arith_grpo.py", {"rl.advantage": "passk", "rl.passk_k": 4}),
+        ("pass@k advantage k=4 + entropy 0.01", "configs/arith_grpo.py",
+         {"rl.advantage": "passk", "rl.passk_k": 4, "rl.entropy_coef": 0.01}),
     ]),
 }
 # The extrapolation study also evaluates depths beyond the training range afterwards.

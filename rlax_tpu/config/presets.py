@@ -101,11 +101,11 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
 
 
 def countdown(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.ConfigDict:
-    """The arith demo's model and schedule on Countdown: reach a target from 2-3 numbers in 1..6
+    """The arith demo's model and schedule on Countdown: reach a target from 2-3 numbers in 1..9
     (a short SFT on worked solutions first), 20% of the problem space held out by prompt hash."""
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "countdown"
-    c.task.max_number = 6
+    c.task.max_number = 9
     c.task.min_difficulty = 1
     c.task.difficulty = 2
     c.tokenizer.vocab_size = 512

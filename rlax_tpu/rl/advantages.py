@@ -9,6 +9,7 @@ such as a KL penalty (zeros when there are none), ``valid`` marks real (non-padd
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -140,6 +141,42 @@ def grpo_passk(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, va
     return _broadcast(adv, mask), None
 
 
+def _max_of_k_weights(n: int, k: int):
+    """w_j = C(j-1, k-1) / C(n, k) for j = 1..n: the probability that the j-th smallest of n
+    values is the largest of k drawn without replacement (0 where j < k)."""
+    from math import comb
+
+    return jnp.asarray([comb(j - 1, k - 1) / comb(n, k) for j in range(1, n + 1)], jnp.float32)
+
+
+@register_advantage("passk")
+def passk(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, values=None):
+    """Each sample's leave-one-out share of its group's pass@k (for 0/1 rewards; the expected
+    best of k in general): E_n[max of k] - E_{n-1 without i}[max of k], both the unbiased
+    estimators from the group's n samples, over the group std. A correct sample gains most when
+    few of its group succeed and almost nothing when most do, and wrong samples are pushed down
+    only as far as they cost the group's pass@k: training for pass@k rather than pass@1 keeps
+    the policy's spread (Pass@k training, arXiv 2508.10751; PKPO, Walder & Karkhanis 2025).
+    Groups are contiguous rows of rl.group_size; k is rl.passk_k < group_size."""
+    r = _seq_rewards(rewards, mask, token_rewards)
+    b, n = r.shape[0], s.group_size
+    k = max(1, min(s.passk_k, n - 1))  # validation keeps k < group_size; a caller's smaller group too
+    g = r.reshape(b // n, n)
+    order = jnp.argsort(g, axis=-1, stable=True)
+    srt = jnp.take_along_axis(g, order, axis=-1)  # ascending
+    full = jnp.sum(_max_of_k_weights(n, k) * srt, axis=-1, keepdims=True)
+    w = _max_of_k_weights(n - 1, k)  # weights of the n-1 values left when one is removed
+    # Removing the value at sorted position p leaves srt[:p] then srt[p+1:]: prefix and suffix sums.
+    before = jnp.cumsum(w * srt[:, :-1], axis=-1)  # sum_{j<=q} w_j srt_j
+    after = jnp.cumsum((w * srt[:, 1:])[:, ::-1], axis=-1)[:, ::-1]  # sum_{j>=q} w_j srt_{j+1}
+    zero = jnp.zeros((g.shape[0], 1), jnp.float32)
+    loo_sorted = jnp.concatenate([zero, before], -1) + jnp.concatenate([after, zero], -1)
+    loo = jnp.zeros_like(g).at[jnp.arange(g.shape[0])[:, None], order].set(loo_sorted)
+    _, _, std = group_stats(r, group_ids, valid)
+    adv = (full - loo).reshape(b) / (std + s.adv_eps)
+    return _broadcast(jnp.where(valid, adv, 0.0), mask), None
+
+
 @register_advantage("gae")
 def gae_advantage(s: RLSettings, rewards, mask, group_ids, valid, token_rewards, values=None):
     """GAE(gamma, lambda) with the value head's rollout-time values (PPO)."""
@@ -171,11 +208,13 @@ def compute_advantages(
     overlong penalty (default: mask.sum(-1)). sample_mask: [B] real rows (default: any token).
     """
     s = as_settings(cfg)
+    if group_size and group_size != s.group_size:  # estimators that need the size read it from s
+        s = dataclasses.replace(s, group_size=int(group_size))
     mask = mask.astype(bool)
     rewards = jnp.asarray(rewards, jnp.float32)
     b = mask.shape[0]
     if group_ids is None:
-        group_ids = group_ids_from_size(b, group_size or s.group_size)
+        group_ids = group_ids_from_size(b, s.group_size)
     valid = jnp.any(mask, axis=-1) if sample_mask is None else sample_mask.astype(bool)
     if s.overlong_buffer > 0:
         lengths = jnp.sum(mask, axis=-1) if lengths is None else lengths

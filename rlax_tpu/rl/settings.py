@@ -17,6 +17,7 @@ class RLSettings:
     group_size: int
     advantage: str
     adv_eps: float
+    passk_k: int
     whiten_advantages: str
     gamma: float
     gae_lambda: float

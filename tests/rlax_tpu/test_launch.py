@@ -136,9 +136,10 @@ def test_after_the_trainer_the_evaluator_is_asked_to_finish_and_waited_for(tmp_p
 
 
 def test_pinned_workers_get_one_core_each(tmp_path):
-    assert launch.worker_cores(["worker_0", "worker_1", "worker_2"], 1, cores=[0, 1, 2]) == \
-        {"worker_0": 1, "worker_1": 2, "worker_2": 1}
-    assert launch.worker_cores(["worker_0"], 2, cores=[0, 1]) == {"worker_0": 0}  # no core left: share
+    names = ["param_server", "trainer", "worker_0", "worker_1", "worker_2", "evaluator"]
+    assert launch.pinned_cores(names, 1, cores=[0, 1, 2]) == \
+        {"trainer": [0], "worker_0": [1], "worker_1": [2], "worker_2": [1]}
+    assert launch.pinned_cores(["worker_0"], 2, cores=[0, 1]) == {"worker_0": [0]}  # no core left: share
     d = tmp_path / "marks"
     d.mkdir()
     cfg = tmp_path / "pin.py"
@@ -150,9 +151,10 @@ def test_pinned_workers_get_one_core_each(tmp_path):
             "worker_0": [sys.executable, "-c", probe + "; import time; time.sleep(30)", str(d / "w0.txt")]}
     launch.run(str(cfg), str(tmp_path / "wd"), [], commands=cmds, out=io.StringIO())
     cores, flags = eval((d / "w0.txt").read_text())
-    want = launch.worker_cores(["worker_0"], 1)["worker_0"]
-    assert cores == [want] and launch.SINGLE_THREAD_XLA in flags
-    assert launch.SINGLE_THREAD_XLA not in eval((d / "trainer.txt").read_text())[1]
+    want = launch.pinned_cores(["trainer", "worker_0"], 1)
+    assert cores == want["worker_0"] and launch.SINGLE_THREAD_XLA in flags
+    cores, flags = eval((d / "trainer.txt").read_text())
+    assert cores == want["trainer"] and (launch.SINGLE_THREAD_XLA in flags) == (len(cores) == 1)
 
 
 def test_sigint_to_launcher_stops_every_role(tmp_path):

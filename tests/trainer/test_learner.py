@@ -213,3 +213,39 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
                                     for e in range(3))
     assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \
         {"a_max": 3.0, "b": 1.5, "updates": 2}
+
+
+def test_reused_groups_are_trained_with_their_importance_weights():
+    """A reused group carries the behavior log-probs stored when it was generated (an older
+    policy): the trainer's off-policy weight pi_prox / pi_behavior for its tokens is not 1, while
+    fresh on-policy rows weigh 1."""
+    import dataclasses
+
+    from flax import nnx
+
+    from inference_worker.engine import Engine, SamplingParams
+
+    c = _config()
+    c.rl.off_policy, c.rl.is_cap = "tis", 2.0
+    learner, state, model_cfg = _learner(c, _mesh(1, 8, 1))
+    params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
+    engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
+                    decode_chunk=4)
+    rng = np.random.default_rng(4)
+    prompts = [rng.integers(1, VOCAB, 6).tolist() for _ in range(GROUPS)]
+    outs = engine.generate(prompts, [SamplingParams(temperature=1.0, n=GROUP, max_new_tokens=10, seed=s)
+                                     for s in range(GROUPS)])
+    fresh = _groups(rng, [(p, [(o.tokens, o.raw_logprobs) for o in g]) for p, g in zip(prompts, outs, strict=True)])
+    older = [[(o.tokens, np.asarray(o.raw_logprobs) - 0.4) for o in g] for g in outs]  # an older policy's
+    reused = _groups(rng, [(p, o) for p, o in zip(prompts, older, strict=True)])
+    reused = [dataclasses.replace(a, reused=True, staleness=3) for a in reused]
+
+    def metrics(groups):
+        host = batching.rl_batch(groups, SEQ)
+        batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
+        batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
+        return to_host(learner.rl_step(jax.tree.map(lambda x: x.copy(), state), learner.with_advantages(batch))[1])
+
+    assert metrics(fresh)["is_weight_mean"] == pytest.approx(1.0, abs=1e-4)
+    m = metrics([fresh[0], reused[1]])
+    assert m["is_weight_max"] > 1.3 and m["is_weight_mean"] > 1.0 + 1e-3

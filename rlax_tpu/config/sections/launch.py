@@ -18,9 +18,10 @@ def defaults() -> ml_collections.ConfigDict:
     c.status_every_s = 30.0
     # Echo the trainer's progress lines from logs/trainer.log to the console.
     c.tail_trainer = True
-    # Pin each inference worker to one CPU core (round robin over the cores after the trainer's
-    # first trainer_cores) with XLA's CPU thread pool off: on a CPU host throughput comes from
-    # more workers, one per core, as on a pod.
+    # Pin the trainer to the first trainer_cores CPU cores and each inference worker to one core
+    # of the rest (round robin), XLA's CPU thread pool off on single-core roles: on a CPU host
+    # throughput comes from more workers, one per core, as on a pod, and the trainer and workers
+    # stop competing for the same cores.
     c.pin_workers = False
     c.trainer_cores = 1
     return c

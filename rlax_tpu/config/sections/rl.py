@@ -38,9 +38,12 @@ def defaults() -> ml_collections.ConfigDict:
     # Estimator: 'grpo' (group mean/std), 'drgrpo' (group mean, no std), 'rloo' (leave-one-out
     # baseline), 'reinforce_pp' (REINFORCE++: token returns, global batch normalization),
     # 'reinforce_pp_baseline' (group mean, then the batch's token mean and std), 'grpo_passk'
-    # (pass@k-aware: only each group's best sample is pushed, by r_max - r_second over the group
-    # std), 'gae' (PPO, needs a value head).
+    # (only each group's best sample is pushed, by r_max - r_second over the group std),
+    # 'passk' (each sample's leave-one-out share of its group's pass@k over the group std: trains
+    # pass@k, keeping the policy's spread), 'gae' (PPO, needs a value head).
     c.advantage = "grpo"
+    # k of advantage='passk' (1 <= k < group_size; k = 1 is RLOO-like pass@1).
+    c.passk_k = 4
     # Epsilon added to every standard deviation used to normalize advantages.
     c.adv_eps = 1e-6
     # Whitening applied after the estimator over all valid tokens of the batch: 'none',
@@ -141,10 +144,12 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
 
     positive(SECTION, c, "group_size")
     positive(SECTION, c, "max_staleness", allow_zero=True)
-    for f in ("ppo_epochs", "mini_batches", "reuse_max_uses", "reuse_max_age"):
+    for f in ("ppo_epochs", "mini_batches", "reuse_max_uses", "reuse_max_age", "passk_k"):
         positive(SECTION, c, f)
         require(isinstance(c[f], int), f"{SECTION}.{f}", f"must be an int, got {c[f]!r}")
     in_range(SECTION, c, "reuse_fraction", 0.0, 1.0)
+    require(c.advantage != "passk" or c.passk_k < c.group_size, f"{SECTION}.passk_k",
+            f"={c.passk_k} must be below rl.group_size={c.group_size} for advantage='passk'")
     require(isinstance(c.allow_uncorrected_staleness, bool), f"{SECTION}.allow_uncorrected_staleness",
             f"must be a bool, got {c.allow_uncorrected_staleness!r}")
     groups = config.trainer.batch_size

@@ -166,9 +166,30 @@ def _mask_from(lengths, t=5):
     return (np.arange(t)[None, :] < np.asarray(lengths)[:, None])
 
 
+def test_passk_is_each_samples_leave_one_out_share_of_the_groups_pass_at_k():
+    import itertools
+
+    def best_of_k(values, k):  # the unbiased estimator, by enumeration
+        return np.mean([max(c) for c in itertools.combinations(values, k)])
+
+    rng = np.random.default_rng(0)
+    rewards = rng.choice([0.0, 1.0, 0.5], size=12).astype(np.float32)
+    adv, _ = _adv(S(advantage="passk", passk_k=3, adv_eps=0.0), rewards, np.ones((12, 2), bool), 6)
+    want = []
+    for g in (rewards[:6], rewards[6:]):
+        want += [(best_of_k(g, 3) - best_of_k(np.delete(g, i), 3)) / g.std() for i in range(6)]
+    np.testing.assert_allclose(np.asarray(adv)[:, 0], want, atol=1e-5)
+    # 0/1 rewards: a lone success gains k/n of pass@k; once a group mostly succeeds, nothing moves.
+    adv, _ = _adv(S(advantage="passk", passk_k=2, adv_eps=0.0), [1, 0, 0, 0, 1, 1, 1, 0], np.ones((8, 1), bool), 4)
+    a = np.asarray(adv)[:, 0]
+    assert a[0] == pytest.approx((2 / 4) / np.std([1, 0, 0, 0]), rel=1e-5) and np.all(a[1:4] < 0)
+    np.testing.assert_allclose(a[4:], 0.0, atol=1e-6)  # 3 of 4 solved: pass@2 is 1 either way
+
+
 # reinforce_pp_baseline re-centres by the batch's token mean after the group baseline, so a
 # constant group gets the (shared) shift: it is checked above against the formula instead.
-@pytest.mark.parametrize("name", [n for n in GROUP_ESTIMATORS if n != "reinforce_pp_baseline"] + ["grpo_passk"])
+@pytest.mark.parametrize("name", [n for n in GROUP_ESTIMATORS if n != "reinforce_pp_baseline"] +
+                         ["grpo_passk", "passk"])
 @settings(max_examples=25, deadline=None)
 @given(value=st.floats(-3, 3, allow_nan=False, width=32), rewards=rewards_st, lengths=lengths_st)
 def test_constant_reward_group_has_zero_advantage(name, value, rewards, lengths):
