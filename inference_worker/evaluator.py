@@ -206,6 +206,9 @@ def main(argv) -> None:
             return
         signal.signal(signal.SIGUSR1, lambda *_: setattr(ev, "finishing", True))
         ev.follow()
+        # Done: a late "finish" from the launcher must not kill the exiting interpreter (which
+        # puts Python-level handlers back to the default action while it shuts down).
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     finally:
         ev.close()
 

@@ -106,6 +106,8 @@ def countdown(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "countdown"
     c.task.max_number = 9
+    if variant != "smoke":
+        c.sft.steps = 300  # a harder task than arith: a longer warm start before RL has signal
     c.task.min_difficulty = 1
     c.task.difficulty = 2
     c.tokenizer.vocab_size = 512
