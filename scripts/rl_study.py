@@ -53,6 +53,9 @@ STUDIES = {
         ("GRPO + KL 0.05", "configs/arith_grpo.py", {"rl.kl_coef": 0.05}),
         ("pass@k advantage k=4", "configs/arith_grpo.py", {"rl.advantage": "passk", "rl.passk_k": 4}),
         ("GRPO + KL 0.1", "configs/arith_grpo.py", {"rl.kl_coef": 0.1}),
+        ("GRPO 1 epoch + KL 0.05 + clip-higher 0.28", "configs/arith_grpo.py",
+         {"rl.ppo_epochs": 1, "rl.kl_coef": 0.05, "rl.clip_eps_high": 0.28}),
+        ("GRPO 1 epoch + KL 0.1", "configs/arith_grpo.py", {"rl.ppo_epochs": 1, "rl.kl_coef": 0.1}),
         ("GRPO clip-higher 0.28 + KL 0.05", "configs/arith_grpo.py", {"rl.clip_eps_high": 0.28, "rl.kl_coef": 0.05}),
     ]),
 }

@@ -57,24 +57,23 @@ def extract_boxed(text: str, deadline: Deadline | None = None) -> str | None:
     return None
 
 
+def _last_group(pattern: re.Pattern, text: str) -> str | None:
+    """Group 1 of the last match, stripped; None without a match."""
+    last = None
+    for m in pattern.finditer(text):
+        last = m
+    return None if last is None else last.group(1).strip()
+
+
 def extract_hash(text: str) -> str | None:
     """The rest of the line after the last '####', stripped; None if absent or empty."""
-    last = None
-    for m in _HASH.finditer(text):
-        last = m
-    if last is None:
-        return None
-    ans = last.group(1).strip()
-    return ans or None
+    return _last_group(_HASH, text) or None
 
 
 def extract_answer_is(text: str) -> str | None:
-    last = None
-    for m in _ANSWER_IS.finditer(text):
-        last = m
-    if last is None:
+    ans = _last_group(_ANSWER_IS, text)
+    if ans is None:
         return None
-    ans = last.group(1).strip()
     boxed = extract_boxed(ans)
     if boxed is not None:
         return boxed

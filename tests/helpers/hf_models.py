@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 VOCAB = 96
@@ -61,3 +62,9 @@ def left_padded_batch(lengths, t: int, seed: int = 0):
     positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int32)
     tokens = np.where(mask == 1, tokens, 0).astype(np.int32)
     return tokens, mask, positions
+
+
+@jax.jit
+def forward(model, tokens, positions, segment_ids):
+    """Our model's logits, jitted once per shape."""
+    return model(tokens, positions, segment_ids)

@@ -13,14 +13,9 @@ import pytest
 
 from rlax_tpu import models
 from rlax_tpu.models import CheckpointError, safetensors_io
-from tests.helpers.hf_models import hf_logits, left_padded_batch, make_hf_model
+from tests.helpers.hf_models import forward, hf_logits, left_padded_batch, make_hf_model
 
 TOL = 1e-4
-
-
-@jax.jit
-def forward(model, tokens, positions, segment_ids):
-    return model(tokens, positions, segment_ids)
 
 
 @pytest.fixture(scope="module")

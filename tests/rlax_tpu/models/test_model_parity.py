@@ -13,14 +13,9 @@ from flax import nnx
 from rlax_tpu import models
 from rlax_tpu.models import ModelConfig, Transformer
 from rlax_tpu.models.logprobs import chunked_target_logprobs
-from tests.helpers.hf_models import KINDS, VOCAB, hf_logits, left_padded_batch, make_hf_model
+from tests.helpers.hf_models import KINDS, VOCAB, forward, hf_logits, left_padded_batch, make_hf_model
 
 TOL = 1e-4
-
-
-@jax.jit
-def forward(model, tokens, positions, segment_ids):
-    return model(tokens, positions, segment_ids)
 
 
 @pytest.fixture(scope="module")

@@ -11,12 +11,11 @@ import time
 
 import pytest
 
-from rlax_tpu import tasks
-from rlax_tpu.config import get_base_config
 from rlax_tpu.tasks import Problem, math_answer
 from rlax_tpu.tasks.answers import clean_answer, extract_answer
 from rlax_tpu.tasks.math_answer import check_answers
 from rlax_tpu.tasks.reward_pool import RewardPool
+from tests.helpers.tasks import make_task
 
 # (gold, prediction, verdict). Written by hand; each is checked in a \boxed{} completion and
 # after '####'.
@@ -69,12 +68,7 @@ HASH_ANSWERS = [
 ]
 
 
-def _task(name, **overrides):
-    c = get_base_config()
-    c.task.name = name
-    for k, v in overrides.items():
-        c.task[k] = v
-    return tasks.get_task(c.task)
+_task = make_task
 
 
 @pytest.fixture(scope="module")

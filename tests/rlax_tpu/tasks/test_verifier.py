@@ -4,19 +4,12 @@ import time
 
 import pytest
 
-from rlax_tpu import tasks
-from rlax_tpu.config import get_base_config
 from rlax_tpu.tasks import Problem, expr
 from rlax_tpu.tasks.answers import extract_answer
 from rlax_tpu.tasks.math_answer import verify
+from tests.helpers.tasks import make_task
 
-
-def _task(name, **overrides):
-    c = get_base_config()
-    c.task.name = name
-    for k, v in overrides.items():
-        c.task[k] = v
-    return tasks.get_task(c.task)
+_task = make_task
 
 
 # --- math answer verifier -------------------------------------------------------------------
