@@ -31,7 +31,7 @@ def get_config(arg: str = ""):
     presets.pretrained(c, cached_path("smollm2"), "gguf")
     c.model.logprob_chunk = 8192
     c.rl.group_size = 8
-    c.trainer.steps = 60
+    c.trainer.steps = 40
     c.trainer.batch_size = 4
     c.trainer.learning_rate = 1e-5
     c.trainer.warmup_steps = 2

@@ -31,7 +31,9 @@ COUNTDOWN = "configs/countdown.py"
 STUDIES = {
     "algorithms": (COUNTDOWN, [("PPO", f"{COUNTDOWN}:ppo", {}), ("GRPO", COUNTDOWN, {}),
                                ("DAPO", f"{COUNTDOWN}:dapo", {})]),
-    "group_size": (COUNTDOWN, [(f"G={g}", COUNTDOWN, {"rl.group_size": g, "trainer.batch_size": 64 // g})
+    # The same samples per step and the same samples leased per worker at once (its slots).
+    "group_size": (COUNTDOWN, [(f"G={g}", COUNTDOWN, {"rl.group_size": g, "trainer.batch_size": 64 // g,
+                                                      "replay.worker_max_leases": 32 // g})
                                for g in (4, 8, 16)]),
     "kl": (COUNTDOWN, [(f"kl={k}", COUNTDOWN, {"rl.kl_coef": k}) for k in (0.0, 0.01, 0.05, 0.1)]),
     "dynamic_sampling": (COUNTDOWN, [("DAPO", f"{COUNTDOWN}:dapo", {}),
@@ -56,6 +58,12 @@ STUDIES = {
         ("GRPO 1 epoch + KL 0.05 + clip-higher 0.28", "configs/arith_grpo.py",
          {"rl.ppo_epochs": 1, "rl.kl_coef": 0.05, "rl.clip_eps_high": 0.28}),
         ("GRPO 1 epoch + KL 0.1", "configs/arith_grpo.py", {"rl.ppo_epochs": 1, "rl.kl_coef": 0.1}),
+        ("GRPO 4 mini-batches x 1 epoch + KL 0.1", "configs/arith_grpo.py",
+         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1}),
+        ("GRPO 4 mini-batches x 1 epoch + KL 0.1 + clip-higher 0.28", "configs/arith_grpo.py",
+         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1, "rl.clip_eps_high": 0.28}),
+        ("GRPO 4 mini-batches x 1 epoch + KL 0.1 + lr 5e-5", "configs/arith_grpo.py",
+         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1, "trainer.learning_rate": 5e-5}),
         ("GRPO clip-higher 0.28 + KL 0.05", "configs/arith_grpo.py", {"rl.clip_eps_high": 0.28, "rl.kl_coef": 0.05}),
     ]),
 }
@@ -121,6 +129,8 @@ def summarize(workdir: str) -> dict:
         "steps": len(rl),
         "rl_steps_per_s": (len(rl) - 1) / (rl[-1]["time"] - rl[0]["time"]) if len(rl) > 1 else 0.0,
         "train_reward_late": mean("reward/mean"), "clip_frac": mean("clip_frac"), "approx_kl": mean("approx_kl"),
+        "clip_steps": sum(m.get("clip_frac", 0.0) > 0 for m in rl) / max(len(rl), 1),  # share of steps
+        "approx_kl_steps": sum(m.get("approx_kl", 0.0) > 0 for m in rl) / max(len(rl), 1),
         "entropy_late": mean("entropy"), "staleness_mean": mean("staleness/mean"),
         "is_weight_mean": mean("is_weight_mean"),
     })
@@ -166,7 +176,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=150, help="RL steps per run")
     ap.add_argument("--eval_every", type=int, default=0, help="held-out evaluations between the first and last")
     ap.add_argument("--out", default="runs/study")
-    ap.add_argument("--only", default="", help="comma-separated run names to run (default: all)")
+    ap.add_argument("--only", default="", help="run names to run, separated by ';' (default: all)")
     args = ap.parse_args()
     base, runs = STUDIES[args.study]
     out = os.path.abspath(os.path.join(args.out, args.study))
@@ -175,7 +185,7 @@ def main() -> int:
     for seed in [int(s) for s in args.seeds.split(",")]:
         start = shared_sft(base, seed, os.path.abspath(args.out), {})
         for name, spec, overrides in runs:
-            if args.only and name not in args.only.split(","):
+            if args.only and name not in args.only.split(";"):
                 continue
             ov = {**start, "seed": seed, "trainer.steps": args.steps, "eval.every": args.eval_every, **overrides}
             wd = os.path.join(out, f"{name.replace(' ', '_').replace(',', '').replace('=', '')}_seed{seed}")

@@ -45,13 +45,14 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
     c.sft.max_len = 48
     c.rl.group_size = 8
     c.rl.max_staleness = 1
-    # Two mini-batch updates per admitted batch, two passes: the ratio leaves 1 after the first
-    # update, so the clip acts (one update per batch would make every loss plain REINFORCE).
-    c.rl.mini_batches = 2
-    c.rl.ppo_epochs = 2
+    # Four mini-batch updates per admitted batch, one pass: the ratio leaves 1 after the first
+    # update, so the clip acts on most steps (one update per batch would make every loss plain
+    # REINFORCE). Two passes (2x2) raised pass@1 as fast but cost pass@8 (docs/rl.md, demo study).
+    c.rl.mini_batches = 4
+    c.rl.ppo_epochs = 1
     # Drop groups whose samples all agree (no signal) and refill the batch (DAPO).
     c.rl.dynamic_sampling = True
-    c.trainer.steps = 500
+    c.trainer.steps = 600
     c.trainer.batch_size = 8
     c.trainer.learning_rate = 1e-4
     c.trainer.warmup_steps = 5
@@ -80,7 +81,7 @@ def arith(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.Con
         c.sft.steps = 20
         c.sft.batch_size = 16
         c.rl.group_size = 4
-        c.rl.ppo_epochs = 1
+        c.rl.mini_batches = 2
         c.trainer.steps = 4
         c.trainer.batch_size = 2
         c.trainer.checkpoint_every = 2
@@ -105,6 +106,9 @@ def countdown(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections
     (a short SFT on worked solutions first), 20% of the problem space held out by prompt hash."""
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "countdown"
+    c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
+    if variant == "smoke":
+        c.rl.ppo_epochs = 1
     c.task.max_number = 9
     if variant != "smoke":
         c.sft.steps = 300  # a harder task than arith: a longer warm start before RL has signal
@@ -124,6 +128,9 @@ def compose(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.C
     1-2, evaluated on depth 2 (held out by prompt hash); deeper evaluations measure extrapolation."""
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "compose"
+    c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
+    if variant == "smoke":
+        c.rl.ppo_epochs = 1
     c.task.min_difficulty = 1
     c.task.difficulty = 2
     c.task.eval_min_difficulty = c.task.eval_difficulty = 2
