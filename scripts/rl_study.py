@@ -47,25 +47,24 @@ STUDIES = {
                             ("none", {"rl.off_policy": "none", "rl.allow_uncorrected_staleness": True}))
         if not (k == 0 and name == "none")]),
     "extrapolation": ("configs/compose.py", [("compose", "configs/compose.py", {})]),
+    # Rows name their schedule (mini-batches x epochs) and steps; the last row is the demo as shipped.
     "demo": ("configs/arith_grpo.py", [
-        ("GRPO", "configs/arith_grpo.py", {}),
-        ("GRPO + entropy 0.01", "configs/arith_grpo.py", {"rl.entropy_coef": 0.01}),
-        ("GRPO clip-higher 0.28", "configs/arith_grpo.py", {"rl.clip_eps_high": 0.28}),
-        ("GRPO pass@k advantage (verl)", "configs/arith_grpo.py", {"rl.advantage": "grpo_passk"}),
-        ("GRPO + KL 0.05", "configs/arith_grpo.py", {"rl.kl_coef": 0.05}),
-        ("pass@k advantage k=4", "configs/arith_grpo.py", {"rl.advantage": "passk", "rl.passk_k": 4}),
-        ("GRPO + KL 0.1", "configs/arith_grpo.py", {"rl.kl_coef": 0.1}),
-        ("GRPO 1 epoch + KL 0.05 + clip-higher 0.28", "configs/arith_grpo.py",
-         {"rl.ppo_epochs": 1, "rl.kl_coef": 0.05, "rl.clip_eps_high": 0.28}),
-        ("GRPO 1 epoch + KL 0.1", "configs/arith_grpo.py", {"rl.ppo_epochs": 1, "rl.kl_coef": 0.1}),
-        ("GRPO 4 mini-batches x 1 epoch + KL 0.1", "configs/arith_grpo.py",
-         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1}),
-        ("GRPO 4 mini-batches x 1 epoch + KL 0.1 + clip-higher 0.28", "configs/arith_grpo.py",
-         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1, "rl.clip_eps_high": 0.28}),
-        ("GRPO 4 mini-batches x 1 epoch + KL 0.1 + lr 5e-5", "configs/arith_grpo.py",
-         {"rl.ppo_epochs": 1, "rl.mini_batches": 4, "rl.kl_coef": 0.1, "trainer.learning_rate": 5e-5}),
-        ("GRPO clip-higher 0.28 + KL 0.05", "configs/arith_grpo.py", {"rl.clip_eps_high": 0.28, "rl.kl_coef": 0.05}),
-    ]),
+        (name, "configs/arith_grpo.py", {"rl.kl_coef": 0.0, "rl.clip_eps_high": 0.2, **sched, **extra})
+        for sched_name, sched in (
+            ("2x2", {"rl.mini_batches": 2, "rl.ppo_epochs": 2, "trainer.steps": 250}),
+            ("2x1", {"rl.mini_batches": 2, "rl.ppo_epochs": 1, "trainer.steps": 500}),
+            ("4x1", {"rl.mini_batches": 4, "rl.ppo_epochs": 1, "trainer.steps": 500}))
+        for name, extra in {
+            "2x2": [("GRPO 2x2", {}), ("GRPO 2x2 + entropy 0.01", {"rl.entropy_coef": 0.01}),
+                    ("GRPO 2x2 + clip-higher 0.28", {"rl.clip_eps_high": 0.28}),
+                    ("GRPO 2x2 + KL 0.05", {"rl.kl_coef": 0.05}),
+                    ("GRPO-passk 2x2 (verl)", {"rl.advantage": "grpo_passk"}),
+                    ("passk k=4 2x2", {"rl.advantage": "passk", "rl.passk_k": 4})],
+            "2x1": [("GRPO 2x1 + KL 0.05 + clip-higher 0.28", {"rl.kl_coef": 0.05, "rl.clip_eps_high": 0.28}),
+                    ("GRPO 2x1 + KL 0.1", {"rl.kl_coef": 0.1})],
+            "4x1": [("GRPO 4x1 + KL 0.1", {"rl.kl_coef": 0.1})],
+        }[sched_name]
+    ] + [("demo (4x1 + KL 0.1 + clip-higher 0.28, 600 steps)", "configs/arith_grpo.py", {"trainer.steps": 600})]),
 }
 # The extrapolation study also evaluates depths beyond the training range afterwards.
 EXTRA_EVALS = {"extrapolation": [("d+1", 1), ("d+2", 2)]}
@@ -173,7 +172,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--study", required=True, choices=sorted(STUDIES))
     ap.add_argument("--seeds", default="0")
-    ap.add_argument("--steps", type=int, default=150, help="RL steps per run")
+    ap.add_argument("--steps", type=int, default=150, help="RL steps per run (the demo study's rows set their own)")
     ap.add_argument("--eval_every", type=int, default=0, help="held-out evaluations between the first and last")
     ap.add_argument("--out", default="runs/study")
     ap.add_argument("--only", default="", help="run names to run, separated by ';' (default: all)")
