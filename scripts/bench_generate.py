@@ -238,7 +238,7 @@ def main() -> None:
                                          "vs_transformers": pinned["aggregate_tokens_per_s"] * t_hf / toks},
                 }
         report["results"][size] = entry
-        print(json.dumps({size: entry}), flush=True)
+        print(json.dumps({size: entry}), file=sys.stderr, flush=True)  # progress; stdout is one JSON
     print(json.dumps(report, indent=2))
 
 

@@ -9,9 +9,10 @@ prompt, the same samples per step), 'kl' (coefficient 0/0.01/0.05/0.1), 'dynamic
 (DAPO with and without it), 'staleness' (k = 0, 1, 2, 4, with and without off-policy
 correction; RL steps/s and held-out pass@1; the trainer pinned to one core and one worker to the
 other), 'extrapolation' (the compose task trained to depth d, evaluated at d+1 and d+2 before and
-after RL), 'demo' (arith variants scored by held-out pass@1 and pass@8 together). The SFT warm
-start is shared: it runs once per (config, seed) and is exported as a Hugging Face checkpoint
-(trainer.export) that every run of the study starts RL from, so runs differ only in their RL.
+after RL), 'reuse' (GRPO with a quarter of each batch reused groups), 'demo' (arith variants
+scored by held-out pass@1 and pass@8 together). The SFT warm start is shared: it runs once per
+(config, seed) and is exported as a Hugging Face checkpoint (trainer.export) that every run of
+the study starts RL from, so runs differ only in their RL.
 """
 
 from __future__ import annotations
@@ -46,6 +47,8 @@ STUDIES = {
         for name, extra in (("TIS", {"rl.off_policy": "tis"}),
                             ("none", {"rl.off_policy": "none", "rl.allow_uncorrected_staleness": True}))
         if not (k == 0 and name == "none")]),
+    "reuse": (COUNTDOWN, [("GRPO", COUNTDOWN, {}),
+                          ("GRPO + reuse 25%", COUNTDOWN, {"rl.reuse_fraction": 0.25, "rl.reuse_max_uses": 1})]),
     "extrapolation": ("configs/compose.py", [("compose", "configs/compose.py", {})]),
     # Rows name their schedule (mini-batches x epochs) and steps; the last row is the demo as shipped.
     "demo": ("configs/arith_grpo.py", [

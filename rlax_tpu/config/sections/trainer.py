@@ -11,7 +11,8 @@ SCHEDULES = ("constant", "cosine", "linear")
 
 def defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
-    # Number of RL steps (one optimizer update each); the learning-rate schedule spans them.
+    # Number of RL steps (rl.ppo_epochs x rl.mini_batches optimizer updates each); the
+    # learning-rate schedule spans their updates.
     c.steps = 100
     # Prompts (groups) per RL step; the batch is batch_size * rl.group_size sequences.
     c.batch_size = 8
