@@ -83,8 +83,11 @@ def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
     if curves["train pass rate"] == curves["mean reward"]:  # reward is correctness: one curve
         curves = {"train pass rate (= reward)": curves["mean reward"]}
     for (label, ys), color in zip(curves.items(), ("C0", "C1"), strict=False):
-        ax1.plot(steps, ys, color=color, alpha=0.25, linewidth=0.8)
-        ax1.plot(steps, smooth(ys), color=color, label=f"{label}, smoothed")
+        smoothed = smooth(ys)
+        if smoothed != ys:  # the raw curve faintly under the trend; short runs draw one line
+            ax1.plot(steps, ys, color=color, alpha=0.25, linewidth=0.8)
+            label += ", smoothed"
+        ax1.plot(steps, smoothed, color=color, label=label)
     ax1.set_xlabel("RL step")
     ax1.set_title("training rollouts")
     ax1.legend()

@@ -27,6 +27,7 @@ def _config():
     c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
     c.model.num_heads, c.model.num_kv_heads = 4, 2
     c.rl.group_size = GROUP
+    c.rl.kl_coef = 0.0  # these batches carry no reference log-probs
     c.trainer.learning_rate = 1e-2
     return c
 

@@ -1,0 +1,22 @@
+"""The report's smoothing and plot: a trend for long runs, one plain line for short ones."""
+
+import pytest
+
+from rlax_tpu import report
+
+
+def test_smooth_is_a_trailing_mean_and_identity_on_short_runs():
+    assert report.smooth([1.0, 3.0, 5.0, 7.0], window=2) == [1.0, 2.0, 4.0, 6.0]
+    short = [0.1, 0.9, 0.4]
+    assert report.smooth(short) == short  # fewer than 40 points: window 1
+    assert report.smooth([float(i % 2) for i in range(100)])[-1] == pytest.approx(0.6)  # window 5: 1,0,1,0,1
+
+
+def test_plot_writes_a_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    metrics = [{"step": i, "reward/mean": i / 10} for i in range(10)]
+    evals = [{"step": 0, "pass@1": 0.1, "pass@4": 0.3}, {"step": 9, "pass@1": 0.5, "pass@4": 0.7}]
+    path = str(tmp_path / "r.png")
+    assert report.plot(metrics, evals, path)
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
