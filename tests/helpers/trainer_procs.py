@@ -17,13 +17,15 @@ import numpy as np
 from tests.helpers import ROOT
 
 # The smoke config made smaller still: no SFT or eval, a 1-layer model, on-policy (staleness 0),
-# an entropy bonus so every step changes the weights even when every reward is 0.
+# an entropy bonus so every step changes the weights even when every reward is 0, no reference
+# policy (its second sharded forward would add f32 reduction-order noise to the equality checks).
 TINY = [
     "--config=configs/arith_grpo.py:smoke",
     "--config.sft.steps=0", "--config.eval.num_samples=0",
     "--config.model.hidden_size=32", "--config.model.intermediate_size=64", "--config.model.num_layers=1",
     "--config.inference.max_new_tokens=12",
-    "--config.rl.max_staleness=0", "--config.rl.entropy_coef=0.05", "--config.trainer.learning_rate=1e-3",
+    "--config.rl.max_staleness=0", "--config.rl.entropy_coef=0.05", "--config.rl.kl_coef=0.0",
+    "--config.trainer.learning_rate=1e-3",
     "--config.trainer.steps=4", "--config.trainer.checkpoint_every=1",
     "--config.replay.collect_timeout_s=200",
 ]
