@@ -15,17 +15,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ "${1:-}" = "toy" ]; then
   shift
-  config=configs/arith_grpo.py
-  workdir="${1:-runs/demo}"
+  config=configs/arith_grpo.py checkpoint="" workdir="${1:-runs/demo}"
 else
-  config=configs/arith_smollm2.py
-  workdir="${1:-runs/demo_smollm2}"
+  config=configs/arith_smollm2.py checkpoint=smollm2 workdir="${1:-runs/demo_smollm2}"
 fi
 shift || true
 scripts/setup.sh plot
-if [ "$config" = configs/arith_smollm2.py ]; then
-  .venv/bin/python -m rlax_tpu.models.fetch smollm2
-fi
+[ -z "$checkpoint" ] || .venv/bin/python -m rlax_tpu.models.fetch "$checkpoint"
 start=$(date +%s)
 echo "[demo] $config, workdir: $workdir (logs: $workdir/logs/)"
 .venv/bin/python -m rlax_tpu.launch --config="$config" --workdir="$workdir" "$@"

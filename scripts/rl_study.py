@@ -27,6 +27,14 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 COUNTDOWN = "configs/countdown.py"
+ARITH = "configs/arith_grpo.py"
+
+
+def _arith(steps: int, mini_batches: int, ppo_epochs: int, **rl) -> dict:
+    """Overrides for a demo-study row: plain GRPO (no KL, symmetric clip) on the given schedule."""
+    rl = {"kl_coef": 0.0, "clip_eps_high": 0.2, "mini_batches": mini_batches, "ppo_epochs": ppo_epochs, **rl}
+    return {"trainer.steps": steps, **{f"rl.{k}": v for k, v in rl.items()}}
+
 
 # name -> (base config for the shared SFT, [(run name, config spec, overrides)])
 STUDIES = {
@@ -54,23 +62,18 @@ STUDIES = {
     "extrapolation": (COUNTDOWN, [("GRPO + KL 0.1", COUNTDOWN, {"rl.kl_coef": 0.1}),
                                   ("DAPO", f"{COUNTDOWN}:dapo", {})]),
     # Rows name their schedule (mini-batches x epochs) and steps; the last row is the demo as shipped.
-    "demo": ("configs/arith_grpo.py", [
-        (name, "configs/arith_grpo.py", {"rl.kl_coef": 0.0, "rl.clip_eps_high": 0.2, **sched, **extra})
-        for sched_name, sched in (
-            ("2x2", {"rl.mini_batches": 2, "rl.ppo_epochs": 2, "trainer.steps": 250}),
-            ("2x1", {"rl.mini_batches": 2, "rl.ppo_epochs": 1, "trainer.steps": 500}),
-            ("4x1", {"rl.mini_batches": 4, "rl.ppo_epochs": 1, "trainer.steps": 500}))
-        for name, extra in {
-            "2x2": [("GRPO 2x2", {}), ("GRPO 2x2 + entropy 0.01", {"rl.entropy_coef": 0.01}),
-                    ("GRPO 2x2 + clip-higher 0.28", {"rl.clip_eps_high": 0.28}),
-                    ("GRPO 2x2 + KL 0.05", {"rl.kl_coef": 0.05}),
-                    ("GRPO-passk 2x2 (verl)", {"rl.advantage": "grpo_passk"}),
-                    ("passk k=4 2x2", {"rl.advantage": "passk", "rl.passk_k": 4})],
-            "2x1": [("GRPO 2x1 + KL 0.05 + clip-higher 0.28", {"rl.kl_coef": 0.05, "rl.clip_eps_high": 0.28}),
-                    ("GRPO 2x1 + KL 0.1", {"rl.kl_coef": 0.1})],
-            "4x1": [("GRPO 4x1 + KL 0.1", {"rl.kl_coef": 0.1})],
-        }[sched_name]
-    ] + [("demo (4x1 + KL 0.1 + clip-higher 0.28, 600 steps)", "configs/arith_grpo.py", {"trainer.steps": 600})]),
+    "demo": (ARITH, [
+        ("GRPO 2x2", ARITH, _arith(250, 2, 2)),
+        ("GRPO 2x2 + entropy 0.01", ARITH, _arith(250, 2, 2, entropy_coef=0.01)),
+        ("GRPO 2x2 + clip-higher 0.28", ARITH, _arith(250, 2, 2, clip_eps_high=0.28)),
+        ("GRPO 2x2 + KL 0.05", ARITH, _arith(250, 2, 2, kl_coef=0.05)),
+        ("GRPO-passk 2x2 (verl)", ARITH, _arith(250, 2, 2, advantage="grpo_passk")),
+        ("passk k=4 2x2", ARITH, _arith(250, 2, 2, advantage="passk", passk_k=4)),
+        ("GRPO 2x1 + KL 0.05 + clip-higher 0.28", ARITH, _arith(500, 2, 1, kl_coef=0.05, clip_eps_high=0.28)),
+        ("GRPO 2x1 + KL 0.1", ARITH, _arith(500, 2, 1, kl_coef=0.1)),
+        ("GRPO 4x1 + KL 0.1", ARITH, _arith(500, 4, 1, kl_coef=0.1)),
+        ("demo (4x1 + KL 0.1 + clip-higher 0.28, 600 steps)", ARITH, {"trainer.steps": 600}),
+    ]),
 }
 # The extrapolation study also evaluates depths beyond the training range afterwards.
 EXTRA_EVALS = {"extrapolation": [("d+1", 1), ("d+2", 2)]}

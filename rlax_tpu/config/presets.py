@@ -106,9 +106,8 @@ def countdown(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections
     (a short SFT on worked solutions first), 20% of the problem space held out by prompt hash."""
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "countdown"
-    c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
-    if variant == "smoke":
-        c.rl.ppo_epochs = 1
+    if variant != "smoke":
+        c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
     c.task.max_number = 9
     if variant != "smoke":
         c.sft.steps = 300  # a harder task than arith: a longer warm start before RL has signal
@@ -128,9 +127,8 @@ def compose(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.C
     1-2, evaluated on depth 2 (held out by prompt hash); deeper evaluations measure extrapolation."""
     arith(c, "smoke" if variant == "smoke" else "")
     c.task.name = "compose"
-    c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
-    if variant == "smoke":
-        c.rl.ppo_epochs = 1
+    if variant != "smoke":
+        c.rl.mini_batches, c.rl.ppo_epochs = 2, 2  # the studies' schedule (docs/rl.md)
     c.task.min_difficulty = 1
     c.task.difficulty = 2
     c.task.eval_min_difficulty = c.task.eval_difficulty = 2
