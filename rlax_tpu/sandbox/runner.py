@@ -136,10 +136,12 @@ def bwrap_command(limits: SandboxLimits, uid: int | None, source_fd: int, report
     if prefix == "/usr" or prefix.startswith("/usr/"):
         inside_exe = exe
     else:
-        cmd += ["--ro-bind", prefix, INSIDE_PREFIX]
+        # bwrap makes missing parents mode 0700: the dropped uid could not reach the interpreter
+        cmd += ["--perms", "0755", "--dir", os.path.dirname(INSIDE_PREFIX), "--ro-bind", prefix, INSIDE_PREFIX]
         inside_exe = INSIDE_PREFIX + exe[len(prefix):] if exe.startswith(prefix + "/") else exe
     cmd += ["--proc", "/proc", "--dev", "/dev",
             "--perms", "1777", "--size", str(limits.file_size_mb * _MIB), "--tmpfs", "/tmp",
+            "--perms", "0755", "--dir", os.path.dirname(SOURCE_PATH),
             "--perms", "0444", "--ro-bind-data", str(source_fd), SOURCE_PATH,
             "--chdir", "/tmp", "--clearenv"]
     if not (prefix == "/usr" or prefix.startswith("/usr/")):
@@ -246,9 +248,11 @@ def _run(limits: SandboxLimits, source: str, stdin: str, uid: int | None, use_bw
             os.close(src_fd)
     try:
         out, err, report, why = _communicate(proc, stdin.encode(), report_r, limits, t0)
+        if not why and not _reap(proc, t0 + limits.wall_seconds):
+            why = "timeout"  # pipes closed but the launcher is still running
     finally:
         _kill_group(proc)
-        proc.wait()
+        _reap(proc, None)
         os.close(report_r)
         if tmpdir:
             shutil.rmtree(tmpdir, ignore_errors=True)
@@ -256,7 +260,7 @@ def _run(limits: SandboxLimits, source: str, stdin: str, uid: int | None, use_bw
     stdout = out[:limits.output_bytes].decode("utf-8", "replace")
     stderr = err[:limits.output_bytes].decode("utf-8", "replace")
     rc = proc.returncode
-    reason, infra, detail = _classify(rc, report, why)
+    reason, infra, detail = _classify(rc, report, why, wall >= limits.cpu_seconds)
     if infra:
         detail = f"{detail}: {stderr.strip()[-500:]}"
     return SandboxResult(ok=reason == "", reason=reason, stdout=stdout, stderr=stderr, exit_code=rc,
@@ -316,13 +320,16 @@ def _communicate(proc: subprocess.Popen, data: bytes, report_fd: int, limits: Sa
                 proc.stdin.close()
             except BrokenPipeError:
                 pass
-    if not why:
-        # pipes closed; the launcher may still be exiting
-        try:
-            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            why = "timeout"
     return bytes(bufs[proc.stdout.fileno()]), bytes(bufs[proc.stderr.fileno()]), bytes(bufs[report_fd]), why
+
+
+def _reap(proc: subprocess.Popen, deadline: float | None) -> bool:
+    """Waits for the child until deadline (None = for good); False if it is still running."""
+    try:
+        proc.wait(timeout=None if deadline is None else max(0.0, deadline - time.monotonic()))
+        return True
+    except subprocess.TimeoutExpired:
+        return False
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -334,8 +341,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
         pass
 
 
-def _classify(rc: int | None, report: bytes, why: str) -> tuple[str, bool, str]:
-    """(reason, infra, detail) from how the run ended and the launcher's report."""
+def _classify(rc: int | None, report: bytes, why: str, ran_long: bool) -> tuple[str, bool, str]:
+    """(reason, infra, detail) from how the run ended, the launcher's report and whether it ran
+    for at least its CPU limit in wall time (only then can a SIGKILL be the hard CPU limit; the
+    child's CPU time is not visible through bwrap's reaper)."""
     started = report.startswith(b"R")
     if not started:
         return "error", True, "the sandbox did not start" + (f" ({why})" if why else "")
@@ -355,7 +364,7 @@ def _classify(rc: int | None, report: bytes, why: str) -> tuple[str, bool, str]:
             return "forbidden", False, detail
         return "crashed", False, detail
     sig = (rc - 128) if rc is not None and rc > 128 else (-rc if rc is not None and rc < 0 else 0)
-    if sig in (signal.SIGXCPU, signal.SIGKILL):
+    if sig == signal.SIGXCPU or (sig == signal.SIGKILL and ran_long):
         return "timeout", False, f"signal {sig} (CPU limit)"
     if sig == signal.SIGXFSZ:
         return "output_limit", False, "signal SIGXFSZ"
