@@ -102,7 +102,7 @@ class KbQaEnv(Generated, ToolEnv):
         return prompt, value, {"kb": kb, "hops": hops, "path": list(path)}
 
     def score_answer(self, problem: Problem, answer: str) -> Reward:
-        got = extract_answer(answer, "hash") or extract_answer(answer, "any")
+        got, _ = extract_answer(answer, "any")
         if got is None:
             return Reward(combine(False, False, *self.weights), {"correct": False, "reason": "no_answer"})
         correct = normalize(got) == normalize(problem.answer)

@@ -4,7 +4,6 @@ head, with a Python tool; the final answer ('#### N', or the last number) is che
 from __future__ import annotations
 
 import random
-import re
 from collections.abc import Callable
 
 from rlax_tpu.envs.base import ToolEnv
@@ -13,8 +12,6 @@ from rlax_tpu.envs.python_tool import make_python_tool
 from rlax_tpu.sandbox import SandboxPool
 from rlax_tpu.tasks.answers import extract_answer
 from rlax_tpu.tasks.base import Problem, Reward, combine
-
-_INT = re.compile(r"-?\d[\d,]*")
 
 
 class ToolArithEnv(Generated, ToolEnv):
@@ -42,10 +39,9 @@ class ToolArithEnv(Generated, ToolEnv):
         return prompt, str(value), {"expression": expr}
 
     def score_answer(self, problem: Problem, answer: str) -> Reward:
-        got = extract_answer(answer, "hash") or extract_answer(answer, "any")
-        if got is None:
-            found = _INT.findall(answer)
-            got = found[-1] if found else None
+        got, _ = extract_answer(answer, "any")
+        if got is None:  # the last number written, for a turn that just states it
+            got, _ = extract_answer(answer, "last_number")
         if got is None:
             return Reward(combine(False, False, *self.weights), {"correct": False, "reason": "no_answer"})
         got = got.replace(",", "").strip().rstrip(".")
