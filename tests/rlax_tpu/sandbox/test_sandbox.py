@@ -56,7 +56,9 @@ def test_hostile_programs_end_with_their_reason(pool, tmp_path):
         "ignores SIGTERM": ("import signal, time\nsignal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
                             "time.sleep(10**6)", "timeout"),
         "fork bomb": ("import os\nwhile True:\n    os.fork()", "forbidden"),
-        "memory hog": ("x = []\nwhile True:\n    x.append(bytearray(50 << 20))", "memory"),
+        # growing 16 MiB then 512 MiB at a time (zero-filling hundreds of MiB is slow on a loaded host)
+        "memory hog": ("x = [bytearray(16 << 20) for _ in range(4)]\nwhile True:\n"
+                       "    x.append(bytearray(512 << 20))", "memory"),
         "tcp to host": (f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=1)", "forbidden"),
         "dns lookup": ("import socket\nsocket.getaddrinfo('example.com', 80)", "forbidden"),
         "read file outside": (f"print(open({str(secret)!r}).read())", "crashed"),
