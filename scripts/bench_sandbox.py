@@ -61,8 +61,7 @@ def main() -> None:
     def unit_tests():
         nonce = secrets.token_hex(8)
         res = pool.submit(harness, stdin=nonce + "\n").result()
-        assert res.ok and f'{nonce}{{"loaded": "ok", "verdicts": ["pass", "pass", "pass", "pass", "pass"]}}' in \
-            res.stdout, res
+        assert res.ok and f"{nonce}V pass pass pass pass pass" in res.stdout, res
 
     for fn in (plain, trivial, unit_tests):  # warm the page cache and the probe
         _rate(min(8, args.n), workers, fn)

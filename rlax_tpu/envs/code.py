@@ -3,14 +3,14 @@
 The last ```python block of the final turn (else the whole turn) is the solution. One sandboxed
 run executes it and then every test under its own timer; the harness reads a random nonce from
 stdin before the solution runs and prints the verdicts after it, behind the nonce, so output the
-solution prints (or an early exit) cannot pass for verdicts. Reward: correct iff every test
+solution prints (or an early exit) cannot pass for verdicts. The harness imports only _signal
+and sys: importing json or signal would cost more than the interpreter's start. Reward: correct iff every test
 passes; per-test verdicts ('pass', 'fail', 'error', 'timeout', 'not_run') in the details. A
 sandbox that could not run masks the sample (info['masked']) instead of scoring it 0.
 """
 
 from __future__ import annotations
 
-import json
 import random
 import re
 import secrets
@@ -27,9 +27,9 @@ _BLOCK = re.compile(r"```(?:python|py)?[ \t]*\n(.*?)```", re.DOTALL)
 PER_TEST_SECONDS = 1.0  # at most; less when the run's wall budget is short
 
 HARNESS = """\
-import json as _json, signal as _signal, sys as _sys
+import _signal, sys as _sys
 _nonce = _sys.stdin.readline().strip()
-_write, _flush, _dumps = _sys.__stdout__.write, _sys.__stdout__.flush, _json.dumps
+_write, _flush = _sys.__stdout__.write, _sys.__stdout__.flush
 _solution, _tests = {solution!r}, {tests!r}
 class _Slow(BaseException):
     pass
@@ -41,7 +41,7 @@ try:
     exec(compile(_solution, "solution.py", "exec"), _ns)
     _loaded = "ok"
 except BaseException as _e:
-    _loaded = "error: %s: %s" % (type(_e).__name__, str(_e)[:200])
+    _loaded = ("error: %s: %s" % (type(_e).__name__, _e))[:200].replace("\\n", " ")
 for _t in _tests:
     if _loaded != "ok":
         _verdicts.append("not_run")
@@ -60,7 +60,7 @@ for _t in _tests:
     finally:
         _signal.setitimer(_signal.ITIMER_REAL, 0)
     _verdicts.append(_v)
-_write("\\n" + _nonce + _dumps({{"loaded": _loaded, "verdicts": _verdicts}}) + "\\n")
+_write("\\n%sL %s\\n%sV %s\\n" % (_nonce, _loaded, _nonce, " ".join(_verdicts)))
 _flush()
 """
 
@@ -114,20 +114,18 @@ class CodeEnv(Generated, ToolEnv):
         res = self.pool.submit(src, stdin=nonce + "\n").result()
         if res.infra:
             raise Infra(res.detail or "sandbox unavailable")
-        report = None
+        loaded, verdicts = None, None
         for line in res.stdout.splitlines():
-            if line.startswith(nonce):
-                try:
-                    report = json.loads(line[len(nonce):])
-                except json.JSONDecodeError:
-                    report = None
-        if report is None:  # killed, or exited before the harness could answer
+            if line.startswith(nonce + "L "):
+                loaded = line[len(nonce) + 2:]
+            elif line.startswith(nonce + "V "):
+                verdicts = line[len(nonce) + 2:].split()
+        complete = loaded is not None and verdicts is not None and len(verdicts) == len(tests)
+        if not complete:  # killed, or exited before the harness could answer
             verdicts = [res.reason or "not_run"] * len(tests)
             loaded = f"no verdicts (sandbox: {res.reason or 'exited early'})"
-        else:
-            verdicts, loaded = list(report["verdicts"]), report["loaded"]
         passed = sum(v == "pass" for v in verdicts)
-        correct = passed == len(tests) and report is not None
+        correct = passed == len(tests) and complete
         reason = "" if correct else ("solution_error" if loaded != "ok" else "tests_failed")
         return Reward(combine(correct, fenced, *self.weights),
                       {"correct": correct, "reason": reason, "verdicts": verdicts, "passed": passed,

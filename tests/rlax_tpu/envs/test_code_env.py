@@ -79,8 +79,11 @@ def test_wrong_crashing_and_malicious_solutions_score_zero(env):
                                  {"not_run"}),
         "always-equal result": (
             "class Eq:\n    def __eq__(self, other):\n        return True\n" + stubs(names, "return Eq()"), {"fail"}),
-        "patches json.dumps": (stubs(names, "return ('nope',)") + "\nimport json\njson.dumps = lambda *a, **k: "
-                               f"'{{\"loaded\": \"ok\", \"verdicts\": {json.dumps(['pass'] * total)}}}'", {"fail"}),
+        "replaces sys.stdout": (stubs(names, "return ('nope',)") + "\nimport sys\nclass Out:\n"
+                                "    def write(self, s):\n        sys.__stdout__.write(s.replace('fail', 'pass'))\n"
+                                "    def flush(self):\n        pass\nsys.stdout = sys.__stdout__ = Out()", {"fail"}),
+        "prints nonce-less verdict lines": (stubs(names, "return ('nope',)") + "\nprint('V ' + 'pass ' * 50)",
+                                            {"fail"}),
         "loops in a test, ignores SIGALRM": (
             "import signal\nsignal.signal(signal.SIGALRM, signal.SIG_IGN)\n" + stubs(names, "while True: pass"),
             {"timeout"}),
@@ -88,7 +91,7 @@ def test_wrong_crashing_and_malicious_solutions_score_zero(env):
         "fork bomb": (good + "\nimport os\nwhile True:\n    os.fork()", {"not_run"}),
         "reads the host": (good + "\nprint(open('/etc/shadow').read())", {"not_run"}),
     }
-    fake = json.dumps({"loaded": "ok", "verdicts": ["pass"] * total})
+    fake = "\n".join(["L ok", "V " + " ".join(["pass"] * total)])
 
     def run(code):  # an environment per episode, sharing the pool: the slow cases run at once
         episode = envs.make_env(env.config, lambda s: len(s.split()), pool=env.pool)
