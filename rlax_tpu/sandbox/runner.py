@@ -193,7 +193,9 @@ def _probe_bwrap(limits: SandboxLimits) -> tuple[bool, str]:
     if shutil.which("bwrap") is None:
         return False, "bwrap not installed (scripts/setup.sh installs it with apt-get when root)"
     try:
-        res = _run(limits.replace(require_bwrap=True), "print('ok')", "", uid=None, use_bwrap=True)
+        # a generous wall clock: a probe slowed by a loaded host must not disable bubblewrap
+        res = _run(limits.replace(wall_seconds=max(30.0, limits.wall_seconds)), "print('ok')", "", uid=None,
+                   use_bwrap=True)
     except OSError as e:
         return False, f"bwrap failed to start: {e}"
     if res.ok and res.stdout.strip() == "ok":
