@@ -181,9 +181,8 @@ def layers(limits: SandboxLimits) -> tuple[bool, str]:
                                   f"dirs, private /tmp, dies with parent), {common}")
                 log.info(_probe["text"])
             else:
-                mode = ("refusing every execution (sandbox.require_bwrap=True)" if limits.require_bwrap
-                        else "running DEGRADED without filesystem or network isolation "
-                             "(sandbox.require_bwrap=False)")
+                mode = ("executions are refused (sandbox.require_bwrap=True) or run DEGRADED, without "
+                        "filesystem or network isolation (require_bwrap=False)")
                 _probe["text"] = f"sandbox: bubblewrap unusable ({why}); {mode}; active layers: {common}"
                 log.warning(_probe["text"])
         return bool(_probe["bwrap"]), str(_probe["text"])

@@ -154,7 +154,7 @@ def test_refuses_without_bubblewrap(monkeypatch, caplog):
     monkeypatch.setattr(runner.shutil, "which", lambda name: None if name == "bwrap" else which(name))
     res = sandbox.run_python("print(1)", limits=TIGHT)
     assert (res.reason, res.infra) == ("error", True)
-    assert "bubblewrap unusable" in res.detail and "refusing" in res.detail
+    assert "bubblewrap unusable" in res.detail and "refused" in res.detail
     assert any("bubblewrap unusable" in r.getMessage() for r in caplog.records)
     monkeypatch.setattr(runner, "_probe", {})
     monkeypatch.setenv("RLAX_SANDBOX_TEST_SECRET", "HOST-ENV-VALUE")
