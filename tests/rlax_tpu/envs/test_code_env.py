@@ -4,15 +4,15 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import shutil
 
 import pytest
 
 from rlax_tpu import envs
 from rlax_tpu.config import ConfigError, get_base_config
 from rlax_tpu.sandbox import SandboxPool
+from tests.rlax_tpu.sandbox.usable import needs_bwrap
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+pytestmark = needs_bwrap
 
 CORRECT = {
     "reverse_words": "def reverse_words(s):\n    return ' '.join(s.split()[::-1])",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
 from rlax_tpu import envs
 from rlax_tpu.config import ConfigError, get_base_config, validate
 from rlax_tpu.envs import ToolCall, format_call
 from rlax_tpu.sandbox import SandboxPool
+from tests.rlax_tpu.sandbox.usable import needs_bwrap
 
 
 def words(text: str) -> int:
@@ -29,8 +28,6 @@ def config(name: str, **env):
 def call(name: str, **arguments) -> str:
     return format_call(ToolCall(name, arguments))
 
-
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,9 @@ import pytest
 from rlax_tpu import sandbox
 from rlax_tpu.config import ConfigError, get_base_config, validate
 from rlax_tpu.sandbox import SandboxLimits, SandboxPool
+from tests.rlax_tpu.sandbox.usable import needs_bwrap
 
-pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is not installed")
+pytestmark = needs_bwrap
 
 TIGHT = SandboxLimits.default().replace(cpu_seconds=1, wall_seconds=2.0, memory_mb=256, max_processes=8,
                                         file_size_mb=4, output_bytes=4096)
