@@ -73,6 +73,11 @@ class Environment:
         """num_tokens: the turn's sampled token count when known (else count_tokens(model_turn))."""
         raise NotImplementedError
 
+    def reference_turns(self, problem: Problem) -> list[str] | None:
+        """The model turns of a solved episode, in order (tool replies do not change them): SFT
+        traces and scripted tests. None when the problem has no reference (user code problems)."""
+        raise NotImplementedError
+
 
 class TaskEnv(Environment):
     """A single-turn task as a one-step environment: the first turn is the answer."""
@@ -91,6 +96,9 @@ class TaskEnv(Environment):
     def reset(self, problem: Problem | dict) -> list[Message]:
         self.problem = Problem.from_dict(problem) if isinstance(problem, dict) else problem
         return [{"role": "user", "content": self.problem.prompt}]
+
+    def reference_turns(self, problem: Problem) -> list[str]:
+        return [self.task.solution_text(problem)]
 
     def step(self, model_turn: str, num_tokens: int | None = None) -> StepOut:
         if self.problem is None:

@@ -17,7 +17,7 @@ import secrets
 from collections.abc import Callable
 
 from rlax_tpu.envs.base import Infra, ToolEnv
-from rlax_tpu.envs.code_problems import load_code_jsonl, synthetic_problem
+from rlax_tpu.envs.code_problems import load_code_jsonl, reference_solution, synthetic_problem
 from rlax_tpu.envs.generated import Generated
 from rlax_tpu.envs.python_tool import make_python_tool
 from rlax_tpu.sandbox import SandboxPool
@@ -99,6 +99,11 @@ class CodeEnv(Generated, ToolEnv):
             rows = self.user  # a file too small to split: every problem in both
         prompt, tests = rows[random.Random(f"{self.name}:{split}:{seed}:{index}").randrange(len(rows))]
         return Problem(prompt_id_for(self.name, prompt), prompt, "", {"env": self.name, "tests": tests})
+
+    def reference_turns(self, problem: Problem) -> list[str] | None:
+        if "functions" not in problem.meta:
+            return None  # a user problem: no reference solution
+        return [f"```python\n{reference_solution(problem.meta['functions'])}```"]
 
     def score_answer(self, problem: Problem, answer: str) -> Reward:
         code, fenced = extract_code(answer)

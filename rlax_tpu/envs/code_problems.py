@@ -5,7 +5,6 @@ here, in-process, on generated inputs; the tests are plain `assert f(...) == ...
 from __future__ import annotations
 
 import json
-import math
 import random
 import string
 from collections.abc import Callable
@@ -25,61 +24,55 @@ def _ints(rng: random.Random) -> list[int]:
     return [rng.randint(-20, 40) for _ in range(rng.randint(0, 7))]
 
 
-def _second_largest(xs: list[int]) -> int | None:
-    distinct = sorted(set(xs))
-    return distinct[-2] if len(distinct) >= 2 else None
-
-
-def _running(xs: list[int]) -> list[int]:
-    out, total = [], 0
-    for x in xs:
-        total += x
-        out.append(total)
-    return out
-
-
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, math.isqrt(n) + 1))
-
-
-def _fib(n: int) -> int:
-    a, b = 0, 1
-    for _ in range(n):
-        a, b = b, a + b
-    return a
-
-
-# name, signature, description, reference, argument generator
-FAMILIES: list[tuple[str, str, str, Callable, Callable[[random.Random], tuple]]] = [
+# name, signature, description, reference solution (source), argument generator. The expected
+# values come from running the reference here; the same source is the reference answer (SFT).
+FAMILIES: list[tuple[str, str, str, str, Callable[[random.Random], tuple]]] = [
     ("reverse_words", "reverse_words(s: str) -> str",
      "returns the words of s (split on spaces) in reverse order, joined by single spaces",
-     lambda s: " ".join(reversed(s.split())), lambda r: (_words(r),)),
+     "def reverse_words(s):\n    return ' '.join(reversed(s.split()))", lambda r: (_words(r),)),
     ("count_vowels", "count_vowels(s: str) -> int", "returns how many of the letters of s are in 'aeiou'",
-     lambda s: sum(c in "aeiou" for c in s), lambda r: (_words(r),)),
+     "def count_vowels(s):\n    return sum(c in 'aeiou' for c in s)", lambda r: (_words(r),)),
     ("capitalize_words", "capitalize_words(s: str) -> str",
      "returns s with the first letter of every space-separated word upper-cased",
-     lambda s: " ".join(w[:1].upper() + w[1:] for w in s.split(" ")), lambda r: (_words(r),)),
+     "def capitalize_words(s):\n    return ' '.join(w[:1].upper() + w[1:] for w in s.split(' '))",
+     lambda r: (_words(r),)),
     ("is_palindrome", "is_palindrome(s: str) -> bool", "returns whether s reads the same backwards",
-     lambda s: s == s[::-1], lambda r: (r.choice(["abcba", "abba", "ab", "a", "", "xyzzyx", "level", "lever"]),)),
+     "def is_palindrome(s):\n    return s == s[::-1]",
+     lambda r: (r.choice(["abcba", "abba", "ab", "a", "", "xyzzyx", "level", "lever"]),)),
     ("sum_even", "sum_even(xs: list[int]) -> int", "returns the sum of the even numbers in xs",
-     lambda xs: sum(x for x in xs if x % 2 == 0), lambda r: (_ints(r),)),
+     "def sum_even(xs):\n    return sum(x for x in xs if x % 2 == 0)", lambda r: (_ints(r),)),
     ("second_largest", "second_largest(xs: list[int]) -> int | None",
      "returns the second largest distinct value in xs, or None if there are fewer than two",
-     _second_largest, lambda r: (_ints(r),)),
+     "def second_largest(xs):\n    distinct = sorted(set(xs))\n    return distinct[-2] if len(distinct) >= 2 else None",
+     lambda r: (_ints(r),)),
     ("running_sum", "running_sum(xs: list[int]) -> list[int]",
-     "returns the list of prefix sums of xs (element i is xs[0] + ... + xs[i])", _running, lambda r: (_ints(r),)),
+     "returns the list of prefix sums of xs (element i is xs[0] + ... + xs[i])",
+     "def running_sum(xs):\n    out, total = [], 0\n    for x in xs:\n        total += x\n        out.append(total)\n"
+     "    return out", lambda r: (_ints(r),)),
     ("dedupe", "dedupe(xs: list[int]) -> list[int]",
      "returns xs without repeated values, keeping the first occurrence of each, in order",
-     lambda xs: list(dict.fromkeys(xs)), lambda r: (_ints(r),)),
+     "def dedupe(xs):\n    return list(dict.fromkeys(xs))", lambda r: (_ints(r),)),
     ("digit_sum", "digit_sum(n: int) -> int", "returns the sum of the decimal digits of abs(n)",
-     lambda n: sum(map(int, str(abs(n)))), lambda r: (r.randint(-99999, 99999),)),
+     "def digit_sum(n):\n    return sum(int(c) for c in str(abs(n)))", lambda r: (r.randint(-99999, 99999),)),
     ("gcd", "gcd(a: int, b: int) -> int", "returns the greatest common divisor of two non-negative ints",
-     math.gcd, lambda r: (r.randint(0, 500), r.randint(0, 500))),
+     "def gcd(a, b):\n    while b:\n        a, b = b, a % b\n    return a",
+     lambda r: (r.randint(0, 500), r.randint(0, 500))),
     ("fib", "fib(n: int) -> int", "returns the n-th Fibonacci number (fib(0) = 0, fib(1) = 1)",
-     _fib, lambda r: (r.randint(0, 30),)),
+     "def fib(n):\n    a, b = 0, 1\n    for _ in range(n):\n        a, b = b, a + b\n    return a",
+     lambda r: (r.randint(0, 30),)),
     ("is_prime", "is_prime(n: int) -> bool", "returns whether n is a prime number",
-     _is_prime, lambda r: (r.randint(-5, 200),)),
+     "def is_prime(n):\n    return n >= 2 and all(n % d for d in range(2, int(n ** 0.5) + 1))",
+     lambda r: (r.randint(-5, 200),)),
 ]
+_REFERENCE = {}
+for _name, _, _, _src, _ in FAMILIES:
+    exec(_src, _REFERENCE)  # our own reference solutions, defined above
+
+
+def reference_solution(names: list[str]) -> str:
+    """The reference code for the named functions (a correct answer, e.g. for SFT traces)."""
+    sources = {f[0]: f[3] for f in FAMILIES}
+    return "\n\n\n".join(sources[n] for n in names) + "\n"
 
 
 def _call(name: str, args: tuple) -> str:
@@ -90,7 +83,8 @@ def synthetic_problem(rng: random.Random, difficulty: int) -> tuple[str, list[st
     """(prompt, hidden tests, meta). Higher difficulty asks for more functions at once."""
     fams = rng.sample(FAMILIES, k=min(len(FAMILIES), max(1, difficulty)))
     specs, examples, tests = [], [], []
-    for name, sig, desc, ref, gen in fams:
+    for name, sig, desc, _, gen in fams:
+        ref = _REFERENCE[name]
         specs.append(f"- `{sig}`: {desc}.")
         seen: set[str] = set()
         cases = []

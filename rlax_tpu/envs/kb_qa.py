@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from rlax_tpu.envs.base import ToolEnv
 from rlax_tpu.envs.generated import Generated
+from rlax_tpu.envs.tool_calls import ToolCall, format_call
 from rlax_tpu.tasks.answers import extract_answer
 from rlax_tpu.tasks.base import Problem, Reward, combine
 
@@ -99,7 +100,15 @@ class KbQaEnv(Generated, ToolEnv):
         for rel in path:
             value = kb[value][rel]
         prompt = template.format(p=person) + " Give the final answer as '#### <name>'."
-        return prompt, value, {"kb": kb, "hops": hops, "path": list(path)}
+        return prompt, value, {"kb": kb, "hops": hops, "path": list(path), "person": person}
+
+    def reference_turns(self, problem: Problem) -> list[str]:
+        kb, entity, turns = problem.meta["kb"], problem.meta["person"], []
+        for rel in problem.meta["path"]:
+            call = format_call(ToolCall("lookup", {"entity": entity}))
+            turns.append(f"I need the {rel.replace('_', ' ')} of {entity}.\n{call}")
+            entity = kb[entity][rel]
+        return turns + [f"The answer is {entity}.\n#### {entity}"]
 
     def score_answer(self, problem: Problem, answer: str) -> Reward:
         got, _ = extract_answer(answer, "any")

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from rlax_tpu.envs.base import ToolEnv
 from rlax_tpu.envs.generated import Generated
 from rlax_tpu.envs.python_tool import make_python_tool
+from rlax_tpu.envs.tool_calls import ToolCall, format_call
 from rlax_tpu.sandbox import SandboxPool
 from rlax_tpu.tasks.answers import extract_answer
 from rlax_tpu.tasks.base import Problem, Reward, combine
@@ -37,6 +38,11 @@ class ToolArithEnv(Generated, ToolEnv):
         value = eval(expr, {"__builtins__": {}})  # noqa: S307 - digits and + - * we generated
         prompt = f"What is {expr}? Give the final answer as '#### <number>'."
         return prompt, str(value), {"expression": expr}
+
+    def reference_turns(self, problem: Problem) -> list[str]:
+        expr = problem.meta["expression"]
+        call = format_call(ToolCall("python", {"code": f"print({expr})"}))
+        return [f"I will compute it with Python.\n{call}", f"{expr} = {problem.answer}\n#### {problem.answer}"]
 
     def score_answer(self, problem: Problem, answer: str) -> Reward:
         got, _ = extract_answer(answer, "any")

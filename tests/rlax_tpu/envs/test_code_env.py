@@ -64,6 +64,13 @@ def test_correct_solutions_pass_every_hidden_test(env):
         assert d["verdicts"] == ["pass"] * d["total"] and d["total"] == 5 * len(names)
 
 
+def test_reference_solutions_pass(env):
+    for p in env.train_problems(8, seed=4):
+        env.reset(p)
+        _, reward, done, info = env.step(env.reference_turns(p)[0])
+        assert done and reward == 1.0, info["details"]
+
+
 def test_wrong_crashing_and_malicious_solutions_score_zero(env):
     p = next(q for q in env.train_problems(20, seed=1) if len(q.meta["functions"]) == 1)
     names = p.meta["functions"]

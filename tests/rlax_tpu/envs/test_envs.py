@@ -167,3 +167,31 @@ def test_tool_infra_failure_masks_the_episode():
     assert not done and "unavailable" in new[0]["content"]
     _, reward, done, info = env.step(f"#### {p.answer}")
     assert done and info["masked"]
+
+
+def run_reference(env, problem):
+    env.reset(problem)
+    turns = env.reference_turns(problem)
+    for i, turn in enumerate(turns):
+        new, reward, done, info = env.step(turn)
+        assert done == (i == len(turns) - 1), (i, new)
+    return reward, info
+
+
+def test_reference_turns_solve_kb_qa_and_the_task_adapter():
+    c = config("kb_qa")
+    env = envs.make_env(c, words)
+    for p in env.train_problems(10, seed=5) + env.eval_problems(5, seed=5):
+        reward, info = run_reference(env, p)
+        assert reward == 1.0 and info["tool_calls"] == len(p.meta["path"]) and info["malformed_calls"] == 0
+    task_env = envs.make_env(config(""), words)
+    for p in task_env.train_problems(5, seed=0):
+        assert run_reference(task_env, p)[0] == 1.0
+
+
+@needs_bwrap
+def test_reference_turns_solve_tool_arith(pool):
+    env = envs.make_env(config("tool_arith"), words, pool=pool)
+    for p in env.train_problems(4, seed=7):
+        reward, info = run_reference(env, p)
+        assert reward == 1.0 and info["tool_calls"] == 1
