@@ -19,3 +19,14 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q "${find_links[@]}" -e ".[$extras]"
   touch "$stamp"
 fi
+# bubblewrap isolates the code sandbox (rlax_tpu/sandbox); installed where this can (root with
+# apt-get), else the sandbox refuses or runs degraded as config.sandbox.require_bwrap says.
+if ! command -v bwrap >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "[setup] installing bubblewrap (apt-get)"
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq bubblewrap >/dev/null) \
+      || echo "[setup] could not install bubblewrap; the code sandbox will refuse to run (see docs/envs.md)"
+  else
+    echo "[setup] bubblewrap missing and not installable here (needs root and apt-get); see docs/envs.md"
+  fi
+fi

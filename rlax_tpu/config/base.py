@@ -8,7 +8,7 @@ from rlax_tpu.config import sections
 
 SECTION_NAMES = (
     "model", "tokenizer", "task", "mesh", "sft", "rl", "trainer", "inference", "store", "eval",
-    "launch", "replay",
+    "launch", "replay", "sandbox", "env",
 )
 
 

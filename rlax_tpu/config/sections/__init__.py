@@ -1,6 +1,7 @@
 """One module per config section: ``defaults()`` documents every field, ``validate()`` checks it."""
 
 from rlax_tpu.config.sections import (  # noqa: F401
+    env,
     eval,
     inference,
     launch,
@@ -8,6 +9,7 @@ from rlax_tpu.config.sections import (  # noqa: F401
     model,
     replay,
     rl,
+    sandbox,
     sft,
     store,
     task,
