@@ -67,6 +67,23 @@ def _cases(d: int) -> dict:
     }
 
 
+def _splash_case(d: int) -> tuple:
+    """JAX's shipped TPU splash attention (forward + backward), causal with segment ids, for the
+    comparison with our flash kernel (docs/kernels.md); T = 256 (splash tiles of 128)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    hq, t = 8, 256
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(hq)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(kernel(q, k, v, segment_ids=sk.SegmentIds(seg, seg)).astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((hq, t, d), jnp.bfloat16)
+    return jax.grad(loss, argnums=(0, 1, 2)), (x, x, x, jax.ShapeDtypeStruct((t,), jnp.int32))
+
+
 def _patch(platform: str) -> None:
     jax.default_backend = lambda: "tpu" if platform == "tpu" else "gpu"
     if platform == "tpu":
@@ -86,7 +103,10 @@ def main() -> None:
     for platform in platforms:
         _patch(platform)
         for d in (64, 128):
-            for name, (fn, args) in _cases(d).items():
+            cases = _cases(d)
+            if platform == "tpu":
+                cases["splash_fwd_bwd (JAX's)"] = _splash_case(d)
+            for name, (fn, args) in cases.items():
                 try:
                     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
                     results.append(dict(platform=platform, head_dim=d, case=name, lowered=True,
