@@ -143,8 +143,9 @@ def test_sharded_wrappers_match_the_dispatcher():
     mesh = jax.make_mesh((2, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:4])
     rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((B, 16, h, D)), jnp.float32) for h in (HQ, HKV, HKV))
-    seg = jnp.asarray(np.repeat([[1] * 12 + [0] * 4], B, 0), jnp.int32)
+    b, hq, hkv = 2, 4, 2  # one sequence and one kv head per device
+    q, k, v = (jnp.asarray(rng.standard_normal((b, 16, h, D)), jnp.float32) for h in (hq, hkv, hkv))
+    seg = jnp.asarray([[1] * 12 + [0] * 4, [1] * 5 + [2] * 11], jnp.int32)
 
     def loss(q, k, v):
         out = kernels.flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="pallas")
@@ -159,10 +160,9 @@ def test_sharded_wrappers_match_the_dispatcher():
     np.testing.assert_allclose(out, want, atol=2e-5)
     for g, w in zip(grads, want_g, strict=True):
         np.testing.assert_allclose(g, w, atol=2e-5)
-    kp = jnp.asarray(rng.standard_normal((HKV, 12, 4, D)), jnp.float32)
-    vp = jnp.asarray(rng.standard_normal((HKV, 12, 4, D)), jnp.float32)
-    lengths, tables = jnp.array([0, 4, 5, 9], jnp.int32), jnp.array([[0, 0, 0], [1, 0, 0], [1, 2, 0], [3, 4, 5]],
-                                                                      jnp.int32)
+    kp = jnp.asarray(rng.standard_normal((hkv, 12, 4, D)), jnp.float32)
+    vp = jnp.asarray(rng.standard_normal((hkv, 12, 4, D)), jnp.float32)
+    lengths, tables = jnp.array([5, 9], jnp.int32), jnp.array([[1, 2, 0], [1, 4, 5]], jnp.int32)  # shared page 1
     with jax.set_mesh(mesh):
         out = jax.jit(lambda *a: kernels.paged_decode_attention(*a, impl="pallas"))(q[:, 0], kp, vp, lengths, tables)
     np.testing.assert_allclose(out, reference.paged_decode_attention_reference(q[:, 0], kp, vp, lengths, tables),
