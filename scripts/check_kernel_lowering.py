@@ -2,13 +2,14 @@
 
     python scripts/check_kernel_lowering.py [--platform tpu|cuda|both]
 
-Runs the Pallas -> Mosaic / Triton lowering (block-shape rules, dtypes, ops) of the forward,
-backward and decode kernels via `jax.jit(...).trace(...).lower(lowering_platforms=...)` and
-prints one JSON object. It does NOT compile to device code or run anything: Mosaic's layout
-passes and Triton's PTX compilation happen in the device compilers, absent here. To lower for a
-device we do not have, it patches the backend probe (`jax.default_backend`, which picks the
-kernels' per-backend settings) and, for TPU, the chip-kind probe of jax's private tpu_info
-module (pretending a TPU v5e); those patches live only in this process.
+Runs the Pallas -> Mosaic / Triton lowering (block-shape rules, dtypes, ops) of every kernel
+(flash forward, forward + backward, decode, paged decode, paged prefill) via
+`jax.jit(...).trace(...).lower(lowering_platforms=...)` and prints one JSON object. It does NOT
+compile to device code or run anything: Mosaic's layout passes and Triton's PTX compilation
+happen in the device compilers, absent here. To lower for a device we do not have, it patches
+the backend probe (`jax.default_backend`, which picks the kernels' per-backend settings) and,
+for TPU, the chip-kind probe of jax's private tpu_info module (pretending a TPU v5e); those
+patches live only in this process.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from rlax_tpu.kernels import dispatch  # noqa: E402
 from rlax_tpu.kernels.decode_attention import decode_attention_pallas  # noqa: E402
 from rlax_tpu.kernels.flash_attention import flash_attention_pallas  # noqa: E402
 
@@ -44,12 +46,42 @@ def _cases(d: int) -> dict:
         return decode_attention_pallas(q, kc, vc, lengths)
 
     cache = jax.ShapeDtypeStruct((b, hkv, 1000, d), bf16)  # head-major
+    # Paged: 3 sequences (not a power of two), a table of 12 pages of 16, a pool of 40 pages.
+    pool = jax.ShapeDtypeStruct((hkv, 40, 16, d), bf16)
+    rows, table = jax.ShapeDtypeStruct((3,), i32), jax.ShapeDtypeStruct((3, 12), i32)
+
+    def paged_decode(q, kp, vp, lengths, pi):
+        return dispatch.paged_decode_attention(q, kp, vp, lengths, pi, impl="pallas", interpret=False)
+
+    def paged_prefill(q, kp, vp, qs, ql, kl, pi):
+        return dispatch.paged_prefill_attention(q, kp, vp, qs, ql, kl, pi, impl="pallas", interpret=False)
+
     return {
         "flash_fwd": (flash, (q, kv, kv, seg)),
         "flash_fwd_bwd": (jax.grad(loss, argnums=(0, 1, 2)), (q, kv, kv, seg)),
         "decode": (decode, (jax.ShapeDtypeStruct((b, hq, d), bf16), cache, cache,
                             jax.ShapeDtypeStruct((b,), i32))),
+        "paged_decode": (paged_decode, (jax.ShapeDtypeStruct((3, hq, d), bf16), pool, pool, rows, table)),
+        "paged_prefill": (paged_prefill, (jax.ShapeDtypeStruct((3, 40, hq, d), bf16), pool, pool, rows, rows,
+                                          rows, table)),
     }
+
+
+def _splash_case(d: int) -> tuple:
+    """JAX's shipped TPU splash attention (forward + backward), causal with segment ids, for the
+    comparison with our flash kernel (docs/kernels.md); T = 256 (splash tiles of 128)."""
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    hq, t = 8, 256
+    mask = sm.MultiHeadMask([sm.CausalMask((t, t)) for _ in range(hq)])
+    kernel = sk.make_splash_mha(mask, head_shards=1, q_seq_shards=1)
+
+    def loss(q, k, v, seg):
+        return jnp.sum(kernel(q, k, v, segment_ids=sk.SegmentIds(seg, seg)).astype(jnp.float32))
+
+    x = jax.ShapeDtypeStruct((hq, t, d), jnp.bfloat16)
+    return jax.grad(loss, argnums=(0, 1, 2)), (x, x, x, jax.ShapeDtypeStruct((t,), jnp.int32))
 
 
 def _patch(platform: str) -> None:
@@ -71,7 +103,10 @@ def main() -> None:
     for platform in platforms:
         _patch(platform)
         for d in (64, 128):
-            for name, (fn, args) in _cases(d).items():
+            cases = _cases(d)
+            if platform == "tpu":
+                cases["splash_fwd_bwd (JAX's)"] = _splash_case(d)
+            for name, (fn, args) in cases.items():
                 try:
                     text = jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text()
                     results.append(dict(platform=platform, head_dim=d, case=name, lowered=True,

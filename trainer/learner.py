@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from rlax_tpu import rl, sharding
+from rlax_tpu import kernels, rl, sharding
 from rlax_tpu.models.logprobs import chunked_target_logprobs
 from trainer.state import StateLayout
 
@@ -186,21 +186,20 @@ class Learner:
         self.row_sharding = sharding.batch_sharding(mesh, 1)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state_sh = layout.shardings
-        self._sft = jax.jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
-                            in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                            donate_argnums=(0,))
+        # Traced under the mesh: the attention kernels run under shard_map over it (kernels.sharded).
+        jit = lambda *a, **k: kernels.under_mesh(mesh, jax.jit(*a, **k))  # noqa: E731
+        self._sft = jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
+                        in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
         self._rl = self._advantages = None
         self.group_size = None if loss is None else loss.settings.group_size
         if loss is not None:
             self._advantages = jax.jit(functools.partial(rl.with_advantages, loss.settings))
-            self._rl = jax.jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec,
-                                                 loss=loss),
-                               in_shardings=(state_sh, None), out_shardings=(state_sh, None),
-                               donate_argnums=(0,))
-        self._recompute = jax.jit(functools.partial(recompute, layout=layout, spec=spec),
-                                  in_shardings=(state_sh["params"], None))
-        self._ref = jax.jit(functools.partial(ref_logprobs, layout=layout, spec=spec),
-                            in_shardings=(state_sh["params"]["model"], None))
+            self._rl = jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec, loss=loss),
+                           in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+        self._recompute = jit(functools.partial(recompute, layout=layout, spec=spec),
+                              in_shardings=(state_sh["params"], None))
+        self._ref = jit(functools.partial(ref_logprobs, layout=layout, spec=spec),
+                        in_shardings=(state_sh["params"]["model"], None))
 
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """Puts a host batch on the mesh: rows over ('data', 'fsdp')."""

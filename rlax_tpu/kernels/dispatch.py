@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlax_tpu.kernels import paged_attention as paged
 from rlax_tpu.kernels import reference
 from rlax_tpu.kernels.decode_attention import decode_attention_pallas
 from rlax_tpu.kernels.flash_attention import flash_attention_pallas
@@ -141,3 +142,91 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
                           "kernel (KV tiles are powers of two >= 16)")
     return decode_attention_pallas(q, k_cache, v_cache, lengths, scale=scale, block_k=block_k,
                                    kv_heads_per_program=kv_heads_per_program, interpret=interp)
+
+
+def _check_paged(where: str, q, k_pages, v_pages, page_indices, rows: dict) -> None:
+    b, hq, d = q.shape[0], q.shape[-2], q.shape[-1]
+    if k_pages.ndim != 4 or v_pages.shape != k_pages.shape:
+        raise KernelError(f"{where}: want k_pages, v_pages [Hkv, num_pages, page_size, D] of equal shape; "
+                          f"got {k_pages.shape} and {v_pages.shape}")
+    if k_pages.shape[3] != d:
+        raise KernelError(f"{where}: q head_dim {d} != k_pages head_dim {k_pages.shape[3]}")
+    _check_heads(where, hq, k_pages.shape[0])
+    if (page_indices.ndim != 2 or page_indices.shape[0] != b
+            or not jnp.issubdtype(page_indices.dtype, jnp.integer)):
+        raise KernelError(f"{where}: page_indices must be integer [B={b}, pages_per_seq]; got "
+                          f"{page_indices.dtype} {page_indices.shape}")
+    for name, x in rows.items():
+        if x.shape != (b,) or not jnp.issubdtype(x.dtype, jnp.integer):
+            raise KernelError(f"{where}: {name} must be integer [B]={b,}; got {x.dtype} {x.shape}")
+
+
+def _check_paged_kernel(where: str, arrays: dict, head_dim: int, page_size: int, interp: bool) -> None:
+    _check_kernel_inputs(where, arrays, head_dim, {})
+    if not interp and not (_is_pow2(page_size) and page_size >= 16):
+        raise KernelError(f"{where}: page_size {page_size} is unsupported by the compiled kernel "
+                          "(a power of two >= 16)")
+
+
+def _on_tpu() -> bool:
+    """TPU kernels on TPU (and on CPU under pltpu.force_tpu_interpret_mode in tests)."""
+    return jax.default_backend() == "tpu"
+
+
+def paged_decode_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, impl: str = "auto",
+                           interpret: bool | None = None):
+    """Single-token decode attention over a paged KV cache (layouts in reference.py).
+
+    q [B, Hq, D]; k_pages, v_pages [Hkv, num_pages, page_size, D]; lengths [B] (valid positions,
+    the current token's K/V already written; 0 gives zeros); page_indices [B, pages_per_seq].
+    Pallas: JAX's GPU paged kernel on GPU and in interpret mode on CPU, ours on TPU.
+    """
+    where = "paged_decode_attention"
+    path = _resolve(impl)
+    if q.ndim != 3:
+        raise KernelError(f"{where}: want q [B, Hq, D]; got {q.shape}")
+    _check_paged(where, q, k_pages, v_pages, page_indices, {"lengths": lengths})
+    if path == "reference":
+        return reference.paged_decode_attention_reference(q, k_pages, v_pages, lengths, page_indices,
+                                                          scale=scale)
+    interp = _interpret(interpret)
+    d = q.shape[-1]
+    _check_paged_kernel(where, {"q": q, "k_pages": k_pages, "v_pages": v_pages}, d, k_pages.shape[2], interp)
+    s = paged.default_scale(d, scale)
+    if _on_tpu():
+        q_start, q_lens, kv_lens = paged.decode_as_prefill(lengths)
+        return paged.paged_attention_tpu(q[:, None], k_pages, v_pages, q_start, q_lens, kv_lens,
+                                         page_indices, scale=s)[:, 0]
+    return paged.paged_decode_shipped_gpu(q, k_pages, v_pages, lengths, page_indices, scale=s,
+                                          interpret=interp)
+
+
+def paged_prefill_attention(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices, *, scale=None,
+                            impl: str = "auto", block_q: int = 64, interpret: bool | None = None):
+    """Queries of several tokens per sequence appended at an offset, over a paged KV cache.
+
+    q [B, T, Hq, D]: row t of sequence b is at absolute position q_start[b] + t, live for
+    t < q_lens[b]; it sees cache positions < kv_lens[b] up to its own (causal by absolute
+    position; the new tokens' K/V written into the pages first). Decode is T = 1. Rows that are
+    not live return zeros. block_q: query tokens per Pallas program (a power of two >= 1).
+    """
+    where = "paged_prefill_attention"
+    path = _resolve(impl)
+    if q.ndim != 4:
+        raise KernelError(f"{where}: want q [B, T, Hq, D]; got {q.shape}")
+    _check_paged(where, q, k_pages, v_pages, page_indices,
+                 {"q_start": q_start, "q_lens": q_lens, "kv_lens": kv_lens})
+    if path == "reference":
+        return reference.paged_prefill_attention_reference(q, k_pages, v_pages, q_start, q_lens, kv_lens,
+                                                           page_indices, scale=scale)
+    interp = _interpret(interpret)
+    d = q.shape[-1]
+    _check_paged_kernel(where, {"q": q, "k_pages": k_pages, "v_pages": v_pages}, d, k_pages.shape[2], interp)
+    if not _is_pow2(block_q):
+        raise KernelError(f"{where}: block_q={block_q} must be a power of two")
+    s = paged.default_scale(d, scale)
+    if _on_tpu():
+        return paged.paged_attention_tpu(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices,
+                                         scale=s, block_q=block_q)
+    return paged.paged_attention_loop(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices,
+                                      scale=s, block_q=block_q, interpret=interp)

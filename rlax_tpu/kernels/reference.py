@@ -83,3 +83,72 @@ def decode_attention_reference(
     out = jnp.einsum("bkgs,bksd->bkgd", probs.astype(v_cache.dtype), v_cache,
                      preferred_element_type=jnp.float32)
     return out.reshape(b, hq, d).astype(q.dtype)
+
+
+# -- paged KV cache ----------------------------------------------------------------------------
+# Layout (the one JAX's shipped paged kernels use): per layer a pool k_pages, v_pages
+# [Hkv, num_pages, page_size, D]; per sequence page_indices [B, pages_per_seq] int32 (entry j
+# holds the page of positions j*page_size .. (j+1)*page_size - 1; entries past the live pages
+# must still be valid page ids) and int32 lengths. Several sequences may point at the same pages
+# (a shared prompt prefix).
+
+
+def gather_pages(pages: jax.Array, page_indices: jax.Array) -> jax.Array:
+    """[Hkv, P, ps, D] pool + [B, n] page table -> the dense [B, Hkv, n * ps, D] cache it describes."""
+    hkv, _, ps, d = pages.shape
+    b, n = page_indices.shape
+    return pages[:, page_indices].reshape(hkv, b, n * ps, d).transpose(1, 0, 2, 3)
+
+
+def paged_prefill_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    q_start: jax.Array,
+    q_lens: jax.Array,
+    kv_lens: jax.Array,
+    page_indices: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """Queries of several tokens per sequence appended at an offset, over a paged cache.
+
+    q: [B, T, Hq, D]; row t of sequence b is the token at absolute position q_start[b] + t and
+    is live for t < q_lens[b]. It sees cache positions p < kv_lens[b] with p <= its position
+    (causal by absolute position; the new tokens' K/V are expected in the pages already).
+    Rows that are not live or see no key return zeros.
+    """
+    b, t, hq, d = q.shape
+    hkv = k_pages.shape[0]
+    group = hq // hkv
+    scale = d**-0.5 if scale is None else scale
+    k, v = gather_pages(k_pages, page_indices), gather_pages(v_pages, page_indices)  # [B, Hkv, S, D]
+    s = k.shape[2]
+    kv_pos = jnp.arange(s)[None, None, :]
+    tok = jnp.arange(t)[None, :, None]
+    mask = ((kv_pos < kv_lens[:, None, None]) & (kv_pos <= q_start[:, None, None] + tok)
+            & (tok < q_lens[:, None, None]))  # [B, T, S]
+    # Stale rows past kv_lens may hold anything (even NaN): keep them out of p @ v.
+    v = jnp.where((jnp.arange(s) < kv_lens[:, None])[:, None, :, None], v, 0)
+    qg = q.reshape(b, t, hkv, group, d)
+    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    mask = mask[:, None, None]
+    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1), 0.0)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(b, t, hq, d).astype(q.dtype)
+
+
+def paged_decode_attention_reference(
+    q: jax.Array,
+    k_pages: jax.Array,
+    v_pages: jax.Array,
+    lengths: jax.Array,
+    page_indices: jax.Array,
+    *,
+    scale: float | None = None,
+) -> jax.Array:
+    """One query per sequence (q [B, Hq, D]) over its first ``lengths`` paged cache positions
+    (the current token's K/V already written); length 0 gives zeros."""
+    k, v = gather_pages(k_pages, page_indices), gather_pages(v_pages, page_indices)
+    v = jnp.where((jnp.arange(v.shape[2]) < lengths[:, None])[:, None, :, None], v, 0)
+    return decode_attention_reference(q, k, v, lengths, scale=scale)

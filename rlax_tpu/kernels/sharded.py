@@ -1,0 +1,126 @@
+"""The public attention entry points: each Pallas call runs under ``jax.shard_map``.
+
+``pallas_call`` has no GSPMD partitioning rule: on GSPMD-sharded operands XLA would gather them
+onto every device first. These wrappers take the mesh the caller traces under (``jax.set_mesh``;
+see ``under_mesh``) and run the dispatcher per shard: batch over ('data', 'fsdp'), heads over
+'tensor', and KV pages with their heads (a page pool is split on its kv-head axis; its page axis
+is not split, as any sequence may point at any page). A dimension a mesh axis does not divide is
+left whole (correct, with the gather that implies). Without a mesh, with the jnp reference path
+(GSPMD partitions plain jnp itself) or inside a shard_map that already owns those axes, the
+dispatcher is called directly. Arguments and results are the dispatcher's (dispatch.py).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from math import prod
+
+import jax
+from jax.sharding import AxisType
+from jax.sharding import PartitionSpec as P
+
+from rlax_tpu.kernels import dispatch
+
+BATCH_AXES = ("data", "fsdp")
+HEAD_AXIS = "tensor"
+
+
+def under_mesh(mesh: jax.sharding.Mesh | None, fn: Callable) -> Callable:
+    """``fn`` called (so traced) under ``jax.set_mesh(mesh)``, which is where these wrappers find
+    the mesh; ``fn`` itself when there is no mesh."""
+    if mesh is None:
+        return fn
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with jax.set_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _free_axes(mesh, names) -> tuple[str, ...]:
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return tuple(a for a in names if a in types and mesh.shape[a] > 1 and types[a] != AxisType.Manual)
+
+
+def _split(mesh, names, size: int):
+    """The mesh axes (a prefix of ``names`` still free) whose product divides ``size``."""
+    axes = _free_axes(mesh, names)
+    while axes and size % prod(mesh.shape[a] for a in axes):
+        axes = axes[:-1]
+    return None if not axes else (axes[0] if len(axes) == 1 else axes)
+
+
+def _plan(batch: int, hq: int, hkv: int):
+    """(mesh, batch axes, head axis) for the current context, or None to call directly."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return None
+    b = _split(mesh, BATCH_AXES, batch)
+    h = _split(mesh, (HEAD_AXIS,), hkv) if hq % hkv == 0 else None  # kv heads divide -> q heads do
+    return None if b is None and h is None else (mesh, b, h)
+
+
+def _run(fn, plan, in_specs, out_spec, *args):
+    mesh = plan[0]
+    # check_vma=False: pallas_call has no replication rule; every output is split like its specs.
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_spec, check_vma=False)(*args)
+
+
+def flash_attention(q, k, v, *, q_segment_ids=None, kv_segment_ids=None, causal=True, scale=None,
+                    impl: str = "auto", **kernel_kw):
+    """dispatch.flash_attention (q [B,T,Hq,D]; k, v [B,S,Hkv,D]; segment ids [B,T] / [B,S])."""
+    call = functools.partial(dispatch.flash_attention, causal=causal, scale=scale, impl=impl, **kernel_kw)
+    plan = None if dispatch.resolve_impl(impl) == "reference" or q.ndim != 4 or k.ndim != 4 else \
+        _plan(q.shape[0], q.shape[2], k.shape[2])
+    if plan is None:
+        return call(q, k, v, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    _, b, h = plan
+    x = P(b, None, h, None)
+    if q_segment_ids is None:
+        return _run(lambda q, k, v: call(q, k, v), plan, (x, x, x), x, q, k, v)
+    seg = P(b, None)
+    return _run(lambda q, k, v, qs, ks: call(q, k, v, q_segment_ids=qs, kv_segment_ids=ks), plan,
+                (x, x, x, seg, seg), x, q, k, v, q_segment_ids, kv_segment_ids)
+
+
+def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "auto", **kernel_kw):
+    """dispatch.decode_attention (q [B,Hq,D]; caches [B,Hkv,S,D]; lengths [B])."""
+    call = functools.partial(dispatch.decode_attention, scale=scale, impl=impl, **kernel_kw)
+    plan = None if dispatch.resolve_impl(impl) == "reference" or q.ndim != 3 or k_cache.ndim != 4 else \
+        _plan(q.shape[0], q.shape[1], k_cache.shape[1])
+    if plan is None:
+        return call(q, k_cache, v_cache, lengths)
+    _, b, h = plan
+    return _run(call, plan, (P(b, h, None), P(b, h, None, None), P(b, h, None, None), P(b)), P(b, h, None),
+                q, k_cache, v_cache, lengths)
+
+
+def paged_decode_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=None, impl: str = "auto",
+                           **kernel_kw):
+    """dispatch.paged_decode_attention (q [B,Hq,D]; pools [Hkv,P,ps,D]; lengths [B]; tables [B,n])."""
+    call = functools.partial(dispatch.paged_decode_attention, scale=scale, impl=impl, **kernel_kw)
+    plan = None if dispatch.resolve_impl(impl) == "reference" or q.ndim != 3 or k_pages.ndim != 4 else \
+        _plan(q.shape[0], q.shape[1], k_pages.shape[0])
+    if plan is None:
+        return call(q, k_pages, v_pages, lengths, page_indices)
+    _, b, h = plan
+    pool = P(h, None, None, None)
+    return _run(call, plan, (P(b, h, None), pool, pool, P(b), P(b, None)), P(b, h, None),
+                q, k_pages, v_pages, lengths, page_indices)
+
+
+def paged_prefill_attention(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices, *, scale=None,
+                            impl: str = "auto", **kernel_kw):
+    """dispatch.paged_prefill_attention (q [B,T,Hq,D]; pools [Hkv,P,ps,D]; rows [B]; tables [B,n])."""
+    call = functools.partial(dispatch.paged_prefill_attention, scale=scale, impl=impl, **kernel_kw)
+    plan = None if dispatch.resolve_impl(impl) == "reference" or q.ndim != 4 or k_pages.ndim != 4 else \
+        _plan(q.shape[0], q.shape[2], k_pages.shape[0])
+    if plan is None:
+        return call(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices)
+    _, b, h = plan
+    pool, row = P(h, None, None, None), P(b)
+    return _run(call, plan, (P(b, None, h, None), pool, pool, row, row, row, P(b, None)),
+                P(b, None, h, None), q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices)

@@ -1,0 +1,169 @@
+"""Every Pallas call under shard_map: the compiled HLO of the sharded train step and of the
+engine's decode steps (Pallas path, interpret mode, 8 fake devices) holds no all-gather of
+q/k/v or of the KV cache / page pool; without the shard_map the same programs do gather them."""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from inference_worker.engine import fast_model
+from rlax_tpu import kernels, models, sharding
+from rlax_tpu.kernels import reference
+from rlax_tpu.kernels import sharded as sharded_mod
+from rlax_tpu.models.config import ModelConfig
+
+# Distinct sizes so a gathered attention operand is recognisable by its shape: T = 24 tokens,
+# D = 16, Hq = 8, Hkv = 4 (q/k/v trailing dims [24, H, 16]; caches [.., 24 or pool, 16]).
+B, T, HQ, HKV, D = 4, 24, 8, 4, 16
+CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=HQ,
+                  num_kv_heads=HKV, head_dim=D, attention_impl="pallas")
+GATHER = re.compile(r"=\s*\w+\[([\d,]*)\][^=]*\ball-gather(?:-start)?\(")
+
+
+def _mesh(data: int, tensor: int):
+    return jax.make_mesh((data, 1, tensor), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def _gathered_attention_operands(hlo: str, dims: set[tuple[int, ...]]) -> list[str]:
+    """All-gathers whose result has the trailing dims of an attention operand."""
+    out = []
+    for m in GATHER.finditer(hlo):
+        shape = tuple(int(x) for x in m.group(1).split(",") if x)
+        if any(shape[-len(d):] == d for d in dims if len(shape) >= len(d)):
+            out.append(m.group(0))
+    return out
+
+
+@pytest.fixture
+def no_shard_map(monkeypatch):
+    """The wrappers as they would be without shard_map: the dispatcher on GSPMD-sharded operands."""
+    monkeypatch.setattr(sharded_mod, "_plan", lambda *a: None)
+
+
+def _train_step_hlo(mesh) -> str:
+    model = models.init(CFG, 0, mesh=mesh)
+    gdef, params = nnx.split(model)
+    p_sh = sharding.param_shardings(params, mesh, sharding.TRAIN_RULES)
+    b_sh = sharding.batch_sharding(mesh, 2)
+
+    def step(params, tokens):
+        def loss(params):
+            return -jnp.mean(nnx.merge(gdef, params).target_logprobs(tokens[:, :-1], tokens[:, 1:]))
+        return jax.grad(loss)(params)
+
+    tokens = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+    fn = kernels.under_mesh(mesh, lambda: jax.jit(step, in_shardings=(p_sh, b_sh)).lower(params, tokens))
+    return fn().compile().as_text()
+
+
+# q/k/v as the model makes them ([.., T, heads, D]) or as the kernel views them (T padded to the
+# block, 32, and heads folded into lanes: [.., 32, heads * D]), for any number of heads per device.
+QKV_DIMS = ({(t, h, D) for t in (T, 32) for h in (1, 2, 4, 8)}
+            | {(t, h * D) for t in (T, 32) for h in (1, 2, 4, 8)})
+
+
+def test_train_step_hlo_has_no_gather_of_qkv():
+    mesh = _mesh(2, 4)  # batch over data, heads over tensor
+    assert not _gathered_attention_operands(_train_step_hlo(mesh), QKV_DIMS)
+
+
+def test_train_step_without_shard_map_gathers_qkv(no_shard_map):
+    """The check above can fail: the unwrapped kernel call makes XLA gather q/k/v."""
+    assert _gathered_attention_operands(_train_step_hlo(_mesh(2, 4)), QKV_DIMS)
+
+
+def _paged_decode_hlo(mesh) -> str:
+    pages, ps, n = 12, 16, 3
+    row, heads = NamedSharding(mesh, P(sharding.BATCH_AXES)), "tensor"
+    shardings = (NamedSharding(mesh, P(sharding.BATCH_AXES, heads, None)),
+                 NamedSharding(mesh, P(heads, None, None, None)), NamedSharding(mesh, P(heads, None, None, None)),
+                 row, NamedSharding(mesh, P(sharding.BATCH_AXES, None)))
+    args = (jax.ShapeDtypeStruct((B, HQ, D), jnp.float32),
+            jax.ShapeDtypeStruct((HKV, pages, ps, D), jnp.float32),
+            jax.ShapeDtypeStruct((HKV, pages, ps, D), jnp.float32),
+            jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B, n), jnp.int32))
+
+    def step(q, kp, vp, lengths, tables):
+        return kernels.paged_decode_attention(q, kp, vp, lengths, tables, impl="pallas")
+
+    with jax.set_mesh(mesh):
+        return jax.jit(step, in_shardings=shardings).lower(*args).compile().as_text()
+
+
+PAGED_DIMS = {(12, 16, D), (HQ, D), (HQ // 4, D)}  # a pool (any kv heads), q (any batch)
+
+
+def test_paged_decode_step_hlo_has_no_gather_of_pages_or_q():
+    assert not _gathered_attention_operands(_paged_decode_hlo(_mesh(2, 4)), PAGED_DIMS)
+
+
+def test_paged_decode_without_shard_map_gathers(no_shard_map):
+    assert _gathered_attention_operands(_paged_decode_hlo(_mesh(2, 4)), PAGED_DIMS)
+
+
+def test_engine_decode_step_hlo_has_no_gather_of_cache():
+    """The engine's decode step (fast_model.decode_step: dense head-major cache) on a data=2,
+    tensor=2 mesh: the cache [B, Hkv, S, D] stays split over slots and kv heads."""
+    mesh = jax.make_mesh((2, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    model = models.init(CFG, 0)
+    gdef, params = nnx.split(model)
+    w_sh = fast_model.weight_shardings(CFG, mesh)
+    weights = jax.eval_shape(lambda p: fast_model.build_weights(gdef, p, CFG), params)
+    s = 40  # ENGINE_DIMS
+    cache = jax.eval_shape(lambda: fast_model.init_cache(CFG, B, s))
+    c_sh = jax.tree.map(lambda _: NamedSharding(mesh, P(sharding.BATCH_AXES, "tensor", None, None)), cache)
+    row = NamedSharding(mesh, P(sharding.BATCH_AXES))
+    tok = jax.ShapeDtypeStruct((B,), jnp.int32)
+    with jax.set_mesh(mesh):
+        hlo = jax.jit(lambda w, t, p, c: fast_model.decode_step(CFG, w, t, p, c),
+                      in_shardings=(w_sh, row, row, c_sh)).lower(weights, tok, tok, cache).compile().as_text()
+    assert not _gathered_attention_operands(hlo, ENGINE_DIMS)
+
+
+ENGINE_DIMS = {(40, D), (HQ, D), (HQ // 2, D)}  # the cache (S = 40), q (any batch split)
+
+
+def test_engine_decode_step_without_shard_map_gathers(no_shard_map):
+    with pytest.raises(AssertionError):
+        test_engine_decode_step_hlo_has_no_gather_of_cache()
+
+
+def test_sharded_wrappers_match_the_dispatcher():
+    """Under a mesh the shard_map'd kernels give the single-device results (decode, paged decode,
+    flash forward with its gradient). data=2, tensor=2: a small mesh keeps interpret mode quick."""
+    mesh = jax.make_mesh((2, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
+                         devices=jax.devices()[:4])
+    rng = np.random.default_rng(0)
+    b, hq, hkv = 2, 4, 2  # one sequence and one kv head per device
+    q, k, v = (jnp.asarray(rng.standard_normal((b, 16, h, D)), jnp.float32) for h in (hq, hkv, hkv))
+    seg = jnp.asarray([[1] * 12 + [0] * 4, [1] * 5 + [2] * 11], jnp.int32)
+
+    def loss(q, k, v):
+        out = kernels.flash_attention(q, k, v, q_segment_ids=seg, kv_segment_ids=seg, impl="pallas")
+        return jnp.sum(out * v.repeat(2, axis=2)), out
+
+    with jax.set_mesh(mesh):
+        (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+    (_, want), want_g = jax.value_and_grad(
+        lambda q, k, v: (lambda o: (jnp.sum(o * v.repeat(2, axis=2)), o))(
+            reference.flash_attention_reference(q, k, v, q_segment_ids=seg, kv_segment_ids=seg)),
+        argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    for g, w in zip(grads, want_g, strict=True):
+        np.testing.assert_allclose(g, w, atol=2e-5)
+    kp = jnp.asarray(rng.standard_normal((hkv, 12, 4, D)), jnp.float32)
+    vp = jnp.asarray(rng.standard_normal((hkv, 12, 4, D)), jnp.float32)
+    lengths, tables = jnp.array([5, 9], jnp.int32), jnp.array([[1, 2, 0], [1, 4, 5]], jnp.int32)  # shared page 1
+    with jax.set_mesh(mesh):
+        out = jax.jit(lambda *a: kernels.paged_decode_attention(*a, impl="pallas"))(q[:, 0], kp, vp, lengths, tables)
+    np.testing.assert_allclose(out, reference.paged_decode_attention_reference(q[:, 0], kp, vp, lengths, tables),
+                               atol=2e-5)
