@@ -9,7 +9,7 @@ import pytest
 from rlax_tpu import run_meta, tokenizer
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.models.fetch import FetchError, fetch
+from tests.helpers.checkpoints import smollm2_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,10 +57,7 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    try:
-        return fetch("smollm2")
-    except FetchError as e:
-        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+    return smollm2_or_skip()
 
 
 @pytest.fixture(scope="module")
