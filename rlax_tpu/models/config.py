@@ -36,7 +36,7 @@ class ModelConfig:
     head_dim: int
     rope_theta: float = 10000.0
     # None, or a Llama-3 style tuple of (key, value) pairs (see ROPE_SCALING_KEYS); a tuple keeps
-    # the dataclass hashable. Pass a dict: __post_init__ converts it.
+    # the dataclass hashable. A dict or a list of pairs is converted by __post_init__.
     rope_scaling: Any = None
     rms_norm_eps: float = 1e-6
     qkv_bias: bool = False
@@ -50,8 +50,11 @@ class ModelConfig:
     logprob_chunk: int = 1024
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        # A dict, or the list of [key, value] pairs that JSON gives back for the tuple: the same
+        # sorted tuple of pairs, so a config read from the store equals (and hashes as) the writer's.
+        if isinstance(self.rope_scaling, dict | list | tuple):
+            items = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+            object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in items)))
         self.validate()
 
     # -- validation ------------------------------------------------------------------------

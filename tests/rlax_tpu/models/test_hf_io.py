@@ -151,6 +151,29 @@ def test_build_from_config_section(ckpts):
     assert model.embed[...].shape == (c.vocab_size, c.hidden_size)
 
 
+def test_llama3_rope_scaling_round_trips_through_the_store_model_config(tmp_path):
+    """The run's model config goes to the store as JSON and comes back in each worker: the
+    Llama-3 rope scaling must come back equal to the trainer's copy and hashable (jit-static)."""
+    from rlax_tpu import run_meta
+    from rlax_tpu.kvstore import KVStore
+
+    c = models.config_from_section(_llama3_section())
+    assert c.rope_scaling is not None
+    kv = KVStore.open(f"file://{tmp_path}/store/", str(tmp_path))
+    run_meta.write_model_config(kv, c)
+    back = run_meta.read_model_config(kv)
+    assert back == c and hash(back) == hash(c) and back.rope_scaling_dict == c.rope_scaling_dict
+    run_meta.write_model_config(kv, back)  # a resumed trainer's copy is the same model
+
+
+def _llama3_section():
+    from rlax_tpu.config import get_base_config
+
+    c = get_base_config().model
+    c.arch, c.rope_scaling_factor, c.rope_original_max_position_embeddings = "llama", 8.0, 16
+    return c
+
+
 def test_model_config_errors_name_the_field():
     from rlax_tpu.config import ConfigError
     from rlax_tpu.models import ModelConfig
