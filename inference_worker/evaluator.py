@@ -161,15 +161,33 @@ class Evaluator:
         self.run.store.unpin(READER)
 
 
-def evaluate_checkpoint(config, path: str) -> dict:
-    """One-shot evaluation of a HF checkpoint directory or .gguf file (no run store needed)."""
-    from rlax_tpu import models, sharding
+def checkpoint_tokenizer(config, path: str, cache_dir: str):
+    """The tokenizer and chat template that ship with the checkpoint at ``path`` (a HF directory's
+    tokenizer.json + tokenizer_config.json, or those inside a GGUF file), as ``models.load`` reads
+    its weights: the config's tokenizer belongs to the config's model. The prompt settings
+    (chat template on or off, prompt template, system prompt) still come from config.tokenizer;
+    the special tokens are the checkpoint's own."""
+    import ml_collections
+
+    from rlax_tpu import models
     from rlax_tpu import tokenizer as tokenizer_lib
+
+    section = ml_collections.ConfigDict(config.tokenizer.to_dict())
+    section.kind = "gguf" if models.is_gguf(path) else "hf"
+    section.path = path
+    section.bos_token = section.eos_token = section.pad_token = ""
+    return tokenizer_lib.build(section, cache_dir)
+
+
+def evaluate_checkpoint(config, path: str, workdir: str) -> dict:
+    """One-shot evaluation of a HF checkpoint directory or .gguf file with its own tokenizer (no
+    run store needed); converted tokenizer files go under ``<workdir>/evaluator``."""
+    from rlax_tpu import models, sharding
 
     mesh = sharding.make_mesh(config.inference.mesh)
     model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.param_dtype), mesh=mesh,
                                    rules=sharding.INFERENCE_RULES, overrides=models.overrides(config.model))
-    tok = tokenizer_lib.build(config, os.path.join(os.path.dirname(os.path.abspath(path)), ".tokenizer"))
+    tok = checkpoint_tokenizer(config, path, os.path.join(run_meta.local_dir(workdir), "evaluator"))
     task = tasks_lib.get_task(config.task)
     problems = task.eval_problems(config.task.num_eval, config.seed)
     engine = Engine.from_config(config.inference, model, model_cfg, mesh)
@@ -189,7 +207,7 @@ def main(argv) -> None:
     logs.setup()
     config = from_flags(_CONFIG.value, _WORKDIR.value)
     if _CHECKPOINT.value:
-        print(json.dumps(evaluate_checkpoint(config, _CHECKPOINT.value), indent=2))
+        print(json.dumps(evaluate_checkpoint(config, _CHECKPOINT.value, _WORKDIR.value), indent=2))
         return
     ev = Evaluator(config, _WORKDIR.value)
     try:

@@ -127,3 +127,46 @@ def test_the_trainer_never_waits_for_evaluation(tmp_path):
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [0, 2, 4]
+
+
+CHAT = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>[assistant] {% endif %}")
+
+
+def _hf_checkpoint(directory: str) -> str:
+    """A tiny Llama checkpoint with its own byte-level BPE tokenizer and chat template (the
+    config below trains a sentencepiece tokenizer instead: the two differ)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    from tests.helpers.hf_models import make_hf_model
+
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Compute: 3+4", "Compute: 5*2-1", "[user] [assistant] the answer is 7"], trainer)
+    make_hf_model("llama_tied", seed=3, vocab_size=tok.get_vocab_size()).save_pretrained(directory)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT}, f)
+    return directory
+
+
+def test_one_shot_checkpoint_uses_the_checkpoints_own_tokenizer_and_chat_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    from inference_worker.evaluator import checkpoint_tokenizer, evaluate_checkpoint
+
+    ckpt = _hf_checkpoint(str(tmp_path / "ckpt"))
+    config = _config(**{"task.num_eval": 3, "eval.num_samples": 2, "eval.ks": (1, 2)})
+    assert config.tokenizer.kind == "train"  # the config's own tokenizer is another one
+    tok = checkpoint_tokenizer(config, ckpt, str(tmp_path / "cache"))
+    peer = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    assert tok.vocab_size == peer.get_vocab_size() and tok.eos_id == peer.token_to_id("</s>")
+    prompt = "Compute: 3+4"
+    rendered = f"<s>[user] {prompt}</s><s>[assistant] "  # the checkpoint's chat template
+    assert tok.encode_prompt(prompt) == peer.encode(rendered).ids
+    report = evaluate_checkpoint(config, ckpt, str(tmp_path / "work"))
+    assert report["num_problems"] == 3 and report["generated_tokens"] > 0 and 0.0 <= report["pass@1"] <= 1.0

@@ -27,7 +27,8 @@ def _config(**fields):
     ({"rl.group_size": 1, "rl.dynamic_sampling": True, "rl.advantage": "gae"}, r"rl\.dynamic_sampling.*rl\.group_size"),
     ({"rl.group_size": 1, "rl.advantage": "grpo"}, r"rl\.advantage.*rl\.group_size"),
     ({"rl.group_size": 1, "rl.advantage": "rloo"}, r"rl\.advantage.*rl\.group_size"),
-    ({"rl.group_size": 1, "rl.advantage": "reinforce_pp", "trainer.batch_size": 1}, r"rl\.advantage.*trainer\.batch_size"),
+    ({"rl.group_size": 1, "rl.advantage": "reinforce_pp", "trainer.batch_size": 1},
+     r"rl\.advantage.*trainer\.batch_size"),
 ])
 def test_configs_that_cannot_make_progress_are_refused_naming_the_fields(fields, named):
     with pytest.raises(ConfigError, match=named):
