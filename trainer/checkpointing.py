@@ -2,23 +2,24 @@
 
 A checkpoint for step ``s`` lives in ``<workdir>/checkpoints/<s>/`` and holds
 
-- ``state``: an arbitrary pytree of (sharded) jax arrays -- params, optimizer state, step, RNG
-  key -- written with ``ocp.args.StandardSave``;
+- ``state``: an arbitrary pytree of (sharded) jax arrays -- params, optimizer state, step --
+  written with ``ocp.args.StandardSave``;
 - one JSON item per name in ``json_items`` (grain iterator state, controller state, ...),
   written with ``ocp.args.JsonSave``.
 
-Commit semantics (DESIGN invariant 3): orbax writes into a temporary directory and renames it
-only when every item is complete, so a step is *committed* once its finalize finished. This
-class tracks that explicitly: ``save`` returns as soon as the device->host copy is done (async),
-``committed_steps()`` / ``latest_step()`` report only steps whose write finished, and callbacks
-registered with ``on_commit`` run, in the trainer's thread, for every step that became
-committed -- the controller uses that to delete replay records the checkpoint covers. A commit
-is noticed at the next ``save``, ``wait``, ``poll`` or ``committed_steps`` call (never from the
-background thread, so callbacks need no locking). Every host runs the same calls in the same
-order (orbax saves are collective); only the primary host should act on callbacks that touch
-shared storage. On several hosts, host-local leaves (single-device arrays such as a step counter
-made outside jit, typed PRNG keys) are saved as replicated global arrays (orbax rejects them
-otherwise); give them a global sharding (e.g. ``NamedSharding(mesh, P())``) when restoring.
+Commit semantics (a restart resumes only from a completely written checkpoint): orbax writes
+into a temporary directory and renames it only when every item is complete, so a step is
+*committed* once its finalize finished. This class tracks that explicitly: ``save`` returns as
+soon as the device->host copy is done (async), ``committed_steps()`` / ``latest_step()`` report
+only steps whose write finished, and callbacks registered with ``on_commit`` run, in the
+trainer's thread, for every step that became committed -- the controller uses that to delete
+replay records the checkpoint covers. A commit is noticed at the next ``save``, ``wait``,
+``poll`` or ``committed_steps`` call (never from the background thread, so callbacks need no
+locking). Every host runs the same calls in the same order (orbax saves are collective); only
+the primary host should act on callbacks that touch shared storage. On several hosts, host-local
+leaves (single-device arrays such as a step counter made outside jit, typed PRNG keys) are saved
+as replicated global arrays (orbax rejects them otherwise); give them a global sharding (e.g.
+``NamedSharding(mesh, P())``) when restoring.
 """
 
 from __future__ import annotations
