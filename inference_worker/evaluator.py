@@ -202,10 +202,10 @@ def main(argv) -> None:
     from absl import app
 
     from rlax_tpu import logs
-    from rlax_tpu.config import from_flags
+    from rlax_tpu.config import cli
 
     logs.setup()
-    config = from_flags(_CONFIG.value, _WORKDIR.value)
+    config = cli.start(_CONFIG, _WORKDIR, run_config="check")
     if _CHECKPOINT.value:
         print(json.dumps(evaluate_checkpoint(config, _CHECKPOINT.value, _WORKDIR.value), indent=2))
         return
@@ -233,10 +233,10 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its store holds the weights).")
+    from rlax_tpu.config import cli
+
+    _CONFIG, _WORKDIR = cli.define_flags("Run directory (its store holds the weights).")
     _VERSION = flags.DEFINE_integer("version", None, "Evaluate this published version once and exit.")
     _STEP = flags.DEFINE_integer("step", None, "Evaluate the published weights of this trainer step once.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Evaluate a HF checkpoint dir or .gguf file once.")

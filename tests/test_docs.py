@@ -98,7 +98,7 @@ def _configs():
 
 @pytest.mark.parametrize("doc,spec,overrides", _configs())
 def test_every_config_shown_loads_and_validates(doc, spec, overrides):
-    from rlax_tpu.launch import load_config
+    from rlax_tpu.config import load_config
 
     load_config(spec, list(overrides))
 
