@@ -32,7 +32,7 @@ from param_server import BadVersionError, VersionNotFoundError
 from rlax_tpu import run_meta
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config.sections import eval as eval_section
-from rlax_tpu.eval_keys import READER, keep_reader, record_key
+from rlax_tpu.store_layout import EVAL_READER, eval_keep_reader, eval_record_key
 from rlax_tpu.tasks.metrics import pass_at_k
 
 log = logging.getLogger(__name__)
@@ -93,11 +93,11 @@ class Evaluator:
 
     # ------------------------------------------------------------------ records
     def recorded(self, step: int) -> dict | None:
-        raw = self.run.kv.get(record_key(step))
+        raw = self.run.kv.get(eval_record_key(step))
         return None if raw is None else json.loads(raw)
 
     def _write(self, record: dict) -> None:
-        self.run.kv.put(record_key(record["step"]), json.dumps(record).encode())
+        self.run.kv.put(eval_record_key(record["step"]), json.dumps(record).encode())
         local = run_meta.local_dir(self.workdir)
         os.makedirs(local, exist_ok=True)
         with open(os.path.join(local, "eval.jsonl"), "a") as f:
@@ -127,7 +127,7 @@ class Evaluator:
 
     def evaluate_version(self, version: int) -> dict:
         """Evaluates one published version; returns its record (not written)."""
-        params, manifest = self.run.store.read(self.run.target, version, reader=READER)
+        params, manifest = self.run.store.read(self.run.target, version, reader=EVAL_READER)
         report = self.evaluate_params(params)
         return {"step": int(manifest["step"]), "version": version, "epoch": int(manifest.get("epoch", 0)),
                 **report}
@@ -145,7 +145,7 @@ class Evaluator:
                     log.warning("evaluator: version %d (step %d) unusable, skipped: %s", version, step, e)
                     continue
                 self._write(rec)
-                self.run.store.unpin(keep_reader(step))
+                self.run.store.unpin(eval_keep_reader(step))
                 n += 1
                 log.info("evaluator: step %d (v%d): %s in %.0fs", step, version,
                          {k: round(v, 4) for k, v in rec.items() if k.startswith("pass@")}, rec["eval_s"])
@@ -158,7 +158,7 @@ class Evaluator:
             time.sleep(self.config.store.poll_interval_s)
 
     def close(self) -> None:
-        self.run.store.unpin(READER)
+        self.run.store.unpin(EVAL_READER)
 
 
 def checkpoint_tokenizer(config, path: str, cache_dir: str):

@@ -24,8 +24,8 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
     RolloutGroup,
@@ -273,12 +273,13 @@ class ReplayWorker:
     # ------------------------------------------------------------------ liveness
 
     def heartbeat(self, state: str = "running", **extra) -> None:
-        """Writes ``workers/<worker_id>`` (shown by the param-server status command)."""
-        rec = {"worker": self.worker_id, "time": time.time(), "state": state,
-               "tasks_done": self.counters["submitted"], "weights_step": self.weights_step,
-               "leases": sorted(lease.task_id for lease in self.held), "pid": os.getpid(),
-               "host": socket.gethostname(), "counters": dict(self.counters), **extra}
-        self.kv.put(keys.WORKERS + self.worker_id, _json(rec))
+        """Writes this worker's Heartbeat under ``workers/<worker_id>`` (read by the controller and
+        the param-server status)."""
+        hb = keys.Heartbeat(worker=self.worker_id, time=time.time(), state=state,
+                            tasks_done=self.counters["submitted"], weights_step=self.weights_step,
+                            leases=tuple(sorted(lease.task_id for lease in self.held)), pid=os.getpid(),
+                            host=socket.gethostname(), counters=dict(self.counters), extra=extra)
+        self.kv.put(hb.key(), hb.encode())
 
     def start(self) -> None:
         """Starts the background thread that renews leases (every lease_seconds/3) and heartbeats."""

@@ -12,8 +12,7 @@ import json
 import time
 
 from rlax_tpu.kvstore import KVStore
-
-RUN_KEY = "run.json"
+from rlax_tpu.store_layout import RUN_KEY
 
 
 class FencedError(RuntimeError):

@@ -14,9 +14,7 @@ import os
 import time
 
 from rlax_tpu.kvstore import KVStore
-
-MODEL_KEY = "meta/model.json"
-TOKENIZER_PREFIX = "meta/tokenizer/"
+from rlax_tpu.store_layout import MODEL_KEY, TOKENIZER_PREFIX
 
 
 def local_dir(workdir: str) -> str:

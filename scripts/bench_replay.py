@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from inference_worker.replay_client import ReplayWorker  # noqa: E402
+from rlax_tpu import store_layout as keys  # noqa: E402
 from rlax_tpu.kvstore import KVStore  # noqa: E402
-from rlax_tpu.replay import encode_rollout, keys  # noqa: E402
+from rlax_tpu.replay import encode_rollout  # noqa: E402
 from rlax_tpu.replay.records import RolloutGroup, Task  # noqa: E402
 from tests.helpers.fake_worker import fake_samples  # noqa: E402
 from trainer.replay_controller import ReplayController  # noqa: E402

@@ -23,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from rlax_tpu import fencing
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
     RolloutGroup,

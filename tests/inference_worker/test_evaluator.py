@@ -11,7 +11,7 @@ from flax import nnx
 
 from inference_worker.evaluator import Evaluator, evaluate
 from param_server import ParamStore
-from rlax_tpu import eval_keys, models, run_meta
+from rlax_tpu import models, run_meta, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import load_config
@@ -47,7 +47,8 @@ def run(tmp_path_factory):
     weights = {}
     for step in range(5):
         params = nnx.state(models.init(model_cfg, seed=step))
-        keep = {"keep_for": eval_keys.keep_reader(step), "keep_s": 60.0} if eval_section.due(config, step) else {}
+        due = eval_section.due(config, step)
+        keep = {"keep_for": store_layout.eval_keep_reader(step), "keep_s": 60.0} if due else {}
         store.publish(params, step, **keep)
         weights[step] = params
     return workdir, config, store, weights, tok, task
@@ -68,7 +69,7 @@ def test_due_steps_are_evaluated_once_with_the_same_record_as_the_function(run):
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [0, 2, 4]
-    assert json.loads(store.kv.get(eval_keys.record_key(2))) == records[1]
+    assert json.loads(store.kv.get(store_layout.eval_record_key(2))) == records[1]
     # The record is what evaluate() gives for the same weights and seed, on a fresh engine.
     engine = ev.run.engine(config, nnx.to_pure_dict(weights[2]))
     want = evaluate(engine, tok, task, task.eval_problems(config.task.num_eval, config.seed),
@@ -84,13 +85,13 @@ def test_a_new_trainer_epoch_of_a_step_is_evaluated_again(run):
     ev = Evaluator(config, workdir)
     ev.follow()
     assert ev.pending() == []
-    before = json.loads(store.kv.get(eval_keys.record_key(4)))
+    before = json.loads(store.kv.get(store_layout.eval_record_key(4)))
     store.acquire_epoch(role="test")  # a restarted trainer republishes step 4
-    store.publish(weights[3], 4, keep_for=eval_keys.keep_reader(4), keep_s=60.0)
+    store.publish(weights[3], 4, keep_for=store_layout.eval_keep_reader(4), keep_s=60.0)
     (step, version, epoch), = ev.pending()
     assert step == 4 and epoch > before["epoch"]
     assert ev.follow() == 1
-    after = json.loads(store.kv.get(eval_keys.record_key(4)))
+    after = json.loads(store.kv.get(store_layout.eval_record_key(4)))
     assert after["epoch"] == epoch and after["version"] == version
 
 

@@ -13,10 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference_worker.replay_client import ReplayWorker
+from rlax_tpu import store_layout as keys
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import Sample, keys
+from rlax_tpu.replay import Sample
 from rlax_tpu.tasks.base import stable_hash
 from trainer.controller import CollectTimeout, Controller
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from inference_worker.replay_client import ReplayWorker
+from rlax_tpu import store_layout as keys
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.fencing import FencedError, acquire_epoch
 from rlax_tpu.kvstore import KVStore
@@ -21,7 +22,6 @@ from rlax_tpu.replay import (
     decode_task,
     encode_rollout,
     encode_task,
-    keys,
 )
 from tests.helpers.fake_worker import fake_samples
 from trainer.replay_controller import QueueFull, ReplayController
@@ -274,8 +274,15 @@ def test_heartbeat_and_release(kv):
     worker = ReplayWorker(kv, "w0", lease_seconds=5)
     worker.weights_step = 7
     assert len(worker.lease(2)) == 2 and len(kv.list(keys.LEASES)) == 2
-    worker.heartbeat()
-    import json
-    beat = json.loads(kv.get(keys.WORKERS + "w0"))
-    assert beat["weights_step"] == 7 and len(beat["leases"]) == 2 and beat["tasks_done"] == 0
+    worker.heartbeat(note="x")
+    beat = keys.Heartbeat.decode(kv.get(keys.WORKERS + "w0"))  # the one parser every reader uses
+    assert beat.worker == "w0" and beat.weights_step == 7 and len(beat.leases) == 2 and beat.tasks_done == 0
+    assert beat.extra == {"note": "x"} and beat.alive(heartbeat_s=10.0) and not beat.alive(10.0, now=beat.time + 31)
+    assert keys.Heartbeat.decode(beat.encode()) == beat
+    worker.heartbeat(state="stopped")
+    assert not keys.Heartbeat.decode(kv.get(keys.WORKERS + "w0")).alive(heartbeat_s=10.0)
+    with pytest.raises(keys.HeartbeatError):
+        keys.Heartbeat.decode(b"\x00not json")
+    with pytest.raises(keys.HeartbeatError):
+        keys.Heartbeat.decode(b'{"worker": "w", "time": "soon"}')
     assert worker.release_all() == 2 and kv.list(keys.LEASES) == []
