@@ -76,8 +76,8 @@ class ReplayWorker:
     Thread-safe: the background renewer (``start()``) and the generation loop share it.
     """
 
-    def __init__(self, kv: KVStore, worker_id: str, *, lease_seconds: float = 60.0, max_leases: int = 4,
-                 heartbeat_seconds: float = 10.0):
+    def __init__(self, kv: KVStore, worker_id: str, *, lease_seconds: float, max_leases: int,
+                 heartbeat_seconds: float):
         if "/" in worker_id or not worker_id:
             raise ValueError(f"worker_id {worker_id!r} must be non-empty and contain no '/'")
         self.kv = kv

@@ -120,7 +120,7 @@ def run_memory(workers: int, args, base_kv: KVStore, base: float) -> dict:
     stop = threading.Event()
 
     def loop(wid: str) -> None:
-        w = ReplayWorker(kv, wid, lease_seconds=10, max_leases=4)
+        w = ReplayWorker(kv, wid, lease_seconds=10, max_leases=4, heartbeat_seconds=10.0)
         while not stop.is_set():
             leases = w.lease(4)
             if not leases:
@@ -157,7 +157,7 @@ def listing_cost(root: str) -> list[dict]:
             futures.append(fill.write(keys.LEASES + keys.task_id(i), lease))
         for f in futures:
             f.result()
-        w = ReplayWorker(kv, "probe", lease_seconds=60)
+        w = ReplayWorker(kv, "probe", lease_seconds=60, max_leases=4, heartbeat_seconds=10.0)
         t0 = time.perf_counter()
         reps = 5
         for _ in range(reps):

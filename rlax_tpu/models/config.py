@@ -16,6 +16,15 @@ IMPLS = ("auto", "pallas", "reference")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def section_numerics() -> dict:
+    """config.model's default numerics (attention_impl, logprob_chunk) for a checkpoint read
+    without overrides: the section is where they are defined."""
+    from rlax_tpu.config.sections import model as model_section
+
+    d = model_section.defaults()
+    return dict(attention_impl=d.attention_impl, logprob_chunk=d.logprob_chunk)
+
+
 def resolve_dtype(name: str) -> str:
     """A config dtype: 'auto' is bfloat16 on an accelerator (TPU/GPU) and float32 on CPU."""
     if name != "auto":
@@ -27,6 +36,8 @@ def resolve_dtype(name: str) -> str:
 class ModelConfig:
     """Architecture and numerics of a Llama / Qwen2 / Qwen3 style model (hashable, jit-static)."""
 
+    # Every field is given by whoever builds one: from_config (config.model), a checkpoint
+    # reader (its file, with config.model's numerics) or the store's model.json; no defaults here.
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,20 +45,20 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float = 10000.0
+    rope_theta: float
     # None, or a Llama-3 style tuple of (key, value) pairs (see ROPE_SCALING_KEYS); a tuple keeps
     # the dataclass hashable. A dict or a list of pairs is converted by __post_init__.
-    rope_scaling: Any = None
-    rms_norm_eps: float = 1e-6
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    max_position_embeddings: int = 2048
-    arch: str = "qwen2"
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    attention_impl: str = "auto"
-    logprob_chunk: int = 1024
+    rope_scaling: Any
+    rms_norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tie_embeddings: bool
+    max_position_embeddings: int
+    arch: str
+    param_dtype: str
+    dtype: str
+    attention_impl: str
+    logprob_chunk: int
 
     def __post_init__(self):
         # A dict, or the list of [key, value] pairs that JSON gives back for the tuple: the same

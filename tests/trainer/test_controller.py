@@ -109,7 +109,7 @@ def test_timeouts_name_no_worker_and_dropped_groups():
     config = finalize(_config(dynamic_sampling=True))
     kv = KVStore.open("memory://")
     ctl = Controller(config, kv, _Tok(), tasks_lib.get_task(config.task), epoch=None)
-    worker = ReplayWorker(kv, "flat", lease_seconds=5.0, max_leases=8)
+    worker = ReplayWorker(kv, "flat", lease_seconds=5.0, max_leases=8, heartbeat_seconds=10.0)
     stop = threading.Event()
 
     def flat_rewards():  # every sample of every group gets the same reward

@@ -179,13 +179,18 @@ def test_model_config_errors_name_the_field():
     from rlax_tpu.models import ModelConfig
 
     base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=4,
-                num_kv_heads=2, head_dim=2)
+                num_kv_heads=2, head_dim=2, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6, qkv_bias=False,
+                qk_norm=False, tie_embeddings=True, max_position_embeddings=64, arch="llama",
+                param_dtype="float32", dtype="float32", attention_impl="auto", logprob_chunk=8)
+    ModelConfig(**base)
     with pytest.raises(ConfigError, match="config.model.num_kv_heads"):
         ModelConfig(**{**base, "num_kv_heads": 3})
     with pytest.raises(ConfigError, match="config.model.dtype"):
-        ModelConfig(**base, dtype="float16")
+        ModelConfig(**{**base, "dtype": "float16"})
     with pytest.raises(ConfigError, match="config.model.rope_scaling.*missing"):
-        ModelConfig(**base, rope_scaling={"factor": 8.0})
+        ModelConfig(**{**base, "rope_scaling": {"factor": 8.0}})
+    with pytest.raises(TypeError, match="logprob_chunk"):  # no shadow defaults: every field is given
+        ModelConfig(**{k: v for k, v in base.items() if k != "logprob_chunk"})
 
 
 def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_path):
