@@ -114,7 +114,7 @@ def read_tokenizer(kv: KVStore, config, cache_dir: str):
     if json_file is None:
         raise MetaError(f"{kv.url}{TOKENIZER_PREFIX} has no tokenizer file: {sorted(paths)}")
     return HFTokenizer(json_file, c.bos_token, c.eos_token, c.pad_token, c.prompt_template, c.system_prompt,
-                       bool(c.get("use_chat_template", True)))
+                       bool(c.use_chat_template))
 
 
 def wait_for_meta(kv: KVStore, config, cache_dir: str, timeout_s: float, poll_s: float = 1.0,

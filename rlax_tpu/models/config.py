@@ -128,7 +128,7 @@ class ModelConfig:
         """
         head_dim = c.head_dim or (c.hidden_size // c.num_heads if c.num_heads else 0)
         rope_scaling = None
-        if c.get("rope_scaling_factor", 0.0):
+        if c.rope_scaling_factor:
             rope_scaling = {
                 "factor": float(c.rope_scaling_factor),
                 "low_freq_factor": float(c.rope_low_freq_factor),
