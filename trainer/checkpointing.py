@@ -39,6 +39,10 @@ from rlax_tpu.tree import path_str
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
+# Top-level state leaves that older checkpoints hold and the train state no longer has (an RNG key
+# nothing read): a restore reads them alongside, replicated like ``step``, and drops them, so a
+# run resumes across the change.
+DROPPED_LEAVES = ("rng",)
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -171,11 +175,28 @@ class Checkpointer:
         for name in json_names:
             if not (step_dir / name).exists():
                 raise FileNotFoundError(f"checkpoint step {step} has no JSON item {name!r} ({step_dir})")
-        self._check_tree(step, target_state_abstract)
-        args = {STATE_ITEM: ocp.args.StandardRestore(target_state_abstract)}
+        target, dropped = self._with_dropped_leaves(step, target_state_abstract)
+        self._check_tree(step, target)
+        args = {STATE_ITEM: ocp.args.StandardRestore(target)}
         args.update({name: ocp.args.JsonRestore() for name in json_names})
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return restored[STATE_ITEM], {name: restored[name] for name in json_names}
+        state = restored[STATE_ITEM]
+        if dropped:
+            state = {k: v for k, v in state.items() if k not in dropped}
+        return state, {name: restored[name] for name in json_names}
+
+    def _with_dropped_leaves(self, step: int, target: Any) -> tuple[Any, tuple[str, ...]]:
+        """The restore target plus the DROPPED_LEAVES the checkpoint holds and the target lacks."""
+        if not isinstance(target, dict) or "step" not in target:
+            return target, ()
+        metadata = ocp.StandardCheckpointHandler().metadata(self._manager.directory / str(step) / STATE_ITEM)
+        stored = _shapes_by_path(getattr(metadata, "tree", metadata))
+        extra = {k: stored[k] for k in DROPPED_LEAVES if k in stored and k not in target}
+        if not extra:
+            return target, ()
+        sharding = target["step"].sharding
+        more = {k: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding) for k, (shape, dtype) in extra.items()}
+        return {**target, **more}, tuple(more)
 
     def restore_params(self, step: int, target_model_abstract: Any) -> Any:
         """Only the policy's parameters (``state['params']['model']``) of step ``step``, into the
