@@ -171,3 +171,14 @@ def test_one_shot_checkpoint_uses_the_checkpoints_own_tokenizer_and_chat_templat
     assert tok.encode_prompt(prompt) == peer.encode(rendered).ids
     report = evaluate_checkpoint(config, ckpt, str(tmp_path / "work"))
     assert report["num_problems"] == 3 and report["generated_tokens"] > 0 and 0.0 <= report["pass@1"] <= 1.0
+
+
+def test_one_shot_gguf_checkpoint_reads_the_tokenizer_inside_the_file(tmp_path):
+    from inference_worker.evaluator import checkpoint_tokenizer
+    from tests.helpers.checkpoints import smollm2_or_skip
+
+    gguf = smollm2_or_skip()
+    tok = checkpoint_tokenizer(_config(), gguf, str(tmp_path))
+    assert tok.vocab_size == 49152 and tok.decode(tok.encode("Compute: 7-3")) == "Compute: 7-3"
+    rendered = tok.decode(tok.encode_prompt("hi"), skip_special=False)  # SmolLM2's own chat template
+    assert "<|im_start|>user\nhi<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")
