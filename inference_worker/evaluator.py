@@ -5,6 +5,10 @@
     python -m inference_worker.evaluator --config=... --workdir=DIR --version=V                # one version
     python -m inference_worker.evaluator --config=... --workdir=DIR --checkpoint=PATH          # a HF dir / .gguf
 
+With ``--checkpoint`` the weights, tokenizer and chat template all come from the checkpoint (as
+``models.load`` reads it), whatever tokenizer the config names; the task and eval settings are the
+config's.
+
 Following a run, it evaluates every published weights step that ``config.eval`` names (0, every
 ``eval.every`` steps, the last), oldest first, and exits after the last one (or, on SIGUSR1, once
 nothing published is left to evaluate: the launcher sends it when the trainer has finished). The
