@@ -9,7 +9,11 @@ DAPO (Yu et al., arXiv 2503.14476): GRPO advantages with
 - overlong reward shaping: soft penalty over the last rl.overlong_buffer tokens before
   rl.overlong_max_len (rl.overlong_penalty at the limit); or, instead, overlong filtering
   (rl.overlong_filter=True, variant 'filter') which masks truncated samples out of the loss;
-- no KL term (rl.kl_coef=0).
+- no KL term (rl.kl_coef=0);
+- difficulty-aware prompt selection (rl.difficulty_filter=True, not in 'smoke'): a prompt whose
+  first rl.difficulty_min_groups groups were all solved or all failed is no longer issued, so the
+  workers stop generating groups that dynamic sampling would drop (an untrained smoke model fails
+  everything, which would leave no prompt to issue).
 Variants: '' (default), 'smoke', 'filter' (overlong filtering instead of the soft penalty).
 """
 
@@ -27,6 +31,8 @@ def get_config(arg: str = ""):
     c.rl.kl_coef = 0.0
     c.rl.off_policy = "tis"  # truncated IS against the engine's log-probs (max_staleness=1)
     c.rl.dynamic_sampling = True
+    c.rl.difficulty_filter = arg != "smoke"
+    c.rl.difficulty_min_groups = 2
     c.rl.overlong_max_len = c.inference.max_new_tokens
     c.rl.overlong_buffer = c.inference.max_new_tokens // 4
     c.rl.overlong_penalty = 1.0

@@ -6,7 +6,8 @@ advantages are GAE(gamma, lambda) over completion tokens with the outcome reward
 token (rl.advantage='gae', rl.gamma, rl.gae_lambda), whitened over the batch
 (rl.whiten_advantages='batch'); clipped surrogate with optional dual clip (rl.dual_clip_c);
 clipped value loss (rl.value_clip) weighted by rl.value_coef; k3 KL to the reference as a
-per-token reward penalty (rl.kl_mode='reward'). rl.group_size=1: no grouping is needed.
+per-token reward penalty (rl.kl_mode='reward'). rl.group_size=1: no grouping is needed, and no
+dynamic sampling (a group of one always has zero reward variance, so it would drop every group).
 Variants: '' (default), 'smoke'.
 """
 
@@ -17,6 +18,7 @@ def get_config(arg: str = ""):
     c = presets.arith(get_base_config(), "smoke" if arg == "smoke" else "")
     c.name = "arith_ppo"
     c.rl.group_size = 1
+    c.rl.dynamic_sampling = False
     c.rl.advantage = "gae"
     c.rl.gamma = 1.0
     c.rl.gae_lambda = 0.95

@@ -5,6 +5,10 @@
     python -m inference_worker.evaluator --config=... --workdir=DIR --version=V                # one version
     python -m inference_worker.evaluator --config=... --workdir=DIR --checkpoint=PATH          # a HF dir / .gguf
 
+With ``--checkpoint`` the weights, tokenizer and chat template all come from the checkpoint (as
+``models.load`` reads it), whatever tokenizer the config names; the task and eval settings are the
+config's.
+
 Following a run, it evaluates every published weights step that ``config.eval`` names (0, every
 ``eval.every`` steps, the last), oldest first, and exits after the last one (or, on SIGUSR1, once
 nothing published is left to evaluate: the launcher sends it when the trainer has finished). The
@@ -32,7 +36,7 @@ from param_server import BadVersionError, VersionNotFoundError
 from rlax_tpu import run_meta
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config.sections import eval as eval_section
-from rlax_tpu.eval_keys import READER, keep_reader, record_key
+from rlax_tpu.store_layout import EVAL_READER, eval_keep_reader, eval_record_key
 from rlax_tpu.tasks.metrics import pass_at_k
 
 log = logging.getLogger(__name__)
@@ -93,11 +97,11 @@ class Evaluator:
 
     # ------------------------------------------------------------------ records
     def recorded(self, step: int) -> dict | None:
-        raw = self.run.kv.get(record_key(step))
+        raw = self.run.kv.get(eval_record_key(step))
         return None if raw is None else json.loads(raw)
 
     def _write(self, record: dict) -> None:
-        self.run.kv.put(record_key(record["step"]), json.dumps(record).encode())
+        self.run.kv.put(eval_record_key(record["step"]), json.dumps(record).encode())
         local = run_meta.local_dir(self.workdir)
         os.makedirs(local, exist_ok=True)
         with open(os.path.join(local, "eval.jsonl"), "a") as f:
@@ -127,7 +131,7 @@ class Evaluator:
 
     def evaluate_version(self, version: int) -> dict:
         """Evaluates one published version; returns its record (not written)."""
-        params, manifest = self.run.store.read(self.run.target, version, reader=READER)
+        params, manifest = self.run.store.read(self.run.target, version, reader=EVAL_READER)
         report = self.evaluate_params(params)
         return {"step": int(manifest["step"]), "version": version, "epoch": int(manifest.get("epoch", 0)),
                 **report}
@@ -145,7 +149,7 @@ class Evaluator:
                     log.warning("evaluator: version %d (step %d) unusable, skipped: %s", version, step, e)
                     continue
                 self._write(rec)
-                self.run.store.unpin(keep_reader(step))
+                self.run.store.unpin(eval_keep_reader(step))
                 n += 1
                 log.info("evaluator: step %d (v%d): %s in %.0fs", step, version,
                          {k: round(v, 4) for k, v in rec.items() if k.startswith("pass@")}, rec["eval_s"])
@@ -158,18 +162,36 @@ class Evaluator:
             time.sleep(self.config.store.poll_interval_s)
 
     def close(self) -> None:
-        self.run.store.unpin(READER)
+        self.run.store.unpin(EVAL_READER)
 
 
-def evaluate_checkpoint(config, path: str) -> dict:
-    """One-shot evaluation of a HF checkpoint directory or .gguf file (no run store needed)."""
-    from rlax_tpu import models, sharding
+def checkpoint_tokenizer(config, path: str, cache_dir: str):
+    """The tokenizer and chat template that ship with the checkpoint at ``path`` (a HF directory's
+    tokenizer.json + tokenizer_config.json, or those inside a GGUF file), as ``models.load`` reads
+    its weights: the config's tokenizer belongs to the config's model. The prompt settings
+    (chat template on or off, prompt template, system prompt) still come from config.tokenizer;
+    the special tokens are the checkpoint's own."""
+    import ml_collections
+
+    from rlax_tpu import models
     from rlax_tpu import tokenizer as tokenizer_lib
+
+    section = ml_collections.ConfigDict(config.tokenizer.to_dict())
+    section.kind = "gguf" if models.is_gguf(path) else "hf"
+    section.path = path
+    section.bos_token = section.eos_token = section.pad_token = ""
+    return tokenizer_lib.build(section, cache_dir)
+
+
+def evaluate_checkpoint(config, path: str, workdir: str) -> dict:
+    """One-shot evaluation of a HF checkpoint directory or .gguf file with its own tokenizer (no
+    run store needed); converted tokenizer files go under ``<workdir>/evaluator``."""
+    from rlax_tpu import models, sharding
 
     mesh = sharding.make_mesh(config.inference.mesh)
     model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.param_dtype), mesh=mesh,
                                    rules=sharding.INFERENCE_RULES, overrides=models.overrides(config.model))
-    tok = tokenizer_lib.build(config, os.path.join(os.path.dirname(os.path.abspath(path)), ".tokenizer"))
+    tok = checkpoint_tokenizer(config, path, os.path.join(run_meta.local_dir(workdir), "evaluator"))
     task = tasks_lib.get_task(config.task)
     problems = task.eval_problems(config.task.num_eval, config.seed)
     engine = Engine.from_config(config.inference, model, model_cfg, mesh)
@@ -184,12 +206,12 @@ def main(argv) -> None:
     from absl import app
 
     from rlax_tpu import logs
-    from rlax_tpu.config import from_flags
+    from rlax_tpu.config import cli
 
     logs.setup()
-    config = from_flags(_CONFIG.value, _WORKDIR.value)
+    config = cli.start(_CONFIG, _WORKDIR, run_config="check")
     if _CHECKPOINT.value:
-        print(json.dumps(evaluate_checkpoint(config, _CHECKPOINT.value), indent=2))
+        print(json.dumps(evaluate_checkpoint(config, _CHECKPOINT.value, _WORKDIR.value), indent=2))
         return
     ev = Evaluator(config, _WORKDIR.value)
     try:
@@ -215,10 +237,10 @@ def main(argv) -> None:
 
 if __name__ == "__main__":
     from absl import app, flags
-    from ml_collections import config_flags
 
-    _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
-    _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (its store holds the weights).")
+    from rlax_tpu.config import cli
+
+    _CONFIG, _WORKDIR = cli.define_flags("Run directory (its store holds the weights).")
     _VERSION = flags.DEFINE_integer("version", None, "Evaluate this published version once and exit.")
     _STEP = flags.DEFINE_integer("step", None, "Evaluate the published weights of this trainer step once.")
     _CHECKPOINT = flags.DEFINE_string("checkpoint", "", "Evaluate a HF checkpoint dir or .gguf file once.")

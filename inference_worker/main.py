@@ -11,13 +11,11 @@ import os
 import socket
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from rlax_tpu import logs
-from rlax_tpu.config import from_flags
+from rlax_tpu.config import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the store defaults to <workdir>/store/.")
+_CONFIG, _WORKDIR = cli.define_flags("Run directory; the store defaults to <workdir>/store/.")
 _WORKER_ID = flags.DEFINE_string("worker_id", "", "Unique worker name (default: <host>-<pid>).")
 _MAX_GROUPS = flags.DEFINE_integer("max_groups", 0, "Exit after this many rollout groups (0 = never).")
 
@@ -25,7 +23,7 @@ _MAX_GROUPS = flags.DEFINE_integer("max_groups", 0, "Exit after this many rollou
 def main(argv) -> None:
     del argv
     logs.setup()
-    config = from_flags(_CONFIG.value, _WORKDIR.value)
+    config = cli.start(_CONFIG, _WORKDIR, run_config="check")
     worker_id = _WORKER_ID.value or f"{socket.gethostname()}-{os.getpid()}"
     from inference_worker.worker import run
 

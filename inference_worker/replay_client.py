@@ -24,8 +24,8 @@ import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
     RolloutGroup,
@@ -76,8 +76,8 @@ class ReplayWorker:
     Thread-safe: the background renewer (``start()``) and the generation loop share it.
     """
 
-    def __init__(self, kv: KVStore, worker_id: str, *, lease_seconds: float = 60.0, max_leases: int = 4,
-                 heartbeat_seconds: float = 10.0):
+    def __init__(self, kv: KVStore, worker_id: str, *, lease_seconds: float, max_leases: int,
+                 heartbeat_seconds: float):
         if "/" in worker_id or not worker_id:
             raise ValueError(f"worker_id {worker_id!r} must be non-empty and contain no '/'")
         self.kv = kv
@@ -273,12 +273,13 @@ class ReplayWorker:
     # ------------------------------------------------------------------ liveness
 
     def heartbeat(self, state: str = "running", **extra) -> None:
-        """Writes ``workers/<worker_id>`` (shown by the param-server status command)."""
-        rec = {"worker": self.worker_id, "time": time.time(), "state": state,
-               "tasks_done": self.counters["submitted"], "weights_step": self.weights_step,
-               "leases": sorted(lease.task_id for lease in self.held), "pid": os.getpid(),
-               "host": socket.gethostname(), "counters": dict(self.counters), **extra}
-        self.kv.put(keys.WORKERS + self.worker_id, _json(rec))
+        """Writes this worker's Heartbeat under ``workers/<worker_id>`` (read by the controller and
+        the param-server status)."""
+        hb = keys.Heartbeat(worker=self.worker_id, time=time.time(), state=state,
+                            tasks_done=self.counters["submitted"], weights_step=self.weights_step,
+                            leases=tuple(sorted(lease.task_id for lease in self.held)), pid=os.getpid(),
+                            host=socket.gethostname(), counters=dict(self.counters), extra=extra)
+        self.kv.put(hb.key(), hb.encode())
 
     def start(self) -> None:
         """Starts the background thread that renews leases (every lease_seconds/3) and heartbeats."""

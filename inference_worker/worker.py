@@ -59,10 +59,12 @@ class Worker:
             self._refresh_weights()
 
     def _sampling(self, task) -> SamplingParams:
-        s = dict(task.spec.get("sampling", {}))
-        return SamplingParams(temperature=float(s.get("temperature", 1.0)), top_k=int(s.get("top_k", 0)),
-                              top_p=float(s.get("top_p", 1.0)),
-                              max_new_tokens=int(s.get("max_new_tokens", self.config.inference.max_new_tokens)),
+        # The controller writes every field into the task; a task without one gets this worker's
+        # config.inference value.
+        s, inf = dict(task.spec.get("sampling", {})), self.config.inference
+        return SamplingParams(temperature=float(s.get("temperature", inf.temperature)),
+                              top_k=int(s.get("top_k", inf.top_k)), top_p=float(s.get("top_p", inf.top_p)),
+                              max_new_tokens=int(s.get("max_new_tokens", inf.max_new_tokens)),
                               n=task.n_samples, seed=task.seed, stop_token_ids=(self.tokenizer.eos_id,))
 
     def step(self) -> int:

@@ -1,4 +1,5 @@
-"""Named fault points on the publish path, for kill tests (DESIGN.md invariant 1).
+"""Named fault points on the publish path, for the kill tests that show a publish killed at any
+point never exposes a partial version.
 
 ``RLAX_PS_FAULT=<point>[:<n>][:pause]`` makes the publishing process stop at ``point``:
 by default it kills itself with SIGKILL; with ``pause`` it prints ``RLAX_PS_FAULT_AT <point>``

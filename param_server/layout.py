@@ -23,14 +23,14 @@ from typing import Any
 
 import jax
 
+from rlax_tpu.store_layout import PARAMS
 from rlax_tpu.tree import path_str
 
-PREFIX = "params/"
+PREFIX = PARAMS  # the params/ part of the run's store (the other prefixes: rlax_tpu.store_layout)
 LATEST = PREFIX + "LATEST"
 COMMITTED = PREFIX + "committed/"
 ATTEMPTS = PREFIX + "attempts/"
 PINS = PREFIX + "pins/"
-WORKERS = "workers/"
 MANIFEST = "MANIFEST.json"
 FORMAT = 1
 

@@ -14,14 +14,12 @@ import logging
 import time
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from param_server import status
 from param_server.store import ParamStore
-from rlax_tpu.config import validate
+from rlax_tpu.config import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory; the store defaults to <workdir>/store/.")
+_CONFIG, _WORKDIR = cli.define_flags("Run directory; the store defaults to <workdir>/store/.")
 _MODE = flags.DEFINE_enum("mode", "status", ["status", "janitor"],
                           "status: print once and exit; janitor: gc and print status every interval.")
 _JSON = flags.DEFINE_bool("json", False, "Print the status as JSON instead of text.")
@@ -50,10 +48,8 @@ def run(config, workdir: str | None, mode: str = "status", as_json: bool = False
 
 def main(argv) -> None:
     del argv
-    if _CONFIG.value is None:
-        raise app.UsageError("--config is required")
-    config = _CONFIG.value
-    validate(config)  # a bad field fails here, named
+    # Only config.store is read, so the status config may be another than the run's own.
+    config = cli.start(_CONFIG, _WORKDIR, run_config="ignore")
     run(config, _WORKDIR.value, _MODE.value, _JSON.value, _ITERATIONS.value)
 
 

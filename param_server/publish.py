@@ -2,7 +2,7 @@
 
 A version becomes visible only through the compare-and-swap of ``params/LATEST``, which happens
 after every chunk and the manifest are durable; a publisher killed at any earlier point leaves
-LATEST at the previous version (DESIGN.md invariant 1). On several hosts every process writes
+LATEST at the previous version (readers only ever see complete versions). On several hosts every process writes
 only the replica-0 chunks of its addressable shards, then a ``_done/p<i>`` marker; process 0
 waits for all markers, writes the manifest and commits, the others wait for the commit.
 """

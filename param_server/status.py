@@ -8,7 +8,7 @@ import time
 from param_server import layout
 from param_server.errors import ParamServerError
 from param_server.store import ParamStore
-from rlax_tpu import fencing
+from rlax_tpu import fencing, store_layout
 from rlax_tpu.kvstore import StoreError
 
 
@@ -47,12 +47,13 @@ def collect(store: ParamStore, now: float | None = None) -> dict:
     out["pending_attempts"] = [k[len(layout.ATTEMPTS):] for k in store.kv.list(layout.ATTEMPTS)
                                if not any(x.get("dir") == k[len(layout.ATTEMPTS):] for x in versions)]
     workers = {}
-    for key in store.kv.list(layout.WORKERS):
+    for key in store.kv.list(store_layout.WORKERS):
         raw = store.kv.get(key)
-        name = key[len(layout.WORKERS):]
+        name = key[len(store_layout.WORKERS):]
         try:
-            workers[name] = json.loads(raw) if raw is not None else {"error": "vanished"}
-        except (ValueError, UnicodeDecodeError) as e:
+            workers[name] = store_layout.Heartbeat.decode(raw, name).as_dict() if raw is not None \
+                else {"error": "vanished"}
+        except store_layout.HeartbeatError as e:
             workers[name] = {"error": f"corrupt heartbeat ({e})"}
     out["workers"] = workers
     return out
@@ -116,33 +117,26 @@ def _render_run(run: dict, now: float) -> str:
     return "run: " + ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
 
 
-# Heartbeat fields written by inference_worker.replay_client.ReplayWorker.heartbeat, shown by name.
-_HB_KNOWN = ("worker", "time", "state", "tasks_done", "weights_step", "leases", "pid", "host", "counters")
 _HB_COUNTERS = ("lost", "taken_over", "late_writes_ignored", "lease_conflicts", "corrupt_tasks", "corrupt_leases")
 
 
-def _render_worker(hb: dict, now: float, heartbeat_s: float | None) -> str:
-    seen = hb.get("time", hb.get("heartbeat_at", hb.get("updated_at")))
-    state = str(hb.get("state", "?"))
-    parts = [state]
-    if isinstance(seen, (int, float)):
-        age = now - seen
-        stale = heartbeat_s is not None and state == "running" and age > 3 * heartbeat_s
-        parts.append(f"last seen {_age(age)} ago" + (" STALE" if stale else ""))
-    if hb.get("pid") is not None:
-        parts.append(f"pid {hb['pid']}" + (f"@{hb['host']}" if hb.get("host") else ""))
-    if hb.get("weights_step") is not None:
-        parts.append(f"weights step {hb['weights_step']}")
-    if "tasks_done" in hb:
-        parts.append(f"groups done {hb['tasks_done']}")
-    if isinstance(hb.get("leases"), list):
-        held = hb["leases"]
-        parts.append(f"leases {len(held)}" + (f" ({' '.join(map(str, held[:8]))}{' ...' if len(held) > 8 else ''})"
+def _render_worker(d: dict, now: float, heartbeat_s: float | None) -> str:
+    hb = store_layout.Heartbeat.from_dict(d)
+    parts = [hb.state]
+    if hb.time:
+        stale = heartbeat_s is not None and hb.state == "running" and not hb.alive(heartbeat_s, now)
+        parts.append(f"last seen {_age(hb.age(now))} ago" + (" STALE" if stale else ""))
+    if hb.pid is not None:
+        parts.append(f"pid {hb.pid}" + (f"@{hb.host}" if hb.host else ""))
+    if hb.weights_step is not None:
+        parts.append(f"weights step {hb.weights_step}")
+    if "tasks_done" in d:
+        parts.append(f"groups done {hb.tasks_done}")
+    if "leases" in d:
+        held = hb.leases
+        parts.append(f"leases {len(held)}" + (f" ({' '.join(held[:8])}{' ...' if len(held) > 8 else ''})"
                                               if held else ""))
-    counters = hb.get("counters")
-    if isinstance(counters, dict):
-        nonzero = [f"{k} {counters[k]}" for k in _HB_COUNTERS if counters.get(k)]
-        if nonzero:
-            parts.append(", ".join(nonzero))
-    extra = {k: v for k, v in hb.items() if k not in _HB_KNOWN}
-    return ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
+    nonzero = [f"{k} {hb.counters[k]}" for k in _HB_COUNTERS if hb.counters.get(k)]
+    if nonzero:
+        parts.append(", ".join(nonzero))
+    return ", ".join(parts) + (f" {json.dumps(hb.extra, sort_keys=True)}" if hb.extra else "")

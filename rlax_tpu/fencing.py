@@ -1,4 +1,4 @@
-"""Trainer fencing: two trainers can never write one run (DESIGN.md invariant 5).
+"""Trainer fencing: two trainers can never write one run.
 
 ``run.json`` in the store holds the trainer epoch. Each trainer start bumps it by CAS and keeps
 the epoch it got; every write that only the trainer may make (publishing weights, deleting
@@ -12,8 +12,7 @@ import json
 import time
 
 from rlax_tpu.kvstore import KVStore
-
-RUN_KEY = "run.json"
+from rlax_tpu.store_layout import RUN_KEY
 
 
 class FencedError(RuntimeError):

@@ -48,21 +48,6 @@ class LaunchError(RuntimeError):
     """Bad launcher arguments or workdir (e.g. --fresh on a directory it did not create)."""
 
 
-def load_config(config_arg: str, overrides: Sequence[str]):
-    """Parses ``--config=config_arg`` plus ``--config.*`` overrides exactly like the roles will."""
-    from absl import flags
-    from ml_collections import config_flags
-
-    from rlax_tpu.config import finalize
-
-    argv = ["launch", f"--config={config_arg}", *overrides]
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=False,
-                                    sys_argv=argv)
-    fv(argv)
-    return finalize(fv.config)
-
-
 def passthrough_overrides(argv: Sequence[str]) -> list[str]:
     """The ``--config.a.b=v`` / ``--noconfig.a.b`` arguments in ``argv``, verbatim."""
     out = []
@@ -310,13 +295,16 @@ def run(config_arg: str, workdir: str, overrides: Sequence[str] = (), num_worker
     ``commands`` (role -> argv, in start order; a role named 'trainer' decides success) replaces
     the real role command lines, for tests. ``num_workers`` defaults to config.launch.num_workers.
     """
+    from rlax_tpu.config import load_config, run_config
+
     out = out if out is not None else sys.stdout
-    config = load_config(config_arg, overrides)
+    config = load_config(config_arg, overrides)  # parsed as every role will parse it
     lc = config.launch
     workers = lc.num_workers if num_workers is None else int(num_workers)
     if workers < 0:
         raise LaunchError(f"--num_workers must be >= 0, got {workers}")
     prepare_workdir(workdir, fresh)
+    run_config.check(config, workdir, write=False)  # a resume with another config fails before any role starts
     if commands is None:
         from rlax_tpu.config.sections import eval as eval_section
 
@@ -375,11 +363,10 @@ def _config_arg(argv: Sequence[str]) -> str:
 
 def _define_flags() -> None:
     from absl import flags
-    from ml_collections import config_flags
 
-    config_flags.DEFINE_config_file("config", None, "Experiment config: configs/X.py[:variant].",
-                                    lock_config=False)
-    flags.DEFINE_string("workdir", None, "Run directory (local); logs go to <workdir>/logs.")
+    from rlax_tpu.config import cli
+
+    cli.define_flags("Run directory (local); logs go to <workdir>/logs.")
     flags.DEFINE_integer("num_workers", None, "Inference workers (default config.launch.num_workers).")
     flags.DEFINE_bool("fresh", False, "Delete the workdir first (only one this launcher created).")
 

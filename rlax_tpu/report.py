@@ -3,7 +3,8 @@
   python -m rlax_tpu.report --workdir=DIR [--plot=DIR/report.png]
 
 Reads <workdir>/eval.jsonl (written by the evaluator role: before RL, every eval.every steps and
-at the end) and <workdir>/metrics.jsonl (one line per RL step).
+at the end), <workdir>/metrics.jsonl (one line per RL step) and the run's name (config.name)
+from <workdir>/config.json.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import argparse
 import json
 import os
 import sys
+
+from rlax_tpu.config import run_config
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -66,7 +69,7 @@ def smooth(values: list[float], window: int = 0) -> list[float]:
     return out
 
 
-def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
+def plot(metrics: list[dict], evals: list[dict], path: str, title: str = "") -> bool:
     try:
         import matplotlib
 
@@ -98,6 +101,8 @@ def plot(metrics: list[dict], evals: list[dict], path: str) -> bool:
     ax2.set_ylabel("%")
     ax2.set_title("held-out evaluation")
     ax2.legend()
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     return True
@@ -110,9 +115,13 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     evals = latest_by_step(read_jsonl(os.path.join(args.workdir, "eval.jsonl")))
     metrics = latest_by_step(read_jsonl(os.path.join(args.workdir, "metrics.jsonl")))
+    stored = run_config.read(args.workdir) or {}  # the run's config.json, written by the trainer
+    title = f"{stored['name']} ({args.workdir})" if stored.get("name") else ""
+    if title:
+        print(f"run {title}")
     print(table(evals))
     path = args.plot or os.path.join(args.workdir, "report.png")
-    if metrics and plot(metrics, evals, path):
+    if metrics and plot(metrics, evals, path, title):
         print(f"plot: {path}")
     return 0 if evals else 1
 

@@ -14,9 +14,7 @@ import os
 import time
 
 from rlax_tpu.kvstore import KVStore
-
-MODEL_KEY = "meta/model.json"
-TOKENIZER_PREFIX = "meta/tokenizer/"
+from rlax_tpu.store_layout import MODEL_KEY, TOKENIZER_PREFIX
 
 
 def local_dir(workdir: str) -> str:
@@ -116,7 +114,7 @@ def read_tokenizer(kv: KVStore, config, cache_dir: str):
     if json_file is None:
         raise MetaError(f"{kv.url}{TOKENIZER_PREFIX} has no tokenizer file: {sorted(paths)}")
     return HFTokenizer(json_file, c.bos_token, c.eos_token, c.pad_token, c.prompt_template, c.system_prompt,
-                       bool(c.get("use_chat_template", True)))
+                       bool(c.use_chat_template))
 
 
 def wait_for_meta(kv: KVStore, config, cache_dir: str, timeout_s: float, poll_s: float = 1.0,

@@ -138,7 +138,8 @@ def child(args) -> None:
     rng = np.random.default_rng(0)
     prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
     engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                    max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+                    max_prefill_batch=min(args.batch, 32), decode_chunk=16,
+                    max_decode_chunk=64)
     run = engine_runner(engine, prompts, args.new_tokens, args.mode == "sampled")
     print("ready", flush=True)
     sys.stdin.readline()
@@ -214,7 +215,8 @@ def main() -> None:
             n_params = sum(p.numel() for p in hf_model.parameters())
             prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
             engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                            max_prefill_batch=min(args.batch, 32), decode_chunk=16)
+                            max_prefill_batch=min(args.batch, 32), decode_chunk=16,
+                    max_decode_chunk=64)
             entry = {"params": n_params}
             reps = args.reps_100m if size == "100m" else args.reps
             for mode in ("greedy", "sampled"):

@@ -32,7 +32,9 @@ def main() -> None:
     a = ap.parse_args()
     cfg = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=2 * a.hidden, num_layers=1,
                       num_heads=4, num_kv_heads=2, head_dim=a.hidden // 4, arch="qwen2", qkv_bias=True,
-                      tie_embeddings=False, logprob_chunk=a.chunk)
+                      qk_norm=False, tie_embeddings=False, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6,
+                      max_position_embeddings=2048, param_dtype="float32", dtype="float32",
+                      attention_impl="auto", logprob_chunk=a.chunk)
     gdef, state = nnx.split(models.init(cfg, 0))
     b = 4
     tokens = jax.random.randint(jax.random.key(0), (b, a.tokens // b), 0, a.vocab, jnp.int32)

@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from inference_worker.replay_client import ReplayWorker  # noqa: E402
+from rlax_tpu import store_layout as keys  # noqa: E402
 from rlax_tpu.kvstore import KVStore  # noqa: E402
-from rlax_tpu.replay import encode_rollout, keys  # noqa: E402
+from rlax_tpu.replay import encode_rollout  # noqa: E402
 from rlax_tpu.replay.records import RolloutGroup, Task  # noqa: E402
 from tests.helpers.fake_worker import fake_samples  # noqa: E402
 from trainer.replay_controller import ReplayController  # noqa: E402
@@ -119,7 +120,7 @@ def run_memory(workers: int, args, base_kv: KVStore, base: float) -> dict:
     stop = threading.Event()
 
     def loop(wid: str) -> None:
-        w = ReplayWorker(kv, wid, lease_seconds=10, max_leases=4)
+        w = ReplayWorker(kv, wid, lease_seconds=10, max_leases=4, heartbeat_seconds=10.0)
         while not stop.is_set():
             leases = w.lease(4)
             if not leases:
@@ -156,7 +157,7 @@ def listing_cost(root: str) -> list[dict]:
             futures.append(fill.write(keys.LEASES + keys.task_id(i), lease))
         for f in futures:
             f.result()
-        w = ReplayWorker(kv, "probe", lease_seconds=60)
+        w = ReplayWorker(kv, "probe", lease_seconds=60, max_leases=4, heartbeat_seconds=10.0)
         t0 = time.perf_counter()
         reps = 5
         for _ in range(reps):

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Sets up the venv if needed, then runs ruff and the whole test suite on CPU with 8 fake devices.
-# Extra arguments go to pytest (e.g. scripts/test.sh tests/test_store.py -k cas).
+# Extra arguments go to pytest (e.g. scripts/test.sh tests/param_server/test_store.py -k cas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh

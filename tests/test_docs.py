@@ -98,6 +98,33 @@ def _configs():
 
 @pytest.mark.parametrize("doc,spec,overrides", _configs())
 def test_every_config_shown_loads_and_validates(doc, spec, overrides):
-    from rlax_tpu.launch import load_config
+    from rlax_tpu.config import load_config
 
     load_config(spec, list(overrides))
+
+
+REPO_PATH = re.compile(r"(?<![\w./<>-])((?:rlax_tpu|trainer|inference_worker|param_server|tests|scripts|configs|docs)"
+                       r"/[\w./{},*-]*\w)")
+
+
+def _named_paths() -> list[tuple[str, str]]:
+    """(file, repository path) for each path the README, docs/ and the shell scripts name; a
+    ``{a,b}`` list expands to each, a ``:variant`` suffix is dropped, ``X.py`` is a placeholder."""
+    out = []
+    for path in _doc_files() + sorted(glob.glob(os.path.join(ROOT, "scripts", "*.sh"))):
+        with open(path) as f:
+            text = f.read()
+        for m in REPO_PATH.finditer(text):
+            named = m.group(1).split(":")[0]
+            alts = [named]
+            if "{" in named and "}" in named:
+                head, rest = named.split("{", 1)
+                opts, tail = rest.split("}", 1)
+                alts = [head + o + tail for o in opts.split(",")]
+            out += [(os.path.relpath(path, ROOT), a) for a in alts if not a.endswith("/X.py")]
+    return sorted(set(out))
+
+
+def test_every_path_the_docs_name_exists():
+    missing = [(doc, p) for doc, p in _named_paths() if not glob.glob(os.path.join(ROOT, p))]
+    assert len(_named_paths()) > 50 and not missing, missing

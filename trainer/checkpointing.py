@@ -2,23 +2,24 @@
 
 A checkpoint for step ``s`` lives in ``<workdir>/checkpoints/<s>/`` and holds
 
-- ``state``: an arbitrary pytree of (sharded) jax arrays -- params, optimizer state, step, RNG
-  key -- written with ``ocp.args.StandardSave``;
+- ``state``: an arbitrary pytree of (sharded) jax arrays -- params, optimizer state, step --
+  written with ``ocp.args.StandardSave``;
 - one JSON item per name in ``json_items`` (grain iterator state, controller state, ...),
   written with ``ocp.args.JsonSave``.
 
-Commit semantics (DESIGN invariant 3): orbax writes into a temporary directory and renames it
-only when every item is complete, so a step is *committed* once its finalize finished. This
-class tracks that explicitly: ``save`` returns as soon as the device->host copy is done (async),
-``committed_steps()`` / ``latest_step()`` report only steps whose write finished, and callbacks
-registered with ``on_commit`` run, in the trainer's thread, for every step that became
-committed -- the controller uses that to delete replay records the checkpoint covers. A commit
-is noticed at the next ``save``, ``wait``, ``poll`` or ``committed_steps`` call (never from the
-background thread, so callbacks need no locking). Every host runs the same calls in the same
-order (orbax saves are collective); only the primary host should act on callbacks that touch
-shared storage. On several hosts, host-local leaves (single-device arrays such as a step counter
-made outside jit, typed PRNG keys) are saved as replicated global arrays (orbax rejects them
-otherwise); give them a global sharding (e.g. ``NamedSharding(mesh, P())``) when restoring.
+Commit semantics (a restart resumes only from a completely written checkpoint): orbax writes
+into a temporary directory and renames it only when every item is complete, so a step is
+*committed* once its finalize finished. This class tracks that explicitly: ``save`` returns as
+soon as the device->host copy is done (async), ``committed_steps()`` / ``latest_step()`` report
+only steps whose write finished, and callbacks registered with ``on_commit`` run, in the
+trainer's thread, for every step that became committed -- the controller uses that to delete
+replay records the checkpoint covers. A commit is noticed at the next ``save``, ``wait``,
+``poll`` or ``committed_steps`` call (never from the background thread, so callbacks need no
+locking). Every host runs the same calls in the same order (orbax saves are collective); only
+the primary host should act on callbacks that touch shared storage. On several hosts, host-local
+leaves (single-device arrays such as a step counter made outside jit, typed PRNG keys) are saved
+as replicated global arrays (orbax rejects them otherwise); give them a global sharding (e.g.
+``NamedSharding(mesh, P())``) when restoring.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ from rlax_tpu.tree import path_str
 log = logging.getLogger(__name__)
 
 STATE_ITEM = "state"
+# Top-level state leaves that older checkpoints hold and the train state no longer has (an RNG key
+# nothing read): a restore reads them alongside, replicated like ``step``, and drops them, so a
+# run resumes across the change.
+DROPPED_LEAVES = ("rng",)
 CHECKPOINT_DIR = "checkpoints"
 
 
@@ -170,11 +175,28 @@ class Checkpointer:
         for name in json_names:
             if not (step_dir / name).exists():
                 raise FileNotFoundError(f"checkpoint step {step} has no JSON item {name!r} ({step_dir})")
-        self._check_tree(step, target_state_abstract)
-        args = {STATE_ITEM: ocp.args.StandardRestore(target_state_abstract)}
+        target, dropped = self._with_dropped_leaves(step, target_state_abstract)
+        self._check_tree(step, target)
+        args = {STATE_ITEM: ocp.args.StandardRestore(target)}
         args.update({name: ocp.args.JsonRestore() for name in json_names})
         restored = self._manager.restore(step, args=ocp.args.Composite(**args))
-        return restored[STATE_ITEM], {name: restored[name] for name in json_names}
+        state = restored[STATE_ITEM]
+        if dropped:
+            state = {k: v for k, v in state.items() if k not in dropped}
+        return state, {name: restored[name] for name in json_names}
+
+    def _with_dropped_leaves(self, step: int, target: Any) -> tuple[Any, tuple[str, ...]]:
+        """The restore target plus the DROPPED_LEAVES the checkpoint holds and the target lacks."""
+        if not isinstance(target, dict) or "step" not in target:
+            return target, ()
+        metadata = ocp.StandardCheckpointHandler().metadata(self._manager.directory / str(step) / STATE_ITEM)
+        stored = _shapes_by_path(getattr(metadata, "tree", metadata))
+        extra = {k: stored[k] for k in DROPPED_LEAVES if k in stored and k not in target}
+        if not extra:
+            return target, ()
+        sharding = target["step"].sharding
+        more = {k: jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=sharding) for k, (shape, dtype) in extra.items()}
+        return {**target, **more}, tuple(more)
 
     def restore_params(self, step: int, target_model_abstract: Any) -> Any:
         """Only the policy's parameters (``state['params']['model']``) of step ``step``, into the

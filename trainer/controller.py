@@ -11,16 +11,15 @@ publishing), never one it may not publish. Everything it must remember across a 
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Callable
 
 import numpy as np
 
+from rlax_tpu import store_layout as keys
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from trainer.replay_controller import Admitted, ReplayController
 from trainer.reuse import ReuseBuffer
 
@@ -186,14 +185,15 @@ class Controller:
                            f"them), {stats['invalid']} invalid")
         now, alive, behind = time.time(), [], []
         for key, entry in self.replay.kv.iter_values(keys.WORKERS):
+            name = key[len(keys.WORKERS):]
             try:
-                hb = json.loads(entry.value)
-            except ValueError:
+                hb = keys.Heartbeat.decode(entry.value, name)
+            except keys.HeartbeatError:
                 continue
-            if hb.get("state") == "running" and now - float(hb.get("time", 0)) < 3 * c.replay.heartbeat_seconds:
-                alive.append(key[len(keys.WORKERS):])
-                if hb.get("weights_step") is not None and int(hb["weights_step"]) < weights_step:
-                    behind.append(f"{key[len(keys.WORKERS):]} (step {hb['weights_step']})")
+            if hb.alive(c.replay.heartbeat_seconds, now):
+                alive.append(name)
+                if hb.weights_step is not None and hb.weights_step < weights_step:
+                    behind.append(f"{name} (step {hb.weights_step})")
         if not alive:
             return head + ("no inference worker is alive (no fresh heartbeat under workers/): start workers "
                            "with the same store.url")

@@ -19,7 +19,7 @@ import os
 import jax
 from flax import nnx
 
-from rlax_tpu import models, run_meta
+from rlax_tpu import models, run_meta, store_layout
 from rlax_tpu.kvstore import KVStore
 from trainer.checkpointing import Checkpointer
 
@@ -33,7 +33,7 @@ def export(workdir: str, out: str, step: int | None = None, store_url: str = "")
     kv = KVStore.open(store_url, workdir)
     model_cfg = run_meta.read_model_config(kv)
     if model_cfg is None:
-        raise ExportError(f"no model config in {kv.url}{run_meta.MODEL_KEY}: is {workdir!r} a run's workdir "
+        raise ExportError(f"no model config in {kv.url}{store_layout.MODEL_KEY}: is {workdir!r} a run's workdir "
                           "(or pass --config with its store.url)?")
     ckpt = Checkpointer(workdir, keep=1, async_save=False)
     try:

@@ -14,12 +14,11 @@ use ``--cpu_collectives`` (gloo).
 from __future__ import annotations
 
 from absl import app, flags
-from ml_collections import config_flags
 
 from rlax_tpu import logs
+from rlax_tpu.config import cli
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/X.py[:arg]).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, default store).")
+_CONFIG, _WORKDIR = cli.define_flags("Run directory (checkpoints, metrics, config.json, default store).")
 _MULTIHOST = flags.DEFINE_bool("multihost", False, "Call jax.distributed.initialize() (TPU pods).")
 _COORDINATOR = flags.DEFINE_string("coordinator_address", "",
                                    "host:port of process 0's coordinator (non-TPU multi-process runs).")
@@ -48,9 +47,9 @@ def init_distributed(multihost: bool) -> None:
 def main(argv) -> None:
     del argv
     logs.setup()
-    from rlax_tpu.config import ConfigError, from_flags
+    from rlax_tpu.config import ConfigError
 
-    config = from_flags(_CONFIG.value, _WORKDIR.value)
+    config = cli.start(_CONFIG, _WORKDIR, run_config="write")
     init_distributed(_MULTIHOST.value or config.trainer.multihost)
     from trainer.run import run
 

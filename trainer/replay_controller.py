@@ -5,11 +5,12 @@ It issues tasks under admission control, admits finished rollout groups within t
 bound, and deletes consumed records only once the checkpoint covering them is committed. Its
 whole state is a small JSON-able dict the trainer checkpoints (see ``state_dict``).
 
-Restart semantics (DESIGN.md invariant 3): a controller restored from state C re-issues task ids
-from C's ``next_task_id`` on, so tasks issued after C keep their ids. A re-issued task whose
-bytes match the stored one keeps its lease and rollout (no work is lost); one whose content
-differs overwrites it, and a rollout carrying the old task's digest is discarded. Rollouts
-admitted after C are admitted again, once, because their records are deleted only by ``ack``.
+Restart semantics (a restart from a checkpoint loses no issued or finished work): a controller
+restored from state C re-issues task ids from C's ``next_task_id`` on, so tasks issued after C
+keep their ids. A re-issued task whose bytes match the stored one keeps its lease and rollout
+(no work is lost); one whose content differs overwrites it, and a rollout carrying the old
+task's digest is discarded. Rollouts admitted after C are admitted again, once, because their
+records are deleted only by ``ack``.
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from rlax_tpu import fencing
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from rlax_tpu.replay.records import (
     RecordError,
     RolloutGroup,

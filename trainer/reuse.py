@@ -16,8 +16,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import RecordError, decode_rollout, decode_task, keys
+from rlax_tpu.replay import RecordError, decode_rollout, decode_task
 from trainer.replay_controller import Admitted
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from param_server import ParamStore
-from rlax_tpu import eval_keys, rl, run_meta, sharding
+from rlax_tpu import rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config.sections import eval as eval_section
 from rlax_tpu.kvstore import KVStore
@@ -127,7 +127,7 @@ class Trainer:
         """Publish arguments that pin a version due for evaluation until the evaluator is done."""
         if not eval_section.due(self.config, step):
             return {}
-        return {"keep_for": eval_keys.keep_reader(step), "keep_s": self.config.eval.keep_s}
+        return {"keep_for": store_layout.eval_keep_reader(step), "keep_s": self.config.eval.keep_s}
 
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:

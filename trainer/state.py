@@ -1,4 +1,4 @@
-"""The train state: params (pure dicts), optimizer state, step and RNG, created sharded.
+"""The train state: params (pure dicts), optimizer state and step, created sharded.
 
 Params are plain nested dicts of arrays (``nnx.to_pure_dict``): optax, orbax and the param server
 all see the same plain pytree, and ``nnx.merge(graphdef, params)`` rebuilds the model inside jit.
@@ -52,13 +52,11 @@ def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.Gra
         "params": trainable,
         "opt_state": opt_state,
         "step": jax.device_put(jnp.zeros((), jnp.int32), replicated),
-        "rng": jax.device_put(jax.random.key_data(jax.random.PRNGKey(seed)), replicated),
     }
     shardings = {
         "params": jax.tree.map(lambda x: x.sharding, trainable),
         "opt_state": opt_shardings,
         "step": replicated,
-        "rng": replicated,
     }
     return state, StateLayout(graphdef, value_graphdef, shardings)
 

@@ -94,7 +94,9 @@ class Engine:
         over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params should
         already be placed (e.g. pulled with the inference sharding rules).
 
-    Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``.
+    Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``; the
+    sizes have no defaults here (config.inference holds them), min_prefill_len (the shortest
+    prefill bucket) is internal.
     """
 
     def __init__(
@@ -102,12 +104,12 @@ class Engine:
         model,
         model_cfg,
         *,
-        max_batch: int = 32,
-        max_seq_len: int = 256,
-        max_prefill_batch: int = 8,
+        max_batch: int,
+        max_seq_len: int,
+        max_prefill_batch: int,
+        decode_chunk: int,
+        max_decode_chunk: int,
         min_prefill_len: int = 16,
-        decode_chunk: int = 8,
-        max_decode_chunk: int = 64,
         mesh: jax.sharding.Mesh | None = None,
     ):
         if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1:
@@ -197,7 +199,7 @@ class Engine:
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
-        params: SamplingParams | Sequence[SamplingParams] = SamplingParams(),
+        params: SamplingParams | Sequence[SamplingParams],
     ) -> list[list[Completion]]:
         """Generates ``params.n`` completions for each prompt.
 

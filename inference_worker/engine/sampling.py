@@ -22,7 +22,7 @@ class SamplingError(ValueError):
     """Invalid sampling parameters; the message names the field."""
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SamplingParams:
     """How to sample completions for one prompt.
 
@@ -32,10 +32,12 @@ class SamplingParams:
     stop_sequences: token sequences that end a sequence; the matched sequence is kept.
     """
 
-    temperature: float = 1.0
+    # No defaults for the choices config.inference / config.eval make (roles pass theirs);
+    # top_k and top_p default to off.
+    temperature: float
     top_k: int = 0
     top_p: float = 1.0
-    max_new_tokens: int = 64
+    max_new_tokens: int
     n: int = 1
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()

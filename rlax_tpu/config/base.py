@@ -17,7 +17,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     # Global seed; every role derives its own RNG streams from it (see each section).
     config.seed = 0
-    # Free-form experiment name, written to the workdir and the metrics.
+    # Experiment name: recorded in <workdir>/config.json and shown by rlax_tpu.report (its table
+    # and the plot's title).
     config.name = "experiment"
     for name in SECTION_NAMES:
         config[name] = getattr(sections, name).defaults()

@@ -1,9 +1,14 @@
-"""Loading a config file ``path.py[:arg]`` outside absl (tests, launch, tools)."""
+"""The one way a config is loaded: ``path.py[:arg]`` plus overrides, validated and locked.
+
+Overrides are either ``--config.a.b=v`` flag strings, parsed by ml_collections' config flags as
+the mains parse their command line (so a launcher and the roles it starts read the same values),
+or a dict of dotted field -> value (tests, tools).
+"""
 
 from __future__ import annotations
 
-import importlib.util
 import os
+from collections.abc import Mapping, Sequence
 
 import ml_collections
 
@@ -11,40 +16,31 @@ from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.config.validate import validate
 
 
-def load_config(spec: str, overrides: dict | None = None) -> ml_collections.ConfigDict:
-    """Loads ``configs/x.py:variant``, applies dotted ``overrides``, validates and locks it.
+def load_config(spec: str, overrides: Mapping[str, object] | Sequence[str] | None = None
+                ) -> ml_collections.ConfigDict:
+    """Loads ``configs/x.py:variant``, applies ``overrides``, validates and locks it."""
+    from absl import flags
+    from ml_collections import config_flags
 
-    This is the non-flag twin of ``config_flags.DEFINE_config_file``: same files, same rules.
-    """
-    path, _, arg = spec.partition(":")
+    path = spec.partition(":")[0]
     if not os.path.exists(path):
         raise ConfigError("<file>", f"config file {path!r} does not exist")
-    module_spec = importlib.util.spec_from_file_location("_rlax_config", path)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    if not hasattr(module, "get_config"):
-        raise ConfigError("<file>", f"{path!r} defines no get_config(arg)")
-    config = module.get_config(arg) if arg else module.get_config()
-    for dotted, value in (overrides or {}).items():
+    as_flags = [] if overrides is None or isinstance(overrides, Mapping) else list(overrides)
+    argv = ["load_config", f"--config={spec}", *as_flags]
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", default=None, flag_values=fv, lock_config=False, sys_argv=argv)
+    try:
+        fv(argv)
+    except flags.Error as e:
+        raise ConfigError("<file>", f"{spec} {' '.join(as_flags)}: {e}") from None
+    config = fv.config
+    for dotted, value in (overrides.items() if isinstance(overrides, Mapping) else ()):
         _set_dotted(config, dotted, value)
     return finalize(config)
 
 
-def from_flags(config_value, workdir: str | None) -> ml_collections.ConfigDict:
-    """The mains' start-up: --config and --workdir given, the config validated and locked. A bad
-    field becomes one clear usage line (absl prints it) instead of a traceback."""
-    from absl import app
-
-    if config_value is None or not workdir:
-        raise app.UsageError("--config and --workdir are required")
-    try:
-        return finalize(config_value)
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
-
-
 def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """Validates and locks a config; every main calls this once at start-up."""
+    """Validates and locks a config (``load_config`` and every main end with this)."""
     validate(config)
     config.lock()
     return config

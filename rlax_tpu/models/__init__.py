@@ -27,11 +27,11 @@ from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
 from rlax_tpu.models.transformer import Transformer
 
 __all__ = ["CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init", "init_rngs",
-           "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "resolve_dtype",
+           "is_gguf", "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "resolve_dtype",
            "save_hf"]
 
 
-def _is_gguf(path: str) -> bool:
+def is_gguf(path: str) -> bool:
     """True for a GGUF file, False for a directory (HF); CheckpointError for anything else."""
     if os.path.isdir(path):
         return False
@@ -46,13 +46,13 @@ def _is_gguf(path: str) -> bool:
 def load(path: str, **kw) -> tuple[Transformer, ModelConfig]:
     """(model, model_cfg) from a HF checkpoint directory (load_hf) or a GGUF file (load_gguf);
     keyword arguments (dtype, mesh, rules, overrides) as for those."""
-    return (load_gguf if _is_gguf(path) else load_hf)(path, **kw)
+    return (load_gguf if is_gguf(path) else load_hf)(path, **kw)
 
 
 def read_model_config(path: str, **kw) -> ModelConfig:
     """The ModelConfig that ``load(path, **kw)`` builds, without reading the weights
     (kw: dtype, overrides)."""
-    return (read_gguf_config if _is_gguf(path) else read_config)(path, **kw)
+    return (read_gguf_config if is_gguf(path) else read_config)(path, **kw)
 
 
 def init_rngs(seed: int) -> nnx.Rngs:

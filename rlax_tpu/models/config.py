@@ -16,6 +16,15 @@ IMPLS = ("auto", "pallas", "reference")
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def section_numerics() -> dict:
+    """config.model's default numerics (attention_impl, logprob_chunk) for a checkpoint read
+    without overrides: the section is where they are defined."""
+    from rlax_tpu.config.sections import model as model_section
+
+    d = model_section.defaults()
+    return dict(attention_impl=d.attention_impl, logprob_chunk=d.logprob_chunk)
+
+
 def resolve_dtype(name: str) -> str:
     """A config dtype: 'auto' is bfloat16 on an accelerator (TPU/GPU) and float32 on CPU."""
     if name != "auto":
@@ -27,6 +36,8 @@ def resolve_dtype(name: str) -> str:
 class ModelConfig:
     """Architecture and numerics of a Llama / Qwen2 / Qwen3 style model (hashable, jit-static)."""
 
+    # Every field is given by whoever builds one: from_config (config.model), a checkpoint
+    # reader (its file, with config.model's numerics) or the store's model.json; no defaults here.
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -34,24 +45,27 @@ class ModelConfig:
     num_heads: int
     num_kv_heads: int
     head_dim: int
-    rope_theta: float = 10000.0
+    rope_theta: float
     # None, or a Llama-3 style tuple of (key, value) pairs (see ROPE_SCALING_KEYS); a tuple keeps
-    # the dataclass hashable. Pass a dict: __post_init__ converts it.
-    rope_scaling: Any = None
-    rms_norm_eps: float = 1e-6
-    qkv_bias: bool = False
-    qk_norm: bool = False
-    tie_embeddings: bool = True
-    max_position_embeddings: int = 2048
-    arch: str = "qwen2"
-    param_dtype: str = "float32"
-    dtype: str = "float32"
-    attention_impl: str = "auto"
-    logprob_chunk: int = 1024
+    # the dataclass hashable. A dict or a list of pairs is converted by __post_init__.
+    rope_scaling: Any
+    rms_norm_eps: float
+    qkv_bias: bool
+    qk_norm: bool
+    tie_embeddings: bool
+    max_position_embeddings: int
+    arch: str
+    param_dtype: str
+    dtype: str
+    attention_impl: str
+    logprob_chunk: int
 
     def __post_init__(self):
-        if isinstance(self.rope_scaling, dict):
-            object.__setattr__(self, "rope_scaling", tuple(sorted(self.rope_scaling.items())))
+        # A dict, or the list of [key, value] pairs that JSON gives back for the tuple: the same
+        # sorted tuple of pairs, so a config read from the store equals (and hashes as) the writer's.
+        if isinstance(self.rope_scaling, dict | list | tuple):
+            items = self.rope_scaling.items() if isinstance(self.rope_scaling, dict) else self.rope_scaling
+            object.__setattr__(self, "rope_scaling", tuple(sorted((str(k), v) for k, v in items)))
         self.validate()
 
     # -- validation ------------------------------------------------------------------------
@@ -114,7 +128,7 @@ class ModelConfig:
         """
         head_dim = c.head_dim or (c.hidden_size // c.num_heads if c.num_heads else 0)
         rope_scaling = None
-        if c.get("rope_scaling_factor", 0.0):
+        if c.rope_scaling_factor:
             rope_scaling = {
                 "factor": float(c.rope_scaling_factor),
                 "low_freq_factor": float(c.rope_low_freq_factor),

@@ -18,7 +18,7 @@ import jax
 import numpy as np
 
 from rlax_tpu.config.errors import ConfigError
-from rlax_tpu.models.config import DTYPES, ModelConfig
+from rlax_tpu.models.config import DTYPES, ModelConfig, section_numerics
 from rlax_tpu.models.hf import CheckpointError, apply_overrides, hf_mapping, place_params
 from rlax_tpu.models.layers import rope_inv_freq
 from rlax_tpu.models.transformer import Transformer
@@ -126,7 +126,8 @@ def _config(reader, where: str, dtype: str | None) -> ModelConfig:
         head_dim=head_dim, rope_theta=num("rope.freq_base", float, 10000.0),
         rms_norm_eps=num("attention.layer_norm_rms_epsilon", float), qkv_bias=arch == "qwen2",
         qk_norm=arch == "qwen3", tie_embeddings="output.weight" not in tensors,
-        max_position_embeddings=num("context_length"), arch=arch, param_dtype=param_dtype, dtype=param_dtype)
+        max_position_embeddings=num("context_length"), arch=arch, param_dtype=param_dtype, dtype=param_dtype,
+        rope_scaling=None, **section_numerics())
     try:
         cfg = ModelConfig(**fields)
     except ConfigError as e:  # e.g. head counts that do not divide: name the file, not config.model

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 from rlax_tpu.models import safetensors_io
-from rlax_tpu.models.config import DTYPES, ModelConfig
+from rlax_tpu.models.config import DTYPES, ModelConfig, section_numerics
 from rlax_tpu.models.transformer import Transformer
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3"}
@@ -88,7 +88,7 @@ def config_from_hf(js: dict, *, dtype: str | None = None, where: str = "config.j
         rms_norm_eps=float(get("rms_norm_eps", 1e-6)), qkv_bias=arch == "qwen2", qk_norm=arch == "qwen3",
         tie_embeddings=bool(get("tie_word_embeddings", False)),
         max_position_embeddings=get("max_position_embeddings", 2048), arch=arch,
-        param_dtype=param_dtype, dtype=param_dtype)
+        param_dtype=param_dtype, dtype=param_dtype, **section_numerics())
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:

@@ -20,6 +20,13 @@ from rlax_tpu.rl.registry import ADVANTAGES, KL_ESTIMATORS, register_advantage
 from rlax_tpu.rl.settings import RLSettings, as_settings
 from rlax_tpu.rl.shaping import overlong_penalty
 
+# Estimators whose signal is each sample's reward against the other samples of its group: in a
+# group of one every advantage is 0, so validation refuses them with rl.group_size=1.
+GROUP_RELATIVE = ("grpo", "drgrpo", "rloo", "grpo_passk", "passk", "reinforce_pp_baseline")
+# Estimators whose advantages are token returns whitened over the whole batch: whitened over one
+# sequence they keep only where a token sits, nothing of the reward.
+BATCH_WHITENED = ("reinforce_pp",)
+
 
 class AdvantageResult(NamedTuple):
     advantages: jax.Array  # [B, T], zero outside the mask

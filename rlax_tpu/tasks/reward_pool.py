@@ -210,7 +210,7 @@ class RewardPool:
     calls) and are reused; calls from several threads are served one map at a time.
     """
 
-    def __init__(self, size: int = 2, warmup: str = "", startup_timeout_s: float = STARTUP_TIMEOUT_S):
+    def __init__(self, size: int, warmup: str = "", startup_timeout_s: float = STARTUP_TIMEOUT_S):
         if size < 1:
             raise ValueError(f"RewardPool size must be >= 1, got {size}")
         self.size, self.warmup, self.startup_timeout_s = int(size), warmup, float(startup_timeout_s)

@@ -43,7 +43,7 @@ def build(config, workdir: str | None = None, corpus: Iterable[str] | None = Non
 
         c = ml_collections.ConfigDict({**c.to_dict(), "path": tokenizer_path(config)})
     template, system = c.prompt_template, c.system_prompt
-    use_chat = bool(c.get("use_chat_template", True))
+    use_chat = bool(c.use_chat_template)
     if c.kind == "sentencepiece":
         if not c.path or not os.path.isfile(c.path):
             raise ConfigError("tokenizer.path", f"sentencepiece model file not found: {c.path!r}")

@@ -21,16 +21,16 @@ KINDS = {
 }
 
 
-def make_hf_model(kind: str, seed: int = 0):
+def make_hf_model(kind: str, seed: int = 0, **config_kw):
     """A random eval-mode HF model with every weight (norms, biases too) perturbed, so a wrong
-    mapping of any tensor shows in the logits."""
+    mapping of any tensor shows in the logits; ``config_kw`` override the config (e.g. vocab_size)."""
     import torch
     import transformers
 
     torch.set_default_dtype(torch.float32)
     torch.manual_seed(seed)
     family, extra = KINDS[kind]
-    cfg = getattr(transformers, f"{family}Config")(**{**COMMON, **extra})
+    cfg = getattr(transformers, f"{family}Config")(**{**COMMON, **extra, **config_kw})
     model = getattr(transformers, f"{family}ForCausalLM")(cfg).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

@@ -21,7 +21,7 @@ def hf_qwen2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(hf_qwen2):
     _, model, cfg = hf_qwen2
-    return Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4)
+    return Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, max_decode_chunk=64)
 
 
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 11], [42], [3, 3, 3, 3, 3, 17, 18, 19, 20, 21, 22]]
@@ -140,7 +140,7 @@ def test_bad_requests_get_errors_and_do_not_kill_the_batch(engine):
     good = SamplingParams(temperature=0.0, max_new_tokens=4)
     outs = engine.generate(
         [PROMPTS[0], [], list(range(60)), PROMPTS[1], [1, 10**6]],
-        [good, good, good, SamplingParams(top_p=0.0), good])
+        [good, good, good, SamplingParams(temperature=1.0, max_new_tokens=4, top_p=0.0), good])
     assert outs[0][0].finish_reason == "length" and len(outs[0][0].tokens) == 4
     assert outs[1][0].finish_reason == "error" and "empty prompt" in outs[1][0].error
     assert "does not fit the KV cache" in outs[2][0].error
@@ -150,7 +150,7 @@ def test_bad_requests_get_errors_and_do_not_kill_the_batch(engine):
 
 def test_weight_swap_changes_outputs_without_recompiling(hf_qwen2):
     _, model, cfg = hf_qwen2
-    engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4)
+    engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4, max_decode_chunk=64)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     before = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
     sizes = (engine._decode._cache_size(), engine._prefill._cache_size())
@@ -176,7 +176,8 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
     state = nnx.state(model)
     shardings = sharding.param_shardings(model, mesh, sharding.INFERENCE_RULES)
     sharded = nnx.merge(nnx.graphdef(model), jax.device_put(state, shardings))
-    tp = Engine(sharded, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, mesh=mesh)
+    tp = Engine(sharded, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, max_decode_chunk=64,
+                mesh=mesh)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     assert [o[0].tokens for o in tp.generate(PROMPTS, greedy)] == \
         [o[0].tokens for o in engine.generate(PROMPTS, greedy)]
@@ -197,7 +198,7 @@ def test_slots_over_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape
                          devices=jax.devices()[:n_dev])
     placed = jax.device_put(nnx.state(model), sharding.param_shardings(model, mesh, sharding.INFERENCE_RULES))
     dp = Engine(nnx.merge(nnx.graphdef(model), placed), cfg, max_batch=4, max_seq_len=48, max_prefill_batch=3,
-                decode_chunk=4, mesh=mesh)
+                decode_chunk=4, max_decode_chunk=64, mesh=mesh)
     prompts = [PROMPTS[i % 4] for i in range(7)]
     params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 2, 5, 1, 7, 3, 4)]
     params[1] = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, max_new_tokens=6, n=3, seed=4)
@@ -213,7 +214,8 @@ def test_slots_over_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape
     assert dp.stats["slot_refills"] > 0
     assert len(dp._state.cache.k[0].sharding.device_set) == n_dev
     with pytest.raises(ValueError, match="max_batch=3 must divide"):
-        Engine(model, cfg, max_batch=3, max_seq_len=48, mesh=mesh)
+        Engine(model, cfg, max_batch=3, max_seq_len=48, max_prefill_batch=3, decode_chunk=4, max_decode_chunk=64,
+               mesh=mesh)
 
 
 @pytest.mark.parametrize("kind", ["llama3_scaled", "qwen3_untied"])  # Llama-3 rope scaling; Qwen3 q/k norms
@@ -221,7 +223,7 @@ def test_llama_and_qwen3_greedy_and_logprobs_match_transformers(tmp_path, kind):
     hf = make_hf_model(kind, seed=2)
     hf.save_pretrained(tmp_path)
     model, cfg = models.load_hf(str(tmp_path))
-    engine = Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=8)
+    engine = Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=8, max_decode_chunk=64)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10))
     for prompt, (c,) in zip(PROMPTS, outs, strict=True):
         assert c.tokens == _hf_greedy(hf, prompt, 10)
@@ -250,7 +252,7 @@ def test_vectorized_stop_rules_match_per_token_rules(engine):
     rng = np.random.default_rng(0)
     for _ in range(300):
         p = SamplingParams(
-            max_new_tokens=int(rng.integers(1, 30)),
+            temperature=1.0, max_new_tokens=int(rng.integers(1, 30)),
             stop_token_ids=tuple(int(t) for t in rng.choice(6, size=rng.integers(0, 3), replace=False)),
             stop_sequences=tuple(tuple(int(t) for t in rng.integers(0, 6, size=rng.integers(1, 4)))
                                  for _ in range(rng.integers(0, 3))))

@@ -11,7 +11,7 @@ from flax import nnx
 
 from inference_worker.evaluator import Evaluator, evaluate
 from param_server import ParamStore
-from rlax_tpu import eval_keys, models, run_meta
+from rlax_tpu import models, run_meta, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import load_config
@@ -47,7 +47,8 @@ def run(tmp_path_factory):
     weights = {}
     for step in range(5):
         params = nnx.state(models.init(model_cfg, seed=step))
-        keep = {"keep_for": eval_keys.keep_reader(step), "keep_s": 60.0} if eval_section.due(config, step) else {}
+        due = eval_section.due(config, step)
+        keep = {"keep_for": store_layout.eval_keep_reader(step), "keep_s": 60.0} if due else {}
         store.publish(params, step, **keep)
         weights[step] = params
     return workdir, config, store, weights, tok, task
@@ -68,7 +69,7 @@ def test_due_steps_are_evaluated_once_with_the_same_record_as_the_function(run):
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [0, 2, 4]
-    assert json.loads(store.kv.get(eval_keys.record_key(2))) == records[1]
+    assert json.loads(store.kv.get(store_layout.eval_record_key(2))) == records[1]
     # The record is what evaluate() gives for the same weights and seed, on a fresh engine.
     engine = ev.run.engine(config, nnx.to_pure_dict(weights[2]))
     want = evaluate(engine, tok, task, task.eval_problems(config.task.num_eval, config.seed),
@@ -84,13 +85,13 @@ def test_a_new_trainer_epoch_of_a_step_is_evaluated_again(run):
     ev = Evaluator(config, workdir)
     ev.follow()
     assert ev.pending() == []
-    before = json.loads(store.kv.get(eval_keys.record_key(4)))
+    before = json.loads(store.kv.get(store_layout.eval_record_key(4)))
     store.acquire_epoch(role="test")  # a restarted trainer republishes step 4
-    store.publish(weights[3], 4, keep_for=eval_keys.keep_reader(4), keep_s=60.0)
+    store.publish(weights[3], 4, keep_for=store_layout.eval_keep_reader(4), keep_s=60.0)
     (step, version, epoch), = ev.pending()
     assert step == 4 and epoch > before["epoch"]
     assert ev.follow() == 1
-    after = json.loads(store.kv.get(eval_keys.record_key(4)))
+    after = json.loads(store.kv.get(store_layout.eval_record_key(4)))
     assert after["epoch"] == epoch and after["version"] == version
 
 
@@ -127,3 +128,57 @@ def test_the_trainer_never_waits_for_evaluation(tmp_path):
     with open(os.path.join(workdir, "eval.jsonl")) as f:
         steps = [json.loads(line)["step"] for line in f]
     assert steps == [0, 2, 4]
+
+
+CHAT = ("{% for m in messages %}<s>[{{ m['role'] }}] {{ m['content'] }}</s>{% endfor %}"
+        "{% if add_generation_prompt %}<s>[assistant] {% endif %}")
+
+
+def _hf_checkpoint(directory: str) -> str:
+    """A tiny Llama checkpoint with its own byte-level BPE tokenizer and chat template (the
+    config below trains a sentencepiece tokenizer instead: the two differ)."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, trainers
+    from tokenizers import models as tok_models
+
+    from tests.helpers.hf_models import make_hf_model
+
+    tok = Tokenizer(tok_models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Compute: 3+4", "Compute: 5*2-1", "[user] [assistant] the answer is 7"], trainer)
+    make_hf_model("llama_tied", seed=3, vocab_size=tok.get_vocab_size()).save_pretrained(directory)
+    tok.save(os.path.join(directory, "tokenizer.json"))
+    with open(os.path.join(directory, "tokenizer_config.json"), "w") as f:
+        json.dump({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "chat_template": CHAT}, f)
+    return directory
+
+
+def test_one_shot_checkpoint_uses_the_checkpoints_own_tokenizer_and_chat_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    from inference_worker.evaluator import checkpoint_tokenizer, evaluate_checkpoint
+
+    ckpt = _hf_checkpoint(str(tmp_path / "ckpt"))
+    config = _config(**{"task.num_eval": 3, "eval.num_samples": 2, "eval.ks": (1, 2)})
+    assert config.tokenizer.kind == "train"  # the config's own tokenizer is another one
+    tok = checkpoint_tokenizer(config, ckpt, str(tmp_path / "cache"))
+    peer = Tokenizer.from_file(os.path.join(ckpt, "tokenizer.json"))
+    assert tok.vocab_size == peer.get_vocab_size() and tok.eos_id == peer.token_to_id("</s>")
+    prompt = "Compute: 3+4"
+    rendered = f"<s>[user] {prompt}</s><s>[assistant] "  # the checkpoint's chat template
+    assert tok.encode_prompt(prompt) == peer.encode(rendered).ids
+    report = evaluate_checkpoint(config, ckpt, str(tmp_path / "work"))
+    assert report["num_problems"] == 3 and report["generated_tokens"] > 0 and 0.0 <= report["pass@1"] <= 1.0
+
+
+def test_one_shot_gguf_checkpoint_reads_the_tokenizer_inside_the_file(tmp_path):
+    from inference_worker.evaluator import checkpoint_tokenizer
+    from tests.helpers.checkpoints import smollm2_or_skip
+
+    gguf = smollm2_or_skip()
+    tok = checkpoint_tokenizer(_config(), gguf, str(tmp_path))
+    assert tok.vocab_size == 49152 and tok.decode(tok.encode("Compute: 7-3")) == "Compute: 7-3"
+    rendered = tok.decode(tok.encode_prompt("hi"), skip_special=False)  # SmolLM2's own chat template
+    assert "<|im_start|>user\nhi<|im_end|>" in rendered and rendered.endswith("<|im_start|>assistant\n")

@@ -95,7 +95,7 @@ def test_rows_are_independent_of_batch_composition():
 )
 def test_invalid_sampling_params_name_the_field(kwargs, field):
     with pytest.raises(SamplingError, match=field):
-        SamplingParams(**kwargs).validate(vocab_size=100)
+        SamplingParams(**{"temperature": 1.0, "max_new_tokens": 8, **kwargs}).validate(vocab_size=100)
 
 
 def test_request_key_is_deterministic_and_distinct():

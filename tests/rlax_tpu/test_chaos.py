@@ -236,7 +236,7 @@ def _check_weights(workdir: str, workers: list[Role]) -> None:
     from inference_worker.bootstrap import abstract_params
     from param_server import ParamStore
     from rlax_tpu import run_meta, sharding
-    from rlax_tpu.launch import load_config
+    from rlax_tpu.config import load_config
 
     store = ParamStore.open("", workdir)
     loaded: dict[int, int] = {}

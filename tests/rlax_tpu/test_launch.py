@@ -15,7 +15,7 @@ import time
 import pytest
 
 from rlax_tpu import launch
-from rlax_tpu.config import ConfigError
+from rlax_tpu.config import ConfigError, load_config
 from tests.helpers import ROOT
 
 _ROLE = textwrap.dedent("""
@@ -198,10 +198,10 @@ def test_commands_overrides_and_config(tmp_path):
                                "--workdir=/w", *ov]
     assert cmds["worker_1"][2] == "inference_worker.main" and cmds["worker_1"][-1] == "--worker_id=worker_1"
     assert cmds["param_server"][2] == "param_server.main" and cmds["param_server"][-1] == "--mode=janitor"
-    config = launch.load_config(cfg, ["--config.launch.grace_s=7", "--config.rl.max_staleness=0"])
+    config = load_config(cfg, ["--config.launch.grace_s=7", "--config.rl.max_staleness=0"])
     assert config.launch.grace_s == 7.0 and config.rl.max_staleness == 0
     with pytest.raises(ConfigError, match=r"launch\.grace_s"):
-        launch.load_config(cfg, ["--config.launch.grace_s=0.5"])  # <= trainer.sigterm_grace_s
+        load_config(cfg, ["--config.launch.grace_s=0.5"])  # <= trainer.sigterm_grace_s
 
 
 def test_fresh_only_deletes_launcher_workdirs(tmp_path):

@@ -20,3 +20,15 @@ def test_plot_writes_a_png(tmp_path):
     assert report.plot(metrics, evals, path)
     with open(path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_report_names_the_run_from_its_config(tmp_path, capsys):
+    import json
+
+    from rlax_tpu.config import load_config, run_config
+
+    run_config.check(load_config("configs/arith_ppo.py:smoke"), str(tmp_path), write=True)
+    record = {"step": 0, "pass@1": 0.25, "num_problems": 4, "num_samples": 2}
+    (tmp_path / "eval.jsonl").write_text(json.dumps(record) + "\n")
+    assert report.main(["--workdir", str(tmp_path)]) == 0
+    assert f"run arith_ppo ({tmp_path})" in capsys.readouterr().out

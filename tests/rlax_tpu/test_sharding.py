@@ -15,7 +15,9 @@ from rlax_tpu.models import ModelConfig
 from tests.helpers.hf_models import left_padded_batch, make_hf_model
 
 CFG = ModelConfig(vocab_size=96, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=4,
-                  num_kv_heads=2, head_dim=16, arch="qwen2", qkv_bias=True, tie_embeddings=False)
+                  num_kv_heads=2, head_dim=16, arch="qwen2", qkv_bias=True, qk_norm=False, tie_embeddings=False,
+                  rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=2048,
+                  param_dtype="float32", dtype="float32", attention_impl="auto", logprob_chunk=1024)
 
 
 def mesh_of(data=1, fsdp=-1, tensor=1):

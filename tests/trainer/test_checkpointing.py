@@ -110,6 +110,21 @@ def test_mismatched_tree_names_leaf_and_shapes(tmp_path):
     ck.close()
 
 
+def test_a_checkpoint_with_the_old_rng_leaf_restores_into_the_state_without_it(tmp_path):
+    mesh8 = _mesh((8,), ("fsdp",))
+    rep = NamedSharding(mesh8, P())
+    old = _state(mesh8)
+    old["rng"] = jax.random.key_data(jax.random.key(3))  # how the train state used to hold it
+    with Checkpointer(str(tmp_path), keep=1, async_save=False) as ck:
+        ck.save(1, old, {})
+    target = _abstract(NamedSharding(mesh8, P("fsdp")), rep)
+    del target["rng"]
+    with Checkpointer(str(tmp_path), keep=1) as ck:
+        got, _ = ck.restore(1, target)
+    assert set(got) == {"params", "opt", "step"} and int(got["step"]) == 7
+    np.testing.assert_array_equal(np.asarray(got["params"]["w"]), np.asarray(old["params"]["w"]))
+
+
 _CHILD = textwrap.dedent("""
     import os, sys, time
     import jax, jax.numpy as jnp

@@ -13,10 +13,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from inference_worker.replay_client import ReplayWorker
+from rlax_tpu import store_layout as keys
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import Sample, keys
+from rlax_tpu.replay import Sample
+from rlax_tpu.tasks.base import stable_hash
 from trainer.controller import CollectTimeout, Controller
 
 
@@ -107,7 +109,7 @@ def test_timeouts_name_no_worker_and_dropped_groups():
     config = finalize(_config(dynamic_sampling=True))
     kv = KVStore.open("memory://")
     ctl = Controller(config, kv, _Tok(), tasks_lib.get_task(config.task), epoch=None)
-    worker = ReplayWorker(kv, "flat", lease_seconds=5.0, max_leases=8)
+    worker = ReplayWorker(kv, "flat", lease_seconds=5.0, max_leases=8, heartbeat_seconds=10.0)
     stop = threading.Event()
 
     def flat_rewards():  # every sample of every group gets the same reward
@@ -170,3 +172,52 @@ def test_reuse_is_bounded_in_uses_and_age_and_survives_a_restart():
     gone = retained - set(state2["replay"]["retained"])
     ctl2.replay.ack(state2["replay"])
     assert gone and all(kv.get(keys.ROLLOUTS + t) is None for t in gone)
+
+
+def _difficulty_run(difficulty: bool, steps: int = 24):
+    """Groups admitted per step with a worker that solves every sample of the 'easy' prompts and
+    half the samples of the others."""
+    config = _config(difficulty_filter=difficulty, difficulty_min_groups=2, max_staleness=0, off_policy="none")
+    config.task.num_train = 8
+    config = finalize(config)
+    kv = KVStore.open("memory://")
+    ctl = Controller(config, kv, _Tok(), tasks_lib.get_task(config.task), epoch=None)
+    worker = ReplayWorker(kv, "w", lease_seconds=5.0, max_leases=4, heartbeat_seconds=0.2)
+    easy = lambda pid: stable_hash(pid) % 2 == 0
+    stop = threading.Event()
+
+    def work():
+        while not stop.is_set():
+            worker.heartbeat()
+            for lease in worker.lease(4):
+                solved = [easy(lease.task.prompt_id) or i % 2 == 1 for i in range(lease.task.n_samples)]
+                w = lease.task.weights_step  # generated with the weights it asks for
+                worker.submit(lease, [Sample(np.ones(3, np.int32), np.zeros(3, np.float32), w, float(s),
+                                             {"correct": s}, "eos") for s in solved])
+            time.sleep(0.005)
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    try:
+        batches = [ctl.collect(step, 2, weights_step=step, should_stop=lambda: False, timeout_s=5.0, poll_s=0.01)[0]
+                   for step in range(steps)]
+    finally:
+        stop.set()
+        t.join(5)
+    return ctl, [[easy(a.task.prompt_id) for a in groups] for groups in batches]
+
+
+def test_difficulty_aware_selection_skips_prompts_that_are_always_solved():
+    from rlax_tpu.config import load_config
+
+    assert load_config("configs/arith_dapo.py").rl.difficulty_filter  # a shipped config uses it
+    ctl, easy = _difficulty_run(True)
+    per_prompt = {pid: g[0] for pid, g in ctl.difficulty.stats.items()}
+    solved_always = [pid for pid, (groups, solved, samples) in ctl.difficulty.stats.items() if solved == samples]
+    assert solved_always and ctl.difficulty.skipped > 0
+    # An always-solved prompt is issued again only while its first groups are still in flight.
+    assert all(per_prompt[pid] <= 2 + 2 for pid in solved_always), per_prompt
+    late = [e for groups in easy[-len(easy) // 3:] for e in groups]
+    assert late and not any(late), easy
+    _, unfiltered = _difficulty_run(False)  # without the filter the easy prompts keep coming
+    assert any(e for groups in unfiltered[-len(unfiltered) // 3:] for e in groups)

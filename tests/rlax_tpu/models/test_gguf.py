@@ -17,6 +17,7 @@ from gguf import GGMLQuantizationType as Q
 from rlax_tpu import models, sharding
 from rlax_tpu.models import CheckpointError
 from rlax_tpu.models.layers import rope_inv_freq
+from tests.helpers.checkpoints import smollm2_or_skip
 
 # -- the real checkpoint ---------------------------------------------------------------------------
 TEXT = ("The quick brown fox jumps over the lazy dog. Paris is the capital of France, and Berlin is the "
@@ -34,12 +35,7 @@ def real():
     import torch
     import transformers
 
-    from rlax_tpu.models.fetch import FetchError, fetch
-
-    try:
-        path = fetch("smollm2")
-    except FetchError as e:
-        pytest.skip(f"the SmolLM2 GGUF could not be fetched: {e}")
+    path = smollm2_or_skip()
     model, cfg = models.load(path)
     d, name = os.path.split(path)
     tok = transformers.AutoTokenizer.from_pretrained(d, gguf_file=name)

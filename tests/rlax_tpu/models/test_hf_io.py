@@ -151,18 +151,46 @@ def test_build_from_config_section(ckpts):
     assert model.embed[...].shape == (c.vocab_size, c.hidden_size)
 
 
+def test_llama3_rope_scaling_round_trips_through_the_store_model_config(tmp_path):
+    """The run's model config goes to the store as JSON and comes back in each worker: the
+    Llama-3 rope scaling must come back equal to the trainer's copy and hashable (jit-static)."""
+    from rlax_tpu import run_meta
+    from rlax_tpu.kvstore import KVStore
+
+    c = models.config_from_section(_llama3_section())
+    assert c.rope_scaling is not None
+    kv = KVStore.open(f"file://{tmp_path}/store/", str(tmp_path))
+    run_meta.write_model_config(kv, c)
+    back = run_meta.read_model_config(kv)
+    assert back == c and hash(back) == hash(c) and back.rope_scaling_dict == c.rope_scaling_dict
+    run_meta.write_model_config(kv, back)  # a resumed trainer's copy is the same model
+
+
+def _llama3_section():
+    from rlax_tpu.config import get_base_config
+
+    c = get_base_config().model
+    c.arch, c.rope_scaling_factor, c.rope_original_max_position_embeddings = "llama", 8.0, 16
+    return c
+
+
 def test_model_config_errors_name_the_field():
     from rlax_tpu.config import ConfigError
     from rlax_tpu.models import ModelConfig
 
     base = dict(vocab_size=8, hidden_size=8, intermediate_size=8, num_layers=1, num_heads=4,
-                num_kv_heads=2, head_dim=2)
+                num_kv_heads=2, head_dim=2, rope_theta=1e4, rope_scaling=None, rms_norm_eps=1e-6, qkv_bias=False,
+                qk_norm=False, tie_embeddings=True, max_position_embeddings=64, arch="llama",
+                param_dtype="float32", dtype="float32", attention_impl="auto", logprob_chunk=8)
+    ModelConfig(**base)
     with pytest.raises(ConfigError, match="config.model.num_kv_heads"):
         ModelConfig(**{**base, "num_kv_heads": 3})
     with pytest.raises(ConfigError, match="config.model.dtype"):
-        ModelConfig(**base, dtype="float16")
+        ModelConfig(**{**base, "dtype": "float16"})
     with pytest.raises(ConfigError, match="config.model.rope_scaling.*missing"):
-        ModelConfig(**base, rope_scaling={"factor": 8.0})
+        ModelConfig(**{**base, "rope_scaling": {"factor": 8.0}})
+    with pytest.raises(TypeError, match="logprob_chunk"):  # no shadow defaults: every field is given
+        ModelConfig(**{k: v for k, v in base.items() if k != "logprob_chunk"})
 
 
 def test_trainer_model_from_hf_honours_config_and_matches_published_config(tmp_path):

@@ -69,8 +69,11 @@ def test_packed_batch_equals_separate(checkpoints):
 
 # -- chunked target log-probs --------------------------------------------------------------------
 def _small_cfg(tie: bool, vocab: int = 50, **kw) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
-                       num_kv_heads=2, head_dim=8, arch="qwen2", qkv_bias=True, tie_embeddings=tie, **kw)
+    base = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4, num_kv_heads=2,
+                head_dim=8, arch="qwen2", qkv_bias=True, qk_norm=False, tie_embeddings=tie, rope_theta=10000.0,
+                rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=2048, param_dtype="float32",
+                dtype="float32", attention_impl="auto", logprob_chunk=1024)
+    return ModelConfig(**{**base, **kw})
 
 
 def test_target_logprobs_value_entropy_and_grad():

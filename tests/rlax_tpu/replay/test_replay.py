@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from inference_worker.replay_client import ReplayWorker
+from rlax_tpu import store_layout as keys
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.fencing import FencedError, acquire_epoch
 from rlax_tpu.kvstore import KVStore
@@ -21,7 +22,6 @@ from rlax_tpu.replay import (
     decode_task,
     encode_rollout,
     encode_task,
-    keys,
 )
 from tests.helpers.fake_worker import fake_samples
 from trainer.replay_controller import QueueFull, ReplayController
@@ -128,7 +128,7 @@ def test_admission_control_caps_tasks_in_flight(kv):
     assert ctl.free_slots() == 0
     with pytest.raises(QueueFull):
         _issue(ctl, 1)
-    assert _work(ReplayWorker(kv, "w0", lease_seconds=5)) == 3
+    assert _work(ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)) == 3
     res = ctl.poll(step=0, limit=2)
     assert len(res.admitted) == 2 and ctl.free_slots() == 2 and ctl.in_flight == 1
     assert [a.task.task_id for a in res.admitted] == [keys.task_id(0), keys.task_id(1)]  # oldest first
@@ -148,7 +148,7 @@ def test_max_in_flight_derived_from_config(kv):
 
 def test_staleness_bound_uses_the_oldest_sample(kv):
     ctl = ReplayController(kv, max_in_flight=8, max_staleness=1)
-    worker = ReplayWorker(kv, "w0", lease_seconds=5)
+    worker = ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)
     _issue(ctl, 2)
     assert _work(worker, weights_step=3) == 2
     res = ctl.poll(step=5)  # 5 - 3 = 2 > 1: both dropped, their tasks go back to the workers
@@ -161,7 +161,7 @@ def test_staleness_bound_uses_the_oldest_sample(kv):
 
 def test_ack_deletes_only_records_covered_by_a_committed_checkpoint(kv):
     ctl = ReplayController(kv, max_in_flight=8, max_staleness=0)
-    worker = ReplayWorker(kv, "w0", lease_seconds=5)
+    worker = ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)
     _issue(ctl, 4)
     _work(worker)
     ctl.poll(step=0, limit=2)
@@ -184,7 +184,7 @@ def test_corrupt_and_foreign_rollouts_are_counted_skipped_and_redone(kv, caplog)
     assert res.admitted == [] and sorted(res.invalid) == [tasks[0].task_id, tasks[1].task_id]
     assert ctl.counters["corrupt"] == 2 and "schema version 9" in caplog.text
     # the corrupt rollouts were removed, so a worker does those tasks again
-    assert _work(ReplayWorker(kv, "w0", lease_seconds=5)) == 3
+    assert _work(ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)) == 3
     assert len(ctl.poll(step=0).admitted) == 3
 
 
@@ -193,7 +193,7 @@ def test_corrupt_task_and_lease_records_do_not_stop_a_worker(kv, caplog):
     tasks = _issue(ctl, 3)
     kv.put(keys.TASKS + tasks[0].task_id, encode_task(_task())[:-3])
     kv.put(keys.LEASES + tasks[1].task_id, b"{not json")
-    worker = ReplayWorker(kv, "w0", lease_seconds=5)
+    worker = ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)
     with caplog.at_level(logging.WARNING):
         got = worker.lease(5)
     assert [lease.task_id for lease in got] == [tasks[2].task_id, tasks[1].task_id]
@@ -204,8 +204,8 @@ def test_corrupt_task_and_lease_records_do_not_stop_a_worker(kv, caplog):
 def test_late_write_after_lease_expiry_is_ignored(kv):
     ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
     (task,) = _issue(ctl, 1)
-    slow = ReplayWorker(kv, "slow", lease_seconds=0.2)
-    fast = ReplayWorker(kv, "fast", lease_seconds=5)
+    slow = ReplayWorker(kv, "slow", lease_seconds=0.2, max_leases=4, heartbeat_seconds=10.0)
+    fast = ReplayWorker(kv, "fast", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)
     (lease,) = slow.lease(1)
     time.sleep(0.3)  # slow's lease expires without renewal
     (taken,) = fast.lease(1)
@@ -222,10 +222,10 @@ def test_late_write_after_lease_expiry_is_ignored(kv):
 def test_late_write_after_ack_is_garbage_collected(kv):
     ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
     _issue(ctl, 1)
-    late = ReplayWorker(kv, "late", lease_seconds=0.1)
+    late = ReplayWorker(kv, "late", lease_seconds=0.1, max_leases=4, heartbeat_seconds=10.0)
     (lease,) = late.lease(1)
     time.sleep(0.15)
-    _work(ReplayWorker(kv, "w1", lease_seconds=5))
+    _work(ReplayWorker(kv, "w1", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0))
     ctl.poll(step=0)
     ctl.ack(ctl.state_dict())
     assert kv.list("") == []
@@ -237,7 +237,7 @@ def test_reissue_after_restore_reuses_identical_tasks_and_rejects_changed_ones(k
     ctl = ReplayController(kv, max_in_flight=8, max_staleness=1)
     saved = ctl.state_dict()
     _issue(ctl, 2)
-    _work(ReplayWorker(kv, "w0", lease_seconds=5))
+    _work(ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0))
     # restart from the empty state: the same prompts come again for id 0, a different one for id 1
     ctl2 = ReplayController(kv, max_in_flight=8, max_staleness=1, state=saved)
     ctl2.issue("p0", np.arange(3), {"mixed_rewards": True}, 2, 0)
@@ -245,7 +245,7 @@ def test_reissue_after_restore_reuses_identical_tasks_and_rejects_changed_ones(k
     assert ctl2.counters["reissued_same"] == 1 and ctl2.counters["reissued_changed"] == 1
     res = ctl2.poll(step=0)
     assert [a.task.prompt_id for a in res.admitted] == ["p0"] and ctl2.counters["mismatched"] == 1
-    _work(ReplayWorker(kv, "w1", lease_seconds=5))
+    _work(ReplayWorker(kv, "w1", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0))
     assert [a.task.prompt_id for a in ctl2.poll(step=0).admitted] == ["other"]
 
 
@@ -253,7 +253,7 @@ def test_fenced_controller_cannot_delete(kv):
     epoch = acquire_epoch(kv)
     ctl = ReplayController(kv, max_in_flight=4, max_staleness=1, epoch=epoch)
     _issue(ctl, 1)
-    _work(ReplayWorker(kv, "w0", lease_seconds=5))
+    _work(ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0))
     ctl.poll(step=0)
     acquire_epoch(kv)  # a newer trainer starts
     with pytest.raises(FencedError):
@@ -271,11 +271,18 @@ def test_bad_controller_state_is_refused(kv):
 def test_heartbeat_and_release(kv):
     ctl = ReplayController(kv, max_in_flight=4, max_staleness=1)
     _issue(ctl, 2)
-    worker = ReplayWorker(kv, "w0", lease_seconds=5)
+    worker = ReplayWorker(kv, "w0", lease_seconds=5, max_leases=4, heartbeat_seconds=10.0)
     worker.weights_step = 7
     assert len(worker.lease(2)) == 2 and len(kv.list(keys.LEASES)) == 2
-    worker.heartbeat()
-    import json
-    beat = json.loads(kv.get(keys.WORKERS + "w0"))
-    assert beat["weights_step"] == 7 and len(beat["leases"]) == 2 and beat["tasks_done"] == 0
+    worker.heartbeat(note="x")
+    beat = keys.Heartbeat.decode(kv.get(keys.WORKERS + "w0"))  # the one parser every reader uses
+    assert beat.worker == "w0" and beat.weights_step == 7 and len(beat.leases) == 2 and beat.tasks_done == 0
+    assert beat.extra == {"note": "x"} and beat.alive(heartbeat_s=10.0) and not beat.alive(10.0, now=beat.time + 31)
+    assert keys.Heartbeat.decode(beat.encode()) == beat
+    worker.heartbeat(state="stopped")
+    assert not keys.Heartbeat.decode(kv.get(keys.WORKERS + "w0")).alive(heartbeat_s=10.0)
+    with pytest.raises(keys.HeartbeatError):
+        keys.Heartbeat.decode(b"\x00not json")
+    with pytest.raises(keys.HeartbeatError):
+        keys.Heartbeat.decode(b'{"worker": "w", "time": "soon"}')
     assert worker.release_all() == 2 and kv.list(keys.LEASES) == []

@@ -12,8 +12,8 @@ import time
 import numpy as np
 import pytest
 
+from rlax_tpu import store_layout as keys
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.replay import keys
 from tests.helpers import ROOT
 from tests.helpers.fake_worker import fake_samples
 from trainer.replay_controller import ReplayController

@@ -11,8 +11,8 @@ from typing import Any, Literal
 import pytest
 
 from rlax_tpu import tokenizer
-from rlax_tpu.models.fetch import FetchError, fetch
 from rlax_tpu.tokenizer import ChatTemplate, ChatTemplateError, ToolSchemaError, get_json_schema
+from tests.helpers.checkpoints import smollm2_or_skip
 
 transformers = pytest.importorskip("transformers")
 from transformers.utils import get_json_schema as hf_get_json_schema  # noqa: E402
@@ -156,10 +156,7 @@ CASES = {
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory):
     """SmolLM2's converted tokenizer.json (any real vocabulary does)."""
-    try:
-        gguf_path = fetch("smollm2")
-    except FetchError as e:
-        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+    gguf_path = smollm2_or_skip()
     out = str(tmp_path_factory.mktemp("smollm2"))
     tokenizer.convert_gguf(gguf_path, out)
     return out

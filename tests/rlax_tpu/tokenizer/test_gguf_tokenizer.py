@@ -6,10 +6,10 @@ import os
 
 import pytest
 
-from rlax_tpu import run_meta, tokenizer
+from rlax_tpu import run_meta, store_layout, tokenizer
 from rlax_tpu.config import ConfigError, finalize, get_base_config
 from rlax_tpu.kvstore import KVStore
-from rlax_tpu.models.fetch import FetchError, fetch
+from tests.helpers.checkpoints import smollm2_or_skip
 
 transformers = pytest.importorskip("transformers")
 
@@ -57,10 +57,7 @@ WEATHER = {"type": "function", "function": {
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    try:
-        return fetch("smollm2")
-    except FetchError as e:
-        pytest.skip(f"SmolLM2 GGUF unavailable: {e}")
+    return smollm2_or_skip()
 
 
 @pytest.fixture(scope="module")
@@ -152,8 +149,8 @@ def test_run_store_round_trip(ours, config, tmp_path):
     kv = KVStore.open("", str(tmp_path))
     run_meta.write_tokenizer(kv, ours)
     run_meta.write_tokenizer(kv, ours)  # idempotent: the same bytes
-    assert sorted(kv.list(run_meta.TOKENIZER_PREFIX)) == [run_meta.TOKENIZER_PREFIX + "tokenizer.json",
-                                                         run_meta.TOKENIZER_PREFIX + "tokenizer_config.json"]
+    assert sorted(kv.list(store_layout.TOKENIZER_PREFIX)) == [store_layout.TOKENIZER_PREFIX + "tokenizer.json",
+                                                         store_layout.TOKENIZER_PREFIX + "tokenizer_config.json"]
     cache = tmp_path / "worker"
     cache.mkdir()
     (cache / "chat_template.jinja").write_text("{{ stale }}")  # another run's leftovers are ignored
