@@ -167,7 +167,7 @@ def evaluate_checkpoint(config, path: str) -> dict:
     from rlax_tpu import tokenizer as tokenizer_lib
 
     mesh = sharding.make_mesh(config.inference.mesh)
-    model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.param_dtype), mesh=mesh,
+    model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.dtype), mesh=mesh,
                                    rules=sharding.INFERENCE_RULES, overrides=models.overrides(config.model))
     tok = tokenizer_lib.build(config, os.path.join(os.path.dirname(os.path.abspath(path)), ".tokenizer"))
     task = tasks_lib.get_task(config.task)
