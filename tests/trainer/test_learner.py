@@ -42,7 +42,7 @@ def _learner(c, mesh):
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                       remat=False, compute_entropy=True)
+                       remat=False, compute_entropy=True, temperature=c.inference.temperature)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
@@ -111,7 +111,7 @@ def test_engine_logprobs_equal_trainer_recompute_on_policy_f32():
     from inference_worker.engine import Engine, SamplingParams
 
     c = _config()
-    assert c.model.param_dtype == "float32" and c.model.dtype == "float32"
+    assert c.model.dtype == "float32" and c.inference.temperature == 1.0
     learner, state, model_cfg = _learner(c, _mesh(1, 8, 1))
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
     engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
@@ -158,7 +158,7 @@ def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
         model = models.init(model_cfg, 0, mesh=mesh)
         optimizer, _ = make_optimizer(c.trainer)
         state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=True)
-        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True)
+        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         ref = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -193,7 +193,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
         optimizer, _ = make_optimizer(c.trainer, updates_per_step=4)
         state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
-        spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True,
+        spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0,
                            ppo_epochs=2, mini_batches=2)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -209,7 +209,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
     assert metrics["ppo"]["clip_frac"] > 0 and metrics["ppo"]["approx_kl"] > 0
     assert metrics["reinforce"]["clip_frac"] == 0  # no clip in the vanilla policy gradient
     # The schedule: each epoch covers every group once; later epochs reorder them.
-    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, ppo_epochs=3, mini_batches=2), seed=1)
+    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, 1.0, ppo_epochs=3, mini_batches=2), seed=1)
     assert len(groups) == 6 and all(sorted(np.concatenate(groups[e * 2:e * 2 + 2])) == list(range(8))
                                     for e in range(3))
     assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \
