@@ -1,5 +1,6 @@
 """The Learner on 8 fake devices: RL steps under two meshes agree, checkpoints move between
-meshes, and on-policy f32 log-probs of the engine equal the trainer's recompute."""
+meshes, and on-policy f32 log-probs of the engine equal the trainer's recompute at the sampling
+temperature."""
 
 import jax
 import ml_collections
@@ -105,29 +106,43 @@ def test_rl_step_on_two_meshes_and_checkpoint_across_them(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), after8, after222)
 
 
-def test_engine_logprobs_equal_trainer_recompute_on_policy_f32():
+def test_engine_logprobs_at_temperature_equal_trainer_recompute_on_policy_f32():
+    """Sampling at temperature 0.7: the engine's behavior log-probs (what the worker records)
+    equal the trainer's proximal log-probs at the same temperature (f32, 1e-4), and the
+    off-policy weight and the PPO ratio are 1 before the first update; the untempered log-probs
+    of the same tokens are another distribution's."""
     from flax import nnx
 
     from inference_worker.engine import Engine, SamplingParams
 
     c = _config()
-    assert c.model.dtype == "float32" and c.inference.temperature == 1.0
+    c.inference.temperature = 0.7
+    c.rl.off_policy, c.rl.is_cap = "tis", 2.0
+    assert c.model.dtype == "float32"
     learner, state, model_cfg = _learner(c, _mesh(1, 8, 1))
+    assert learner.spec.temperature == 0.7
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
     engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
                     decode_chunk=4)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(1, VOCAB, n).tolist() for n in (5, 9)]
-    outs = engine.generate(prompts, [SamplingParams(temperature=1.0, n=GROUP, max_new_tokens=16, seed=s)
+    outs = engine.generate(prompts, [SamplingParams(temperature=0.7, n=GROUP, max_new_tokens=16, seed=s)
                                      for s in (1, 2)])
-    completions = [(p, [(o.tokens, o.raw_logprobs) for o in group]) for p, group in zip(prompts, outs, strict=True)]
+    completions = [(p, [(o.tokens, o.logprobs) for o in group]) for p, group in zip(prompts, outs, strict=True)]
     host = batching.rl_batch(_groups(rng, completions), SEQ)
     assert host["mask"].sum() > 40
     batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
-    prox = to_host(learner.recompute(state["params"], batch)[0])
+    batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
+    prox = to_host(batch["proximal_logp"])
     mask = host["mask"]
+    np.testing.assert_allclose(prox[mask], host["behavior_logp"][mask], atol=1e-4, rtol=0)
     ratio = np.exp(prox[mask] - host["behavior_logp"][mask])
-    assert np.abs(ratio - 1).max() <= 1e-4
+    _, m = learner.rl_step(state, learner.with_advantages(batch))
+    m = to_host(m)
+    for k in ("is_weight_mean", "is_weight_max", "ratio_mean", "ratio_max"):
+        assert m[k] == pytest.approx(1.0, abs=1e-4), k
+    raw = np.concatenate([o.raw_logprobs for g in outs for o in g])
+    assert np.abs(raw - np.concatenate([o.logprobs for g in outs for o in g])).max() > 1e-2
     from trainer.run import _mismatch
 
     same = np.ones(len(host["rewards"]), bool)  # every row generated from these very weights
