@@ -41,12 +41,13 @@ def _one_device():
                               devices=jax.devices()[:1])
 
 
-def _learner(c, temperature=1.0, micro_batches=1):
+def _learner(c, temperature=1.0, micro_batches=1, init_dtype="float32"):
+    """The learner and state of config c (its model initialized with params in ``init_dtype``)."""
     mesh = _one_device()
     model_cfg = ModelConfig.from_config(c.model)
     optimizer, _ = make_optimizer(c.trainer)
-    state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
-                                 with_value_head=False)
+    model = models.init(model_cfg.replace(param_dtype=init_dtype), 0, mesh=mesh)
+    state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=24, remat=False, compute_entropy=True,
                        temperature=temperature)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
@@ -81,18 +82,19 @@ def _floating_dtypes(tree):
 
 
 def test_bf16_compute_over_f32_masters_and_one_adamw_step_at_1e6_moves_them():
-    """bf16 compute: the params and Adam moments are f32; the bf16 forward is close to the f32
-    one from the same masters (f32 log-probs) but not equal (it does run in bf16); one RL step at
+    """bf16 compute: the params and Adam moments are f32 (even from a model built in bf16); the
+    bf16 forward is close to the f32 one from the same masters (f32 log-probs) but not equal (it
+    does run in bf16); one RL step at
     lr 1e-6 changes more than 99% of the master weights, where the same update on bf16 weights
     would round most away."""
     rng = np.random.default_rng(1)
     host = batching.rl_batch(_groups(rng), SEQ)
-    f32_learner, f32_state, _ = _learner(_config())
+    f32_learner, f32_state, _ = _learner(_config(), init_dtype="bfloat16")
     f32_logp = to_host(f32_learner.recompute(f32_state["params"], _placed(f32_learner, host))[0])
 
     c = _config(dtype="bfloat16")
     c.trainer.learning_rate = 1e-6
-    learner, state, model_cfg = _learner(c)
+    learner, state, model_cfg = _learner(c, init_dtype="bfloat16")
     assert model_cfg.param_dtype == "float32" and learner.layout.compute_dtype == jnp.bfloat16
     assert _floating_dtypes(state["params"]) == {jnp.dtype(jnp.float32)}
     assert _floating_dtypes(state["opt_state"]) == {jnp.dtype(jnp.float32)}
