@@ -9,8 +9,8 @@ Variants: '' or 'smollm2' (the SmolLM2 GGUF from the fetch cache), 'hf' (any Hug
 Llama / Qwen2 / Qwen3 checkpoint directory given by --config.model.hf_path: its tokenizer.json
 and chat template come with it), 'ci' (SmolLM2 with short lengths and 2 steps: the CI test).
 GSM8K here is the packaged test split divided by a hash of the question into train and
-held-out (task.eval_fraction), not the published train/test split. Params and compute are
-bfloat16 on TPU/GPU and float32 on CPU (model.dtype='auto').
+held-out (task.eval_fraction), not the published train/test split. Compute is bfloat16 on
+TPU/GPU and float32 on CPU (model.dtype='auto'); the trainer's master weights are float32.
 """
 
 from rlax_tpu.config import get_base_config, presets

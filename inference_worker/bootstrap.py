@@ -54,5 +54,6 @@ def open_run(config, workdir: str, cache_dir: str, *, wait_s: float) -> RunView:
     model_cfg, tok = run_meta.wait_for_meta(kv, config, cache_dir, timeout_s=wait_s,
                                             poll_s=config.replay.poll_seconds, log=log.info)
     mesh = sharding.make_mesh(config.inference.mesh)
-    graphdef, target = abstract_params(model_cfg, mesh)
+    # Weights are held as published (the trainer's model config has its float32 masters).
+    graphdef, target = abstract_params(model_cfg.replace(param_dtype=config.store.publish_dtype), mesh)
     return RunView(kv, store, model_cfg, tok, mesh, graphdef, target)

@@ -189,7 +189,7 @@ def evaluate_checkpoint(config, path: str, workdir: str) -> dict:
     from rlax_tpu import models, sharding
 
     mesh = sharding.make_mesh(config.inference.mesh)
-    model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.param_dtype), mesh=mesh,
+    model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.dtype), mesh=mesh,
                                    rules=sharding.INFERENCE_RULES, overrides=models.overrides(config.model))
     tok = checkpoint_tokenizer(config, path, os.path.join(run_meta.local_dir(workdir), "evaluator"))
     task = tasks_lib.get_task(config.task)

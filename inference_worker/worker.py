@@ -90,9 +90,10 @@ class Worker:
                 details = dict(reward.details)
                 if c.error:
                     details["engine_error"] = c.error
-                # Behavior log-probs under the raw model (temperature 1): what the trainer recomputes.
+                # Behavior log-probs under the sampling distribution (logits / temperature; RL
+                # refuses truncation): what the trainer recomputes at the same temperature.
                 samples.append(Sample(tokens=np.asarray(c.tokens, np.int32),
-                                      logprobs=np.asarray(c.raw_logprobs, np.float32),
+                                      logprobs=np.asarray(c.logprobs, np.float32),
                                       weights_step=self.weights_step, reward=float(reward.score),
                                       reward_details=details, finish_reason=c.finish_reason))
             results.append((lease, samples, {"generate_s": gen_s, "worker_weights_version": self.client.version}))

@@ -64,7 +64,8 @@ def bench(size: str, rows: int, seq: int, iters: int, peak: float) -> dict:
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]))
-    spec = LearnerSpec(micro_batches=1, logprob_chunk=c.model.logprob_chunk, remat=False, compute_entropy=True)
+    spec = LearnerSpec(micro_batches=1, logprob_chunk=c.model.logprob_chunk, remat=False, compute_entropy=True,
+                       temperature=c.inference.temperature)
     learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
 
     rng = np.random.default_rng(0)

@@ -1,9 +1,10 @@
 """Export a trained policy as a Hugging Face checkpoint directory other tools load.
 
-    python -m trainer.export --workdir=DIR [--step=S] --out=OUT [--config=configs/X.py[:arg]]
+    python -m trainer.export --workdir=DIR [--step=S] --out=OUT [--dtype=bfloat16] [--config=configs/X.py[:arg]]
 
 Reads the run's orbax checkpoint at step S (default: the newest committed one; only the policy's
-parameters, never the optimizer state) and the model config and tokenizer files the trainer wrote
+float32 master weights, never the optimizer state), writes them in ``--dtype`` (float32 by
+default, or bfloat16; config.json says which), and the model config and tokenizer files the trainer wrote
 to the run's store, and writes OUT/model.safetensors, OUT/config.json and the tokenizer's files
 (tokenizer.json and tokenizer_config.json with the chat template, for Hugging Face and GGUF
 tokenizers; the sentencepiece model for a trained one), so that transformers'
@@ -21,6 +22,7 @@ from flax import nnx
 
 from rlax_tpu import models, run_meta, store_layout
 from rlax_tpu.kvstore import KVStore
+from rlax_tpu.models.config import DTYPES
 from trainer.checkpointing import Checkpointer
 
 
@@ -28,8 +30,10 @@ class ExportError(RuntimeError):
     """Nothing to export (no checkpoint, no run metadata); the message says where it looked."""
 
 
-def export(workdir: str, out: str, step: int | None = None, store_url: str = "") -> dict:
-    """Writes the HF directory; returns {"step", "out", "files"}."""
+def export(workdir: str, out: str, step: int | None = None, store_url: str = "", dtype: str = "float32") -> dict:
+    """Writes the HF directory with the weights in ``dtype``; returns {"step", "out", "dtype", "files"}."""
+    if dtype not in DTYPES:
+        raise ExportError(f"--dtype={dtype!r}: expected one of {DTYPES}")
     kv = KVStore.open(store_url, workdir)
     model_cfg = run_meta.read_model_config(kv)
     if model_cfg is None:
@@ -48,9 +52,9 @@ def export(workdir: str, out: str, step: int | None = None, store_url: str = "")
     finally:
         ckpt.close()
     state = jax.tree.map(lambda x: x, abstract)
-    nnx.replace_by_pure_dict(state, params)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda x: x.astype(dtype), params))
     os.makedirs(out, exist_ok=True)
-    models.save_hf(nnx.merge(graphdef, state), model_cfg, out)
+    models.save_hf(nnx.merge(graphdef, state), model_cfg.replace(param_dtype=dtype), out)
     files = {name: data for name, data in run_meta.stored_tokenizer_files(kv).items()}
     if "spm.model" in files:  # a trained sentencepiece model, under the name HF tokenizers use
         files["tokenizer.model"] = files.pop("spm.model")
@@ -59,7 +63,7 @@ def export(workdir: str, out: str, step: int | None = None, store_url: str = "")
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "wb") as f:
             f.write(data)
-    return {"step": step, "out": out, "files": sorted(os.listdir(out))}
+    return {"step": step, "out": out, "dtype": dtype, "files": sorted(os.listdir(out))}
 
 
 def main(argv) -> None:
@@ -73,7 +77,7 @@ def main(argv) -> None:
         raise app.UsageError("--workdir and --out are required")
     url = _CONFIG.value.store.url if _CONFIG.value is not None else ""
     try:
-        print(json.dumps(export(_WORKDIR.value, _OUT.value, _STEP.value, url), indent=2))
+        print(json.dumps(export(_WORKDIR.value, _OUT.value, _STEP.value, url, _DTYPE.value), indent=2))
     except (ExportError, FileNotFoundError) as e:
         raise app.UsageError(str(e)) from None
 
@@ -86,4 +90,6 @@ if __name__ == "__main__":
     _WORKDIR = flags.DEFINE_string("workdir", None, "The run's directory (checkpoints under it).")
     _STEP = flags.DEFINE_integer("step", None, "Checkpoint step to export (default: the newest).")
     _OUT = flags.DEFINE_string("out", None, "Output directory (created).")
+    _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"],
+                               "dtype of the written weights (the checkpoint holds float32 masters).")
     app.run(main)

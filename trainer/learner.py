@@ -34,6 +34,9 @@ class LearnerSpec:
     logprob_chunk: int
     remat: bool
     compute_entropy: bool
+    # The distribution the log-probs are under: softmax(logits / temperature), the rollouts'
+    # sampling temperature (config.inference.temperature) for RL, 1.0 for SFT's data NLL.
+    temperature: float
     ppo_epochs: int = 1
     mini_batches: int = 1
 
@@ -42,16 +45,23 @@ class LearnerSpec:
         return self.ppo_epochs * self.mini_batches
 
 
-def _model_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef=None, value_params=None,
-                   return_entropy=False):
-    """Per-token log-probs of mb['targets'] (and entropy, values) without full [B,T,V] logits."""
-    model = nnx.merge(graphdef, params)
+def _compute_params(params, dtype):
+    """The f32 master weights in the compute dtype, inside the jitted step: the forward (and an
+    FSDP gather) runs in that dtype while the gradient flows back to the f32 masters."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def _model_forward(graphdef, params, mb, spec: LearnerSpec, compute_dtype, value_graphdef=None,
+                   value_params=None, return_entropy=False):
+    """Per-token log-probs of mb['targets'] under softmax(logits / spec.temperature) (and entropy,
+    values) without full [B,T,V] logits; f32 logits and log-probs whatever the compute dtype."""
+    model = nnx.merge(graphdef, _compute_params(params, compute_dtype))
     h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat)
     out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
-                                  return_entropy)
+                                  return_entropy, spec.temperature)
     logp, ent = out if return_entropy else (out, None)
     values = None
-    if value_graphdef is not None:
+    if value_graphdef is not None:  # the value head stays f32 (it is tiny)
         values = nnx.merge(value_graphdef, value_params)(h)
     return logp, ent, values
 
@@ -61,27 +71,69 @@ def _split(batch: dict, m: int, i: int) -> dict:
             for k, v in batch.items()}
 
 
-def _accumulate(loss_and_grad, params, batch: dict, m: int, weights=None):
-    """Combines grads and metrics over m micro-batches: the same update with less memory.
-
-    ``weights[i]`` is micro-batch i's share of the whole batch's loss (default 1/m: equal rows,
-    exact for per-sequence means); token means pass each micro-batch's share of the tokens so the
-    result equals the whole batch's token mean.
-    """
-    grads, metrics = None, None
+def _accumulate(loss_and_grad, params, batch: dict, shares: jax.Array):
+    """Gradients over len(shares) equal row blocks of ``batch`` (micro-batches), block i's scaled
+    by ``shares[i]``, its part of the whole batch's loss: the whole batch's gradient with less
+    memory. Returns (grads, [metrics of each block])."""
+    m = shares.shape[0]
+    grads, per = None, []
     for i in range(m):
-        w = (1.0 / m) if weights is None else weights[i]
-        (_, mets), g = loss_and_grad(params, _split(batch, m, i) if m > 1 else batch)
-        g, mets = jax.tree.map(functools.partial(jnp.multiply, w), (g, mets))
+        (_, mets), g = loss_and_grad(params, _split(batch, m, i))
+        g = jax.tree.map(functools.partial(jnp.multiply, shares[i]), g)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-        metrics = mets if metrics is None else jax.tree.map(jnp.add, metrics, mets)
-    return grads, metrics
+        per.append(mets)
+    return grads, per
 
 
-def _token_shares(mask: jax.Array, m: int) -> list[jax.Array]:
+def _token_shares(mask: jax.Array, m: int) -> jax.Array:
+    """Each of m equal row blocks' share of the mask's tokens [m] (0 everywhere for no tokens)."""
     counts = mask.astype(jnp.float32).reshape(m, -1).sum(axis=1)
-    shares = counts / jnp.maximum(counts.sum(), 1.0)
-    return [shares[i] for i in range(m)]
+    return counts / jnp.maximum(counts.sum(), 1.0)
+
+
+def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec):
+    """Gradients and metrics of the SFT loss (next-token NLL on the answer tokens, batch['mask'];
+    prompt tokens masked out), accumulated over spec.micro_batches by token share."""
+
+    def loss_fn(trainable, mb):
+        logp, _, _ = _model_forward(layout.graphdef, trainable["model"], mb, spec, layout.compute_dtype)
+        mask = mb["mask"].astype(jnp.float32)
+        n = jnp.maximum(mask.sum(), 1.0)
+        nll = -(logp * mask).sum() / n
+        return nll, {"sft/nll": nll, "sft/tokens": mask.sum()}
+
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    m = spec.micro_batches
+    if m == 1:
+        (_, metrics), grads = vg(params, batch)
+        return grads, metrics
+    shares = _token_shares(batch["mask"], m)
+    grads, per = _accumulate(vg, params, batch, shares)
+    return grads, rl.combine_micro_metrics(per, shares, shares)
+
+
+def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.RLLoss):
+    """Gradients and metrics of the RL loss on a batch with its advantages, accumulated over
+    spec.micro_batches: each micro-batch weighs by its share of the loss's normalizer, counted on
+    the mask the loss uses (after rl.overlong_filter), so the gradient is the whole batch's for
+    every aggregation; metrics are combined as their names say, batch statistics (advantages,
+    engine/trainer mismatch) taken on the whole batch."""
+
+    def loss_fn(trainable, mb):
+        logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec, layout.compute_dtype,
+                                           layout.value_graphdef, trainable.get("value"),
+                                           return_entropy=spec.compute_entropy)
+        return loss(logp, mb, values=values, entropy=ent)
+
+    vg = jax.value_and_grad(loss_fn, has_aux=True)
+    m = spec.micro_batches
+    if m == 1:
+        (_, metrics), grads = vg(params, batch)
+        return grads, metrics
+    loss_shares, token_shares = loss.micro_batch_shares(batch, m)
+    grads, per = _accumulate(vg, params, batch, loss_shares)
+    metrics = rl.combine_micro_metrics(per, loss_shares, token_shares, loss.TOKEN_MEANS)
+    return grads, {**metrics, **loss.batch_metrics(batch)}
 
 
 def _apply(state, grads, optimizer, count_step=1):
@@ -93,41 +145,20 @@ def _apply(state, grads, optimizer, count_step=1):
 
 
 def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec):
-    """Next-token NLL on the answer tokens (batch['mask']), prompt tokens masked out."""
-
-    def loss_fn(trainable, mb):
-        logp, _, _ = _model_forward(layout.graphdef, trainable["model"], mb, spec)
-        mask = mb["mask"].astype(jnp.float32)
-        n = jnp.maximum(mask.sum(), 1.0)
-        nll = -(logp * mask).sum() / n
-        return nll, {"sft/nll": nll, "sft/tokens": mask.sum()}
-
-    m = spec.micro_batches
-    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch, m,
-                                 _token_shares(batch["mask"], m) if m > 1 else None)
+    """One SFT update (sft_grads)."""
+    grads, metrics = sft_grads(state["params"], batch, layout=layout, spec=spec)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return _apply(state, grads, optimizer), metrics
 
 
 def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, loss: rl.RLLoss):
     """One optimizer update on a (mini-)batch whose advantages are already in it (computed on the
-    whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches. A batch
-    key 'count_step' (a replicated int32: 1 for a batch's last update) says whether it completes
-    a trainer step; without it, it does."""
-    s = loss.settings
+    whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches (rl_grads).
+    A batch key 'count_step' (a replicated int32: 1 for a batch's last update) says whether it
+    completes a trainer step; without it, it does."""
     batch = dict(batch)
     count_step = batch.pop("count_step", 1)
-
-    def loss_fn(trainable, mb):
-        logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec,
-                                           layout.value_graphdef, trainable.get("value"),
-                                           return_entropy=spec.compute_entropy)
-        return loss(logp, mb, values=values, entropy=ent)
-
-    m = spec.micro_batches
-    weights = _token_shares(batch["mask"], m) if m > 1 and s.loss_agg == "token_mean" else None
-    grads, metrics = _accumulate(jax.value_and_grad(loss_fn, has_aux=True), state["params"], batch, m,
-                                 weights)
+    grads, metrics = rl_grads(state["params"], batch, layout=layout, spec=spec, loss=loss)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["reward_shaped_mean"] = jnp.mean(batch["shaped_rewards"])
     return _apply(state, grads, optimizer, count_step), metrics
@@ -135,12 +166,12 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
 
 def ref_logprobs(model_params, batch, *, layout: StateLayout, spec: LearnerSpec):
     """The frozen reference policy's log-probs (for the KL term); the model alone, no value head."""
-    return _model_forward(layout.graphdef, model_params, batch, spec)[0]
+    return _model_forward(layout.graphdef, model_params, batch, spec, layout.compute_dtype)[0]
 
 
 def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     """The proximal ("old") policy's log-probs (and values) of a batch, without gradients."""
-    logp, _, values = _model_forward(layout.graphdef, params["model"], batch, spec,
+    logp, _, values = _model_forward(layout.graphdef, params["model"], batch, spec, layout.compute_dtype,
                                      layout.value_graphdef, params.get("value"))
     return logp, values
 

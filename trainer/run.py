@@ -160,8 +160,8 @@ class Trainer:
         self.store.publish(state["params"]["model"], step, **self._keep(step))
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                           remat=c.trainer.remat, compute_entropy=True, ppo_epochs=c.rl.ppo_epochs,
-                           mini_batches=c.rl.mini_batches)
+                           remat=c.trainer.remat, compute_entropy=True, temperature=c.inference.temperature,
+                           ppo_epochs=c.rl.ppo_epochs, mini_batches=c.rl.mini_batches)
         learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
         timer = Timer()
         while step < c.trainer.steps and not self.stop.requested:

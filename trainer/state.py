@@ -1,5 +1,10 @@
 """The train state: params (pure dicts), optimizer state and step, created sharded.
 
+Mixed precision: the params are float32 master weights and the optimizer state (Adam moments) is
+float32, whatever the model's compute dtype; the jitted steps cast the masters to
+``StateLayout.compute_dtype`` for the forward (trainer.learner), checkpoints hold the masters,
+and publishing casts to config.store.publish_dtype.
+
 Params are plain nested dicts of arrays (``nnx.to_pure_dict``): optax, orbax and the param server
 all see the same plain pytree, and ``nnx.merge(graphdef, params)`` rebuilds the model inside jit.
 The trainable tree is ``{"model": ...}`` plus ``{"value": ...}`` when the loss needs a value head
@@ -27,17 +32,29 @@ class StateLayout:
     graphdef: Any  # the model's nnx graphdef
     value_graphdef: Any  # the value head's, or None
     shardings: Any  # pytree of NamedSharding matching the state
+    compute_dtype: Any  # the forward's dtype (ModelConfig.dtype); params stay float32
 
 
 def _value_head(model_cfg, seed: int):
-    return rl.ValueHead(model_cfg.hidden_size, rngs=nnx.Rngs(seed), param_dtype=model_cfg.jnp_param_dtype)
+    return rl.ValueHead(model_cfg.hidden_size, rngs=nnx.Rngs(seed), param_dtype=jnp.float32)
+
+
+def _masters(params: Any) -> Any:
+    """Floating params as float32 (in place when they already are), each in its own sharding."""
+    def f32(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == jnp.float32:
+            return x
+        return jax.jit(lambda a: a.astype(jnp.float32), out_shardings=x.sharding)(x)
+
+    return jax.tree.map(f32, params)
 
 
 def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation, *,
                  seed: int, with_value_head: bool) -> tuple[dict, StateLayout]:
-    """The initial train state around an already sharded model (see sharding.create_sharded)."""
+    """The initial train state around an already sharded model (see sharding.create_sharded):
+    float32 master weights and optimizer state whatever dtype the model's params are in."""
     graphdef, params_state = nnx.split(model)
-    trainable = {"model": nnx.to_pure_dict(params_state)}
+    trainable = {"model": _masters(nnx.to_pure_dict(params_state))}
     value_graphdef = None
     if with_value_head:
         head = _value_head(model_cfg, seed + 1)
@@ -58,7 +75,7 @@ def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.Gra
         "opt_state": opt_shardings,
         "step": replicated,
     }
-    return state, StateLayout(graphdef, value_graphdef, shardings)
+    return state, StateLayout(graphdef, value_graphdef, shardings, model_cfg.jnp_dtype)
 
 
 def abstract_state(state: dict) -> dict:

@@ -142,11 +142,12 @@ def compose(c: ml_collections.ConfigDict, variant: str = "") -> ml_collections.C
 
 def pretrained(c: ml_collections.ConfigDict, hf_path: str, tokenizer_kind: str) -> ml_collections.ConfigDict:
     """RL from a pretrained instruct model: its checkpoint, its own tokenizer and chat template
-    (tokenizer_kind 'gguf' or 'hf', read from the checkpoint), no SFT, bfloat16 on accelerators;
+    (tokenizer_kind 'gguf' or 'hf', read from the checkpoint), no SFT, bfloat16 compute on
+    accelerators (float32 master weights);
     GRPO with clip-higher, two mini-batch updates per batch, one step of staleness under
     truncated IS."""
     c.model.hf_path = hf_path
-    c.model.param_dtype = c.model.dtype = "auto"
+    c.model.dtype = "auto"  # compute dtype; the trainer's master weights stay float32
     c.tokenizer.kind = tokenizer_kind
     c.sft.steps = 0
     c.mesh.fsdp = -1

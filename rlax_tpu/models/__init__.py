@@ -1,6 +1,6 @@
 """Decoder-only transformers (Llama / Qwen2 / Qwen3) in Flax NNX, with checkpoint interop.
 
-    model_cfg = models.config_from_section(config.model, vocab_size)   # the one way to a ModelConfig
+    model_cfg = models.config_from_section(config.model, vocab_size)   # the trainer's: f32 params
     model = models.build(config.model, model_cfg, seed, mesh=mesh)     # weights: checkpoint or init
     model, model_cfg = models.load(path, mesh=mesh)                    # HF directory or .gguf file
     model_cfg = models.read_model_config(path)                         # the same, without weights
@@ -21,14 +21,14 @@ import jax
 from flax import nnx
 
 from rlax_tpu import sharding
-from rlax_tpu.models.config import ModelConfig, resolve_dtype
+from rlax_tpu.models.config import MASTER_DTYPE, ModelConfig, resolve_dtype
 from rlax_tpu.models.gguf import load_gguf, read_gguf_config
 from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
 from rlax_tpu.models.transformer import Transformer
 
-__all__ = ["CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init", "init_rngs",
-           "is_gguf", "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config", "resolve_dtype",
-           "save_hf"]
+__all__ = ["MASTER_DTYPE", "CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init",
+           "init_rngs", "is_gguf", "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config",
+           "resolve_dtype", "save_hf"]
 
 
 def is_gguf(path: str) -> bool:
@@ -83,12 +83,11 @@ def overrides(section) -> dict:
 
 
 def config_from_section(section, vocab_size: int | None = None) -> ModelConfig:
-    """The ModelConfig of ``config.model``: the checkpoint's architecture when ``hf_path`` is set
-    (with the section's dtypes and numerics), else the section's fields, with ``vocab_size`` (a
-    trained tokenizer's) when given."""
+    """The trainer's ModelConfig of ``config.model``: the checkpoint's architecture when
+    ``hf_path`` is set, else the section's fields, with ``vocab_size`` (a trained tokenizer's)
+    when given; float32 params (the master weights) and the section's compute dtype and numerics."""
     if section.hf_path:
-        return read_model_config(section.hf_path, dtype=resolve_dtype(section.param_dtype),
-                                 overrides=overrides(section))
+        return read_model_config(section.hf_path, dtype=MASTER_DTYPE, overrides=overrides(section))
     cfg = ModelConfig.from_config(section)
     return cfg if vocab_size is None else cfg.replace(vocab_size=vocab_size)
 
@@ -99,8 +98,7 @@ def build(section, model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.
     set, else randomly initialized; placed in their shardings with a mesh."""
     if not section.hf_path:
         return init(model_cfg, seed, mesh=mesh, rules=rules)
-    model, loaded = load(section.hf_path, dtype=resolve_dtype(section.param_dtype), mesh=mesh, rules=rules,
-                         overrides=overrides(section))
+    model, loaded = load(section.hf_path, dtype=MASTER_DTYPE, mesh=mesh, rules=rules, overrides=overrides(section))
     if loaded != model_cfg:
         raise CheckpointError(f"{section.hf_path}: the checkpoint describes {loaded}, not {model_cfg}")
     return model

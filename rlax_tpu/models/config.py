@@ -13,6 +13,9 @@ from rlax_tpu.config.errors import ConfigError
 ARCHS = ("llama", "qwen2", "qwen3")
 DTYPES = ("float32", "bfloat16")
 IMPLS = ("auto", "pallas", "reference")
+# The trainer's master weights (and so its checkpoints): float32 whatever the compute dtype is;
+# Adam on bf16 weights would round most small updates away.
+MASTER_DTYPE = "float32"
 ROPE_SCALING_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
@@ -34,7 +37,11 @@ def resolve_dtype(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Architecture and numerics of a Llama / Qwen2 / Qwen3 style model (hashable, jit-static)."""
+    """Architecture and numerics of a Llama / Qwen2 / Qwen3 style model (hashable, jit-static).
+
+    ``param_dtype`` is the dtype the params are created or loaded in (the trainer's: float32
+    masters); ``dtype`` the compute dtype of activations and matmul inputs.
+    """
 
     # Every field is given by whoever builds one: from_config (config.model), a checkpoint
     # reader (its file, with config.model's numerics) or the store's model.json; no defaults here.
@@ -122,7 +129,8 @@ class ModelConfig:
 
     @classmethod
     def from_config(cls, c) -> ModelConfig:
-        """Builds from the ``config.model`` ml-collections section (architecture fields only).
+        """Builds from the ``config.model`` ml-collections section (architecture fields and the
+        compute dtype; params are float32, the trainer's master weights).
 
         The family fixes the per-family switches: qwen2 -> qkv_bias, qwen3 -> qk_norm.
         """
@@ -141,7 +149,7 @@ class ModelConfig:
             head_dim=head_dim, rope_theta=float(c.rope_theta), rope_scaling=rope_scaling,
             rms_norm_eps=float(c.rms_norm_eps), qkv_bias=c.arch == "qwen2", qk_norm=c.arch == "qwen3",
             tie_embeddings=bool(c.tie_embeddings), max_position_embeddings=c.max_position_embeddings,
-            arch=c.arch, param_dtype=resolve_dtype(c.param_dtype), dtype=resolve_dtype(c.dtype),
+            arch=c.arch, param_dtype=MASTER_DTYPE, dtype=resolve_dtype(c.dtype),
             attention_impl=c.attention_impl,
             logprob_chunk=c.logprob_chunk,
         )

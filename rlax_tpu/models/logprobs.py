@@ -28,12 +28,16 @@ def _update(carry, logits, targets, offset, entropy: bool):
 
 
 def chunked_target_logprobs(hidden: jax.Array, weight: jax.Array, targets: jax.Array, chunk: int,
-                            return_entropy: bool = False):
-    """log softmax(hidden @ weight.T)[targets], f32, computed chunk by chunk over V.
+                            return_entropy: bool = False, temperature: float = 1.0):
+    """log softmax(hidden @ weight.T / temperature)[targets], f32, computed chunk by chunk over V.
 
     hidden: [..., H] (compute dtype); weight: [V, H] (embedding or lm_head); targets: [...] int.
-    Returns logp [...] (and entropy [...] of the full distribution when asked).
+    temperature: the sampling temperature (> 0) whose distribution the log-probs are under; the
+    logits are f32 before the division, as in the engine's sampler.
+    Returns logp [...] (and entropy [...] of the same distribution when asked).
     """
+    if not temperature > 0:
+        raise ValueError(f"chunked_target_logprobs: temperature must be > 0, got {temperature!r}")
     v, h = weight.shape
     chunk = max(1, min(int(chunk), v))
     n_full, rem = divmod(v, chunk)
@@ -42,6 +46,8 @@ def chunked_target_logprobs(hidden: jax.Array, weight: jax.Array, targets: jax.A
 
     def chunk_step(carry, w_chunk, offset):
         logits = jnp.einsum("...h,vh->...v", hidden, w_chunk, preferred_element_type=jnp.float32)
+        if temperature != 1.0:
+            logits = logits / jnp.float32(temperature)
         return _update(carry, logits, targets, offset, return_entropy)
 
     chunk_step = jax.checkpoint(chunk_step)

@@ -6,7 +6,7 @@ data side. The parts are selected by config strings through the registries below
 
 from rlax_tpu.rl import aggregation, kl, off_policy, policy_losses  # noqa: F401  (registrations)
 from rlax_tpu.rl.advantages import AdvantageResult, compute_advantages, discounted_returns, gae, with_advantages
-from rlax_tpu.rl.loss import RLLoss, build_loss
+from rlax_tpu.rl.loss import RLLoss, build_loss, combine_micro_metrics
 from rlax_tpu.rl.registry import (
     ADVANTAGES,
     AGGREGATIONS,
@@ -27,7 +27,7 @@ from rlax_tpu.rl.value import ValueHead, clipped_value_loss
 __all__ = [
     "ADVANTAGES", "AGGREGATIONS", "KL_ESTIMATORS", "OFF_POLICY", "POLICY_LOSSES",
     "AdvantageResult", "RLLoss", "RLSettings", "Registry", "ValueHead", "as_settings",
-    "build_loss", "clipped_value_loss", "compute_advantages", "discounted_returns",
+    "build_loss", "clipped_value_loss", "combine_micro_metrics", "compute_advantages", "discounted_returns",
     "gae", "overlong_filter", "overlong_penalty", "register_advantage",
     "register_aggregation", "register_kl_estimator", "register_off_policy",
     "register_policy_loss", "with_advantages",

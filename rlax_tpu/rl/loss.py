@@ -4,7 +4,7 @@ off-policy correction + value loss, selected by config.rl through the registries
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -39,6 +39,13 @@ class RLLoss:
 
     settings: RLSettings
 
+    # Per-micro-batch metrics that are means over the loss's tokens (combined by token share);
+    # the other means are aggregated like the loss (combined by the loss's shares).
+    TOKEN_MEANS: ClassVar[frozenset[str]] = frozenset({
+        "is_weight_mean", "is_capped_frac", "clip_frac_low", "clip_frac_high", "clip_frac",
+        "dual_clip_frac", "approx_kl", "ratio_mean", "value_clip_frac", "value_mean", "returns_mean",
+        "explained_variance"})
+
     def __post_init__(self):
         s = self.settings
         # Resolve every name now so a bad config fails at build time, naming the field.
@@ -57,29 +64,13 @@ class RLLoss:
         b, t = logp.shape
         if "mask" not in batch:
             raise KeyError("RL batch needs 'mask' [B, T] (completion tokens)")
-        mask = batch["mask"].astype(bool)
-        if mask.shape != (b, t):
-            raise ValueError(f"batch['mask'] has shape {mask.shape}, logp has {(b, t)}")
-        data_mask = mask  # before filtering: used for group statistics
-        if s.overlong_filter and "truncated" in batch:
-            mask = overlong_filter(mask, batch["truncated"].astype(bool))
-        elif s.overlong_filter:
-            raise KeyError("rl.overlong_filter=True needs batch['truncated'] [B] bool")
-        group_ids = batch.get("group_ids")
-        if group_ids is None:
-            group_ids = group_ids_from_size(b, s.group_size)
-
-        behavior = batch.get("behavior_logp")
-        proximal = batch.get("proximal_logp")
-        behavior = None if behavior is None else behavior.astype(_F32)
-        proximal = None if proximal is None else proximal.astype(_F32)
-
-        # Advantages come from the data side (rl.with_advantages, on the whole batch).
+        data_mask = batch["mask"].astype(bool)  # before filtering: used for group statistics
+        if data_mask.shape != (b, t):
+            raise ValueError(f"batch['mask'] has shape {data_mask.shape}, logp has {(b, t)}")
+        mask = self.loss_mask(batch)
+        behavior, proximal = _old_logps(batch)
         returns = batch.get("returns")
-        if "advantages" not in batch:
-            raise KeyError("RL batch needs 'advantages' [B, T] (rl.with_advantages(settings, batch))")
-        adv = batch["advantages"].astype(_F32)
-        adv = sg(jnp.where(data_mask, adv[:, None] if adv.ndim == 1 else adv, 0.0))
+        adv = _advantages(batch, data_mask)
 
         # The ratio's denominator: the proximal policy, else the behavior policy, else on-policy.
         old = proximal if proximal is not None else behavior
@@ -140,15 +131,55 @@ class RLLoss:
 
         metrics["loss"] = loss
         metrics.update(self._policy_metrics(logp, old, ratio, flags, mask))
-        metrics.update(_advantage_metrics(adv, data_mask, group_ids))
+        metrics.update(self.batch_metrics(batch))
+        return loss, {k: sg(v).astype(_F32) for k, v in metrics.items()}
+
+    def loss_mask(self, batch: dict[str, Any]) -> jax.Array:
+        """The [B, T] tokens the loss aggregates over: batch['mask'] after rl.overlong_filter."""
+        mask = batch["mask"].astype(bool)
+        if not self.settings.overlong_filter:
+            return mask
+        if "truncated" not in batch:
+            raise KeyError("rl.overlong_filter=True needs batch['truncated'] [B] bool")
+        return overlong_filter(mask, batch["truncated"].astype(bool))
+
+    def batch_metrics(self, batch: dict[str, Any]) -> dict[str, jax.Array]:
+        """The metrics that depend on the batch alone (not on the current params): advantage
+        statistics, the engine/trainer mismatch, token and sequence counts. The learner takes
+        them on the whole batch when it cuts micro-batches (a group may span two)."""
+        data_mask = batch["mask"].astype(bool)
+        mask = self.loss_mask(batch)
+        group_ids = batch.get("group_ids")
+        if group_ids is None:
+            group_ids = group_ids_from_size(data_mask.shape[0], self.settings.group_size)
+        metrics = _advantage_metrics(_advantages(batch, data_mask), data_mask, group_ids)
+        behavior, proximal = _old_logps(batch)
         if behavior is not None and proximal is not None:
             # Engine vs trainer on the same tokens: KL(behav || prox) estimated by k1 and k3.
             metrics["mismatch_kl"] = masked_mean(behavior - proximal, mask)
-            metrics["mismatch_kl_k3"] = masked_mean(
-                KL_ESTIMATORS.get("k3")(behavior, proximal), mask)
+            metrics["mismatch_kl_k3"] = masked_mean(KL_ESTIMATORS.get("k3")(behavior, proximal), mask)
         metrics["num_tokens"] = jnp.sum(mask.astype(_F32))
         metrics["num_seqs"] = jnp.sum(jnp.any(mask, axis=-1).astype(_F32))
-        return loss, {k: sg(v).astype(_F32) for k, v in metrics.items()}
+        return {k: sg(v).astype(_F32) for k, v in metrics.items()}
+
+    def micro_batch_shares(self, batch: dict[str, Any], m: int) -> tuple[jax.Array, jax.Array]:
+        """(loss shares [m], token shares [m]) of the batch cut into m equal row blocks, counted
+        on the mask the loss uses. The loss shares make sum_i share_i * loss(block i) the whole
+        batch's loss (and gradient) for any aggregation that is a weighted mean over rows' tokens
+        (token_mean: the block's share of the tokens; the sequence means: of the valid
+        sequences): block i's share is aggregate(1 on block i, whole batch) / aggregate(1, block
+        i), 0 for a block with nothing to aggregate. Token shares weigh per-token metric means."""
+        mask = self.loss_mask(batch)
+        rows = mask.shape[0] // m
+        ones = jnp.ones(mask.shape, _F32)
+        block = jnp.arange(mask.shape[0]) // rows
+        shares = []
+        for i in range(m):
+            whole = self.aggregate(jnp.where((block == i)[:, None], ones, 0.0), mask)
+            part = self.aggregate(ones[i * rows:(i + 1) * rows], mask[i * rows:(i + 1) * rows])
+            shares.append(jnp.where(part > 0, whole / jnp.where(part > 0, part, 1.0), 0.0))
+        tokens = mask.astype(_F32).reshape(m, -1).sum(axis=1)
+        return jnp.stack(shares), tokens / jnp.maximum(tokens.sum(), 1.0)
 
     def _policy_metrics(self, logp, old, ratio, flags, mask):
         ratio = sg(ratio)
@@ -162,6 +193,46 @@ class RLLoss:
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": masked_max(ratio, mask),
         }
+
+
+def _old_logps(batch):
+    behavior, proximal = batch.get("behavior_logp"), batch.get("proximal_logp")
+    return (None if behavior is None else behavior.astype(_F32),
+            None if proximal is None else proximal.astype(_F32))
+
+
+def _advantages(batch, data_mask):
+    """[B, T] advantages on the data mask (computed on the whole batch: rl.with_advantages)."""
+    if "advantages" not in batch:
+        raise KeyError("RL batch needs 'advantages' [B, T] (rl.with_advantages(settings, batch))")
+    adv = batch["advantages"].astype(_F32)
+    return sg(jnp.where(data_mask, adv[:, None] if adv.ndim == 1 else adv, 0.0))
+
+
+def _is_sum(name: str) -> bool:
+    last = name.rsplit("/", 1)[-1]
+    return last.startswith("num_") or last == "tokens"
+
+
+def combine_micro_metrics(per: list[dict[str, jax.Array]], shares: jax.Array, token_shares: jax.Array,
+                          token_means=frozenset()) -> dict[str, jax.Array]:
+    """Micro-batch metrics combined as their names say: counts (num_*, */tokens) summed, *_max
+    maxed and *_min minned over the blocks with loss tokens, the names in ``token_means`` weighted
+    by ``token_shares``, every other mean by ``shares`` (the loss's own weights)."""
+    has_tokens = token_shares > 0
+    any_tokens = jnp.any(has_tokens)
+    out = {}
+    for k in per[0]:
+        vals = jnp.stack([p[k] for p in per])
+        if _is_sum(k):
+            out[k] = vals.sum()
+        elif k.endswith("_max"):
+            out[k] = jnp.where(any_tokens, jnp.max(jnp.where(has_tokens, vals, -jnp.inf)), 0.0)
+        elif k.endswith("_min"):
+            out[k] = jnp.where(any_tokens, jnp.min(jnp.where(has_tokens, vals, jnp.inf)), 0.0)
+        else:
+            out[k] = jnp.sum(vals * (token_shares if k in token_means else shares))
+    return out
 
 
 def _advantage_metrics(adv, mask, group_ids):

@@ -1,5 +1,6 @@
 """The Learner on 8 fake devices: RL steps under two meshes agree, checkpoints move between
-meshes, and on-policy f32 log-probs of the engine equal the trainer's recompute."""
+meshes, and on-policy f32 log-probs of the engine equal the trainer's recompute at the sampling
+temperature."""
 
 import jax
 import ml_collections
@@ -42,7 +43,7 @@ def _learner(c, mesh):
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                       remat=False, compute_entropy=True)
+                       remat=False, compute_entropy=True, temperature=c.inference.temperature)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
@@ -105,29 +106,43 @@ def test_rl_step_on_two_meshes_and_checkpoint_across_them(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), after8, after222)
 
 
-def test_engine_logprobs_equal_trainer_recompute_on_policy_f32():
+def test_engine_logprobs_at_temperature_equal_trainer_recompute_on_policy_f32():
+    """Sampling at temperature 0.7: the engine's behavior log-probs (what the worker records)
+    equal the trainer's proximal log-probs at the same temperature (f32, 1e-4), and the
+    off-policy weight and the PPO ratio are 1 before the first update; the untempered log-probs
+    of the same tokens are another distribution's."""
     from flax import nnx
 
     from inference_worker.engine import Engine, SamplingParams
 
     c = _config()
-    assert c.model.param_dtype == "float32" and c.model.dtype == "float32"
+    c.inference.temperature = 0.7
+    c.rl.off_policy, c.rl.is_cap = "tis", 2.0
+    assert c.model.dtype == "float32"
     learner, state, model_cfg = _learner(c, _mesh(1, 8, 1))
+    assert learner.spec.temperature == 0.7
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
     engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
                     max_prefill_batch=8, decode_chunk=4, max_decode_chunk=64)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(1, VOCAB, n).tolist() for n in (5, 9)]
-    outs = engine.generate(prompts, [SamplingParams(temperature=1.0, n=GROUP, max_new_tokens=16, seed=s)
+    outs = engine.generate(prompts, [SamplingParams(temperature=0.7, n=GROUP, max_new_tokens=16, seed=s)
                                      for s in (1, 2)])
-    completions = [(p, [(o.tokens, o.raw_logprobs) for o in group]) for p, group in zip(prompts, outs, strict=True)]
+    completions = [(p, [(o.tokens, o.logprobs) for o in group]) for p, group in zip(prompts, outs, strict=True)]
     host = batching.rl_batch(_groups(rng, completions), SEQ)
     assert host["mask"].sum() > 40
     batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
-    prox = to_host(learner.recompute(state["params"], batch)[0])
+    batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
+    prox = to_host(batch["proximal_logp"])
     mask = host["mask"]
+    np.testing.assert_allclose(prox[mask], host["behavior_logp"][mask], atol=1e-4, rtol=0)
     ratio = np.exp(prox[mask] - host["behavior_logp"][mask])
-    assert np.abs(ratio - 1).max() <= 1e-4
+    _, m = learner.rl_step(state, learner.with_advantages(batch))
+    m = to_host(m)
+    for k in ("is_weight_mean", "is_weight_max", "ratio_mean", "ratio_max"):
+        assert m[k] == pytest.approx(1.0, abs=1e-4), k
+    raw = np.concatenate([o.raw_logprobs for g in outs for o in g])
+    assert np.abs(raw - np.concatenate([o.logprobs for g in outs for o in g])).max() > 1e-2
     from trainer.run import _mismatch
 
     same = np.ones(len(host["rewards"]), bool)  # every row generated from these very weights
@@ -158,7 +173,7 @@ def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
         model = models.init(model_cfg, 0, mesh=mesh)
         optimizer, _ = make_optimizer(c.trainer)
         state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=True)
-        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True)
+        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         ref = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -193,7 +208,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
         optimizer, _ = make_optimizer(c.trainer, updates_per_step=4)
         state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
-        spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True,
+        spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0,
                            ppo_epochs=2, mini_batches=2)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -209,7 +224,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
     assert metrics["ppo"]["clip_frac"] > 0 and metrics["ppo"]["approx_kl"] > 0
     assert metrics["reinforce"]["clip_frac"] == 0  # no clip in the vanilla policy gradient
     # The schedule: each epoch covers every group once; later epochs reorder them.
-    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, ppo_epochs=3, mini_batches=2), seed=1)
+    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, 1.0, ppo_epochs=3, mini_batches=2), seed=1)
     assert len(groups) == 6 and all(sorted(np.concatenate(groups[e * 2:e * 2 + 2])) == list(range(8))
                                     for e in range(3))
     assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \

@@ -3,7 +3,7 @@
 import ml_collections
 
 from rlax_tpu.config.sections import mesh as mesh_section
-from rlax_tpu.config.sections._checks import positive
+from rlax_tpu.config.sections._checks import positive, require
 
 SECTION = "inference"
 
@@ -15,9 +15,15 @@ def defaults() -> ml_collections.ConfigDict:
     # KV-cache length per slot: prompt + generated tokens must fit.
     c.max_seq_len = 256
     c.max_new_tokens = 64
+    # Sampling of the rollouts: softmax(logits / temperature). The trainer's proximal, current
+    # and reference log-probs are taken under the same temperature, so it must be > 0 (greedy
+    # rollouts have no distribution to train on; eval.temperature may be 0).
     c.temperature = 1.0
-    c.top_k = 0  # 0 disables top-k
-    c.top_p = 1.0  # 1.0 disables top-p
+    # Truncated sampling: top_k = 0 and top_p = 1.0 disable it, and RL requires both (the
+    # trainer's log-probs are over the whole vocabulary, so truncated rollouts would come from
+    # another distribution than the one trained).
+    c.top_k = 0
+    c.top_p = 1.0
     # Decode steps run on device per host round trip, and prompts prefilled together at most.
     c.decode_chunk = 16
     c.max_prefill_batch = 8
@@ -44,6 +50,7 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     positive(SECTION, c, "temperature", allow_zero=True)
     positive(SECTION, c, "top_k", allow_zero=True)
     positive(SECTION, c, "top_p")
+    _check_rl_sampling(c)
     mesh_section.validate(c.mesh, config, section="inference.mesh")
     if c.max_new_tokens >= c.max_seq_len:
         from rlax_tpu.config.errors import ConfigError
@@ -64,3 +71,16 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
 
         raise ConfigError("inference.max_batch", f"={c.max_batch} slots cannot hold replay.worker_max_leases="
                           f"{leases} groups of rl.group_size={group} at once")
+
+
+def _check_rl_sampling(c: ml_collections.ConfigDict) -> None:
+    """Rollouts must come from the distribution the trainer's log-probs describe."""
+    require(c.temperature > 0, "inference.temperature",
+            "must be > 0 for RL rollouts: greedy decoding (0) has no sampling distribution for the "
+            "trainer's log-probs (eval.temperature may be 0)")
+    require(c.top_k == 0, "inference.top_k",
+            f"={c.top_k}: RL needs untruncated sampling (0), since the trainer's log-probs are over the "
+            "whole vocabulary")
+    require(c.top_p == 1.0, "inference.top_p",
+            f"={c.top_p}: RL needs untruncated sampling (1.0), since the trainer's log-probs are over the "
+            "whole vocabulary")

@@ -34,10 +34,14 @@ def defaults() -> ml_collections.ConfigDict:
     c.max_position_embeddings = 2048
     # Whether the output projection shares the embedding matrix.
     c.tie_embeddings = True
-    # dtype of stored parameters (master weights) and of activations/matmuls: 'float32',
-    # 'bfloat16', or 'auto' (bfloat16 on TPU/GPU, float32 on CPU; each process decides by its
-    # own backend, and workers take the trainer's from the run's model config).
-    c.param_dtype = "float32"
+    # Compute dtype: activations and matmul inputs of the trainer's forward and of the engine
+    # (KV cache included): 'float32', 'bfloat16', or 'auto' (bfloat16 on TPU/GPU, float32 on CPU;
+    # each process decides by its own backend, and workers take the trainer's from the run's model
+    # config). It never sets a stored dtype: the trainer keeps float32 master weights and float32
+    # optimizer state and casts them to this dtype inside each jitted step (checkpoints hold the
+    # float32 masters); workers hold the weights as published (store.publish_dtype); a one-shot
+    # evaluation of a checkpoint loads it in this dtype. Softmax statistics, logits and log-probs
+    # are float32 whatever it says.
     c.dtype = "float32"
     # Attention implementation: 'auto' (Pallas on TPU/GPU, jnp on CPU), 'pallas', 'reference'.
     c.attention_impl = "auto"
@@ -48,7 +52,6 @@ def defaults() -> ml_collections.ConfigDict:
 
 def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> None:
     one_of(SECTION, c, "arch", ("llama", "qwen2", "qwen3"))
-    one_of(SECTION, c, "param_dtype", DTYPES + ("auto",))
     one_of(SECTION, c, "dtype", DTYPES + ("auto",))
     one_of(SECTION, c, "attention_impl", ("auto", "pallas", "reference"))
     if c.hf_path:

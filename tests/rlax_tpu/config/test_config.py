@@ -20,6 +20,11 @@ def test_base_config_validates_and_locks():
         ("store.url", "s3://bucket/run"),
         ("tokenizer.prompt_template", "no placeholder"),
         ("inference.max_batch", 0),
+        # RL rollouts must come from the distribution the trainer's log-probs describe.
+        ("inference.temperature", 0.0),
+        ("inference.top_k", 20),
+        ("inference.top_p", 0.9),
+        ("model.dtype", "float16"),
     ],
 )
 def test_bad_value_names_the_field(field, value):
@@ -56,3 +61,9 @@ def test_inference_slots_must_divide_over_the_data_axes():
         finalize(config)
     config.inference.max_batch = 33
     finalize(config)
+
+
+def test_greedy_evaluation_stays_allowed():
+    config = get_base_config()
+    config.eval.temperature = 0.0
+    assert finalize(config).eval.temperature == 0.0
