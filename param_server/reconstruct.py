@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from param_server import delta, layout, tensor_io
+from param_server import delta, file_reads, layout, tensor_io
 from param_server.errors import CorruptVersionError, IncompleteVersionError, VersionNotFoundError
 
 
@@ -83,6 +83,9 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
                                          f"base holds no such leaf")
         if kind == "same":
             continue
+        if kind == "full" and file_reads.supported(ps.url, m, e):
+            reads[name] = ("direct", ps.read_direct(m, name, [tuple(slice(0, n) for n in e["shape"])], version))
+            continue
         base = ps.kv.sub(ps.keys.dir_prefix(layout.entry_dir(e, m)))
         if kind == "sparse":
             reads[name] = ("sparse", base.read(e["key"]))
@@ -91,6 +94,9 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
             reads[name] = (kind, tensor_io.open_for_read(base / e["key"], spec, ps.context))
     opened = {}
     for name, (kind, fut) in reads.items():
+        if kind == "direct":
+            opened[name] = (kind, fut)
+            continue
         try:
             r = fut.result()
         except Exception as ex:
@@ -106,7 +112,7 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
                                              f"but the base holds no such leaf")
             out[name] = cur[name]
             continue
-        _, got = opened[name]
+        kind, got = opened[name]
         key = entries[name]["key"]
         try:
             if kind == "sparse":
@@ -118,6 +124,8 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
                     raise CorruptVersionError(version, f"version {version}: sparse delta of leaf {name!r} "
                                               f"({key}) failed its checksum")
                 new = delta.apply_sparse(cur[name], payload, int(e["count"]))
+            elif kind == "direct":
+                new = next(iter(got.results().values()))
             else:
                 data = got.result()
                 new = np.asarray(data) if kind == "full" else delta.apply_xor(cur[name], data)

@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -19,8 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
+from param_server import file_reads, layout, pins, publish, reconstruct, tensor_io
 from param_server import gc as gc_pass
-from param_server import layout, pins, publish, reconstruct, tensor_io
 from param_server.errors import (
     BadVersionError,
     CorruptVersionError,
@@ -92,6 +93,7 @@ class ParamStore:
         self._lock = threading.Lock()
         # The publisher's host copy of its newest committed version: what its next delta is against.
         self.held_by_publisher: reconstruct.Held | None = None
+        self._direct: file_reads.DirectReader | None = None  # file:// chunk reads, made on first use
 
     @classmethod
     def open(cls, url: str | KVStore = "", workdir: str | None = None, *, config=None,
@@ -368,6 +370,8 @@ class ParamStore:
     def _read_slices(self, pick: list[tuple[str, Any]], manifest: dict, version: int) -> dict[str, Any]:
         """A keyframe, each device reading only the chunks that overlap its slices."""
         entries = manifest["leaves"]
+        if all(file_reads.supported(self.url, manifest, entries[name]) for name, _ in pick):
+            return self._read_direct(pick, manifest, version)
         # All opens, then all reads of every leaf, are in flight at once.
         opens = [tensor_io.open_for_read(
             self.kv.sub(self.keys.dir_prefix(layout.entry_dir(entries[name], manifest))) / entries[name]["key"],
@@ -392,6 +396,30 @@ class ParamStore:
                 return np.asarray(data[tensor_io.index_key(index)]).astype(dtype, copy=False)
 
             out[name] = jax.make_array_from_callback(tuple(t.shape), sharding, cb)
+        return out
+
+    def read_direct(self, manifest: dict, name: str, indices: list[tuple], version: int) -> file_reads.PendingDirect:
+        """Reads of one full leaf's slices straight from its chunk files (file:// stores)."""
+        if self._direct is None:
+            self._direct = file_reads.DirectReader(int(self.options.io_concurrency))
+        e = manifest["leaves"][name]
+        path = os.path.join(file_reads.root_of(self.url),
+                            self.keys.dir_prefix(layout.entry_dir(e, manifest)) + e["key"])
+        return self._direct.read(path, e, indices, version, name)
+
+    def _read_direct(self, pick: list[tuple[str, Any]], manifest: dict, version: int) -> dict[str, Any]:
+        pending = []
+        for name, t in pick:  # every chunk read of every leaf in flight at once
+            sharding = _sharding_of(t)
+            indices = list({tensor_io.index_key(i): i for i in
+                            sharding.addressable_devices_indices_map(tuple(t.shape)).values()}.values())
+            pending.append((name, t, sharding, self.read_direct(manifest, name, indices, version)))
+        out = {}
+        for name, t, sharding, pr in pending:
+            data, dtype = pr.results(), jnp.dtype(t.dtype)
+            out[name] = jax.make_array_from_callback(
+                tuple(t.shape), sharding,
+                lambda index, d=data, dt=dtype: d[tensor_io.index_key(index)].astype(dt, copy=False))
         return out
 
     # ---------------------------------------------------------------------------------- pins, gc

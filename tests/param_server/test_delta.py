@@ -2,6 +2,8 @@
 
 import glob
 import json
+import os
+import time
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +12,7 @@ import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from param_server import CorruptVersionError, ParamStore, TreeMismatchError, VariableClient, layout
+from param_server import CorruptVersionError, ParamStore, TreeMismatchError, VariableClient, layout, publish
 from rlax_tpu.config import ConfigError, get_base_config, validate
 from tests.helpers import ps_child
 
@@ -58,7 +60,15 @@ def test_late_joiner_reconstructs_bit_for_bit(tmp_path, encoding):
     _same_bits(list(got.arrays.values()), ps_child.stepped_values(4))
 
 
-def test_variable_client_follows_deltas_and_refuses_a_corrupted_one(tmp_path):
+def _flip_last_payload_byte(tmp_path, dirname):
+    paths = glob.glob(f"{tmp_path}/s/params/{dirname}/deltas/**/*", recursive=True)
+    path = sorted(p for p in paths if os.path.isfile(p))[-1]
+    raw = bytearray(open(path, "rb").read())
+    raw[-1] ^= 0x40
+    open(path, "wb").write(bytes(raw))
+
+
+def test_variable_client_follows_deltas_and_refuses_a_corrupted_one(tmp_path, monkeypatch):
     url = f"file://{tmp_path}/s"
     store = ParamStore.open(url, **DELTA)
     _publish(store, 0)
@@ -68,19 +78,21 @@ def test_variable_client_follows_deltas_and_refuses_a_corrupted_one(tmp_path):
         _publish(store, 1)
         assert client.update_and_wait(timeout=30) and client.version == 2
         _same_bits(client.params, ps_child.stepped_values(1))
-        _publish(store, 2)  # version 3: a delta; flip one byte of one of its sparse payloads
+        commit = publish._commit
+
+        def corrupt_then_commit(ps, plan, body):  # damage delta 3 before it becomes visible
+            _flip_last_payload_byte(tmp_path, plan.dirname)
+            commit(ps, plan, body)
+
+        monkeypatch.setattr(publish, "_commit", corrupt_then_commit)
+        _publish(store, 2)
+        monkeypatch.setattr(publish, "_commit", commit)
         assert store.read_manifest(3)["kind"] == "delta"
-        path = sorted(glob.glob(f"{tmp_path}/s/params/{store.committed_dir(3)}/deltas/**/*", recursive=True))
-        path = [p for p in path if not p.endswith("/")][-1]
-        raw = bytearray(open(path, "rb").read())
-        raw[-1] ^= 0x40
-        open(path, "wb").write(bytes(raw))
         with pytest.raises(CorruptVersionError, match="version 3"):
             ParamStore.open(url, **DELTA).pull(_target(), 3)
-        deadline = 0
-        while 3 not in client.bad_versions and deadline < 300:
-            client._stop.wait(0.05)
-            deadline += 1
+        deadline = time.time() + 30
+        while 3 not in client.bad_versions and time.time() < deadline:
+            time.sleep(0.02)
         assert 3 in client.bad_versions
         client.update()
         assert client.version == 2  # keeps serving its previous version
