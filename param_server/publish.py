@@ -89,6 +89,10 @@ class Plan:
 
 def _assemble(leaf: LeafSnapshot) -> np.ndarray:
     """The whole leaf on this (single) host, as a new array the trainer can never alias."""
+    if len(leaf.pieces) == 1:
+        data = leaf.pieces[0][1]
+        if data.shape == leaf.shape and data.flags.owndata and data.flags.c_contiguous:
+            return data  # the snapshot's own copy (a cast on the host), not a view of a device buffer
     out = np.empty(leaf.shape, np.dtype(leaf.dtype))
     for index, data in leaf.pieces:
         out[index] = data
