@@ -120,7 +120,7 @@ def model_weights() -> dict:
         from rlax_tpu.models import fetch
 
         model, _ = models.load(fetch.fetch("smollm2"), dtype="float32")
-        return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.split(model)[1]))
+        return jax.tree.map(np.array, nnx.to_pure_dict(nnx.split(model)[1]))  # writable copies
     rng = np.random.default_rng(0)
     d, f, kv, vocab = 2048, 8192, 512, 128256
     w = lambda *shape: (rng.standard_normal(shape, np.float32) * 0.02)  # noqa: E731

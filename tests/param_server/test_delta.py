@@ -211,3 +211,21 @@ def test_bad_delta_config_names_the_field(field, value):
     c.store[field] = value
     with pytest.raises(ConfigError, match=f"store.{field}"):
         validate(c)
+
+
+def test_direct_file_reads_refuse_a_truncated_chunk_and_match_tensorstore(tmp_path, monkeypatch):
+    from param_server import file_reads
+
+    store = ParamStore.open(f"file://{tmp_path}/s", chunk_mib=2**-10)  # 1 KiB chunks: several per shard
+    _publish(store, 0)
+    direct, _ = store.pull(_target())
+    monkeypatch.setattr(file_reads, "supported", lambda *a: False)
+    via_ts, _ = store.pull(_target())
+    _same_bits(direct, ps_child.stepped_values(0))
+    _same_bits(via_ts, ps_child.stepped_values(0))
+    monkeypatch.undo()
+    chunk = sorted(p for p in glob.glob(f"{tmp_path}/s/params/{store.committed_dir(1)}/arrays/embed/c/**",
+                                        recursive=True) if os.path.isfile(p))[0]
+    open(chunk, "r+b").truncate(10)
+    with pytest.raises(CorruptVersionError, match="version 1: leaf 'embed'.*wrong size"):
+        store.pull(_target())
