@@ -4,8 +4,9 @@ Values are compared bit for bit (as unsigned integers of the same width), so rec
 exact: ``apply(encode(new, old), old)`` returns ``new``'s bytes, NaNs and signed zeros included.
 Two encodings:
 
-- ``sparse``: the flat indices of the changed elements (int32, or int64 for leaves of 2**31
-  elements or more) followed by their new values in the stored dtype, as one value.
+- ``sparse``: the positions of the changed elements followed by their new values in the stored
+  dtype, as one value. Positions are gaps between consecutive changed elements as uint16
+  (``gap16``, when every gap fits) or flat indices (``flat32``, ``flat64`` past 2**31 elements).
 - ``xor``: ``new ^ old`` as an unsigned array (a zarr3 array, zstd): small updates leave the
   high bits (sign, exponent, leading mantissa) zero, which compresses.
 
@@ -38,26 +39,38 @@ def index_dtype(size: int) -> np.dtype:
     return np.dtype(np.int32 if size < 2**31 else np.int64)
 
 
+_POSITIONS = {"gap16": np.dtype(np.uint16), "flat32": np.dtype(np.int32), "flat64": np.dtype(np.int64)}
+
+
 def changed(new: np.ndarray, old: np.ndarray) -> np.ndarray:
-    """Flat indices of the elements whose bits differ."""
-    return np.flatnonzero(bits(new).reshape(-1) != bits(old).reshape(-1)).astype(index_dtype(new.size))
+    """Flat indices (int64) of the elements whose bits differ."""
+    return np.flatnonzero(bits(new).reshape(-1) != bits(old).reshape(-1))
 
 
-def sparse_nbytes(count: int, new: np.ndarray) -> int:
-    return count * (index_dtype(new.size).itemsize + new.dtype.itemsize)
+def positions(idx: np.ndarray, size: int) -> tuple[str, np.ndarray]:
+    """The compactest encoding of sorted flat indices: uint16 gaps (minus one) if they all fit."""
+    gaps = np.diff(idx, prepend=-1) - 1
+    if not gaps.size or gaps.max() < 2**16:
+        return "gap16", gaps.astype(np.uint16)
+    return ("flat32" if size < 2**31 else "flat64"), idx.astype(index_dtype(size))
 
 
-def encode_sparse(new: np.ndarray, idx: np.ndarray) -> bytes:
-    return idx.tobytes() + np.ascontiguousarray(new).reshape(-1)[idx].tobytes()
+def sparse_nbytes(kind: str, count: int, new: np.ndarray) -> int:
+    return count * (_POSITIONS[kind].itemsize + new.dtype.itemsize)
 
 
-def apply_sparse(old: np.ndarray, payload: bytes, count: int) -> np.ndarray:
-    """A new array: ``old`` with the payload's values at its indices. ValueError if malformed."""
-    itype = index_dtype(old.size)
-    if len(payload) != count * (itype.itemsize + old.dtype.itemsize):
+def encode_sparse(new: np.ndarray, idx: np.ndarray, pos: np.ndarray) -> bytes:
+    return pos.tobytes() + np.ascontiguousarray(new).reshape(-1)[idx].tobytes()
+
+
+def apply_sparse(old: np.ndarray, payload: bytes, count: int, kind: str) -> np.ndarray:
+    """A new array: ``old`` with the payload's values at its positions. ValueError if malformed."""
+    ptype = _POSITIONS[kind]
+    if len(payload) != count * (ptype.itemsize + old.dtype.itemsize):
         raise ValueError(f"sparse delta of {len(payload)} bytes does not hold {count} elements")
-    idx = np.frombuffer(payload, itype, count)
-    vals = np.frombuffer(payload, old.dtype, count, offset=count * itype.itemsize)
+    pos = np.frombuffer(payload, ptype, count)
+    idx = np.cumsum(pos.astype(np.int64) + 1) - 1 if kind == "gap16" else pos
+    vals = np.frombuffer(payload, old.dtype, count, offset=count * ptype.itemsize)
     if count and (idx.min() < 0 or idx.max() >= old.size):
         raise ValueError("sparse delta indexes outside the leaf")
     out = np.array(old, copy=True, order="C")

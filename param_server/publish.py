@@ -133,12 +133,14 @@ def _plan_leaves(ps, snap: Snapshot, dirname: str):
                 entry = {"kind": "xor", "dir": dirname, "key": layout.xor_key(leaf.name),
                          "bits_dtype": delta.bits_dtype(new.dtype), "chunks": leaf.chunks, "count": int(idx.size)}
                 write = ("xor", delta.xor(new, old))
-            elif is_delta and delta.sparse_nbytes(idx.size, new) < new.nbytes:
-                payload = delta.encode_sparse(new, idx)
-                entry = {"kind": "sparse", "dir": dirname, "key": layout.sparse_key(leaf.name),
-                         "count": int(idx.size),
-                         "payload_crc32c": delta.crc32c(np.frombuffer(payload, np.uint8))}
-                write = ("sparse", payload)
+            elif is_delta:
+                pos_kind, pos = delta.positions(idx, new.size)
+                if delta.sparse_nbytes(pos_kind, idx.size, new) < new.nbytes:
+                    payload = delta.encode_sparse(new, idx, pos)
+                    entry = {"kind": "sparse", "dir": dirname, "key": layout.sparse_key(leaf.name),
+                             "count": int(idx.size), "positions": pos_kind,
+                             "payload_crc32c": delta.crc32c(np.frombuffer(payload, np.uint8))}
+                    write = ("sparse", payload)
         entries[leaf.name] = {**entry, "crc32c": delta.crc32c(new)}
         writes[leaf.name] = write
     fields = ({"kind": "delta", "base": held.version, "chain": held.manifest.get("chain", 0) + 1}

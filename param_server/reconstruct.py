@@ -123,7 +123,7 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
                 if delta.crc32c(np.frombuffer(payload, np.uint8)) != e["payload_crc32c"]:
                     raise CorruptVersionError(version, f"version {version}: sparse delta of leaf {name!r} "
                                               f"({key}) failed its checksum")
-                new = delta.apply_sparse(cur[name], payload, int(e["count"]))
+                new = delta.apply_sparse(cur[name], payload, int(e["count"]), e["positions"])
             elif kind == "direct":
                 new = next(iter(got.results().values()))
             else:

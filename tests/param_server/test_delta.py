@@ -229,3 +229,25 @@ def test_direct_file_reads_refuse_a_truncated_chunk_and_match_tensorstore(tmp_pa
     open(chunk, "r+b").truncate(10)
     with pytest.raises(CorruptVersionError, match="version 1: leaf 'embed'.*wrong size"):
         store.pull(_target())
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, np.float32])
+def test_sparse_and_xor_encodings_are_exact(dtype):
+    from param_server import delta
+
+    rng = np.random.default_rng(0)
+    old = rng.standard_normal((300, 700)).astype(dtype)
+    for changed_at in (rng.random(old.shape) < 0.01, np.zeros(old.shape, bool)):
+        changed_at.flat[[0, 5, 200_000]] = True  # a gap of ~200k does not fit uint16: flat indices
+        new = old.copy()
+        new[changed_at] = np.array([np.nan, -0.0, 1.5] * changed_at.sum(), dtype)[: changed_at.sum()]
+        idx = delta.changed(new, old)
+        kind, pos = delta.positions(idx, new.size)
+        got = delta.apply_sparse(old, delta.encode_sparse(new, idx, pos), idx.size, kind)
+        np.testing.assert_array_equal(delta.bits(got), delta.bits(new))
+        np.testing.assert_array_equal(delta.bits(delta.apply_xor(old, delta.xor(new, old))), delta.bits(new))
+    assert kind == "flat32"
+    idx = delta.changed(new, old)[1:-1]  # without the far one: gaps fit
+    assert delta.positions(idx, new.size)[0] == "gap16"
+    with pytest.raises(ValueError, match="does not hold"):
+        delta.apply_sparse(old, b"\0" * 7, 1, "gap16")
