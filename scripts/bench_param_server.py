@@ -3,6 +3,7 @@
 
     python scripts/bench_param_server.py [--size_mb=1024] [--dir=/tmp/x] [--chunk_mib=32] [--warm]
     python scripts/bench_param_server.py --updates=10 --model=smollm2|random1b [--dtypes=bfloat16,float32]
+    python scripts/bench_param_server.py --from_store=file:///RUN/store/ [--dtypes=bfloat16]
 
 Disk mode. Baseline: a plain file of the same size written with os.write + fsync, then read back.
 Before every read the page cache is evicted with posix_fadvise (``--warm``: never), the same for
@@ -14,6 +15,10 @@ lr x N(0, 1), Adam's per-element step size, plus decoupled weight decay), each p
 dtype as a full version and as deltas (sparse, xor) with one keyframe before them. Per update:
 bytes written (on disk) and publish seconds; a follower that holds the previous version reaches
 the new one (seconds); at the end a late joiner reads the newest version from scratch.
+
+From-store mode: the versions a training run published (e.g. with store.delta on): each one's
+kind and bytes on disk, and the same weights re-published in each of ``--dtypes`` full and as
+deltas (sparse, xor), bytes per version.
 
 Prints one JSON object.
 """
@@ -38,8 +43,9 @@ parser.add_argument("--model", default="smollm2", choices=["smollm2", "random1b"
 parser.add_argument("--dtypes", default="bfloat16,float32")
 parser.add_argument("--encodings", default="full,sparse,xor")
 parser.add_argument("--lr", type=float, default=1e-6)
+parser.add_argument("--from_store", default="", help="from-store mode: the store URL of a finished run")
 args = parser.parse_args()
-if args.updates:
+if args.updates or args.from_store:
     args.devices = 1
 
 os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices}"
@@ -193,12 +199,39 @@ def updates_mode(base: str) -> dict:
     return out
 
 
+def from_store_mode(base: str) -> dict:
+    src = ParamStore.open(args.from_store)
+    versions = src.versions()
+    names = sorted(src.read_manifest(versions[0])["leaves"])
+    root = args.from_store[len("file://"):]
+    out = {"store": args.from_store, "versions": [], "republished": {}}
+    dsts = {f"{d}/{e}": ParamStore.open(f"file://{base}/{d}-{e}", publish_dtype=d, delta=e != "full",
+                                        delta_encoding="xor" if e == "xor" else "sparse",
+                                        keyframe_every=len(versions) + 1)
+            for d in args.dtypes.split(",") for e in args.encodings.split(",")}
+    held = None
+    for v in versions:
+        held = src.read_host(v, names, held)
+        m = held.manifest
+        out["versions"].append({"version": v, "step": m["step"], "kind": m["kind"], "dtype": m["publish_dtype"],
+                                "bytes": du(os.path.join(root, src.keys.dir_prefix(m["dir"])))})
+        for key, dst in dsts.items():
+            dv = dst.publish(dict(held.arrays), m["step"])
+            dm = dst.read_manifest(dv)
+            out["republished"].setdefault(key, []).append(du(f"{base}/{key.replace('/', '-')}/params/{dm['dir']}"))
+    for key, sizes in out["republished"].items():
+        out[f"{key}_update_vs_full_bytes"] = sum(sizes[1:]) / max(1, len(sizes) - 1) / sizes[0]
+    sizes = [x["bytes"] for x in out["versions"]]
+    out["run_update_vs_full_bytes"] = sum(sizes[1:]) / max(1, len(sizes) - 1) / sizes[0]
+    return out
+
+
 def main() -> None:
     base = args.dir or tempfile.mkdtemp(prefix="bench_ps_")
     os.makedirs(base, exist_ok=True)
-    if args.updates:
+    if args.updates or args.from_store:
         try:
-            print(json.dumps(updates_mode(base)))
+            print(json.dumps(updates_mode(base) if args.updates else from_store_mode(base)))
         finally:
             if not args.dir:
                 shutil.rmtree(base, ignore_errors=True)
