@@ -63,8 +63,9 @@ def encode_sparse(new: np.ndarray, idx: np.ndarray, pos: np.ndarray) -> bytes:
     return pos.tobytes() + np.ascontiguousarray(new).reshape(-1)[idx].tobytes()
 
 
-def apply_sparse(old: np.ndarray, payload: bytes, count: int, kind: str) -> np.ndarray:
-    """A new array: ``old`` with the payload's values at its positions. ValueError if malformed."""
+def apply_sparse(old: np.ndarray, payload: bytes, count: int, kind: str, in_place: bool = False) -> np.ndarray:
+    """``old`` with the payload's values at its positions (a new array unless ``in_place``).
+    ValueError if the payload is malformed (then ``old`` is untouched)."""
     ptype = _POSITIONS[kind]
     if len(payload) != count * (ptype.itemsize + old.dtype.itemsize):
         raise ValueError(f"sparse delta of {len(payload)} bytes does not hold {count} elements")
@@ -73,7 +74,7 @@ def apply_sparse(old: np.ndarray, payload: bytes, count: int, kind: str) -> np.n
     vals = np.frombuffer(payload, old.dtype, count, offset=count * ptype.itemsize)
     if count and (idx.min() < 0 or idx.max() >= old.size):
         raise ValueError("sparse delta indexes outside the leaf")
-    out = np.array(old, copy=True, order="C")
+    out = old if in_place else np.array(old, copy=True, order="C")
     out.reshape(-1)[idx] = vals
     return out
 
@@ -82,5 +83,10 @@ def xor(new: np.ndarray, old: np.ndarray) -> np.ndarray:
     return bits(new) ^ bits(old)
 
 
-def apply_xor(old: np.ndarray, x: np.ndarray) -> np.ndarray:
-    return (bits(old) ^ x.astype(bits(old).dtype, copy=False)).view(old.dtype).reshape(old.shape)
+def apply_xor(old: np.ndarray, x: np.ndarray, in_place: bool = False) -> np.ndarray:
+    x = x.astype(bits(old).dtype, copy=False)
+    if in_place:
+        b = bits(old)
+        b ^= x.reshape(b.shape)
+        return old
+    return (bits(old) ^ x).view(old.dtype).reshape(old.shape)

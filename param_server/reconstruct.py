@@ -4,8 +4,9 @@ A delta version names its ``base`` (the publisher's previous version); a keyfram
 A reader that holds the base (``Held``) applies the delta to it; any other reader walks back to
 the nearest keyframe and applies the deltas after it. Every reconstructed leaf is checked
 against the crc32c its manifest records, so a damaged delta (or a damaged base) is refused
-instead of being served. The held arrays are never modified: each step builds new arrays, so a
-refused version leaves the reader with exactly what it had.
+instead of being served. The held arrays are never modified (a refused version leaves the
+reader with exactly what it had); only arrays one read made itself are updated in place by the
+later deltas of its chain (an error discards them all).
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ def read(ps, version: int, names: list[str], held: Held | None) -> Held:
     steps = chain(ps, version, held)
     on_chain = held is not None and steps and steps[0][1].get("base") == held.version
     arrays, prev = (dict(held.arrays), held.manifest) if on_chain else ({}, None)
+    owned: set[str] = set()  # arrays this read made: later steps of the chain may update them in place
     for v, m in steps:
-        arrays, prev = _apply(ps, v, m, names, arrays, prev), m
+        arrays, prev = _apply(ps, v, m, names, arrays, prev, owned), m
     return Held(version, steps[-1][1] if steps else held.manifest, {n: arrays[n] for n in names})
 
 
@@ -70,7 +72,7 @@ def _same_bytes(e: dict, m: dict, prev: dict | None, name: str) -> bool:
 
 
 def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarray],
-           prev: dict | None) -> dict[str, np.ndarray]:
+           prev: dict | None, owned: set[str]) -> dict[str, np.ndarray]:
     entries = m["leaves"]
     reads = {}
     for name in names:  # every read of this version in flight at once
@@ -123,12 +125,12 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
                 if delta.crc32c(np.frombuffer(payload, np.uint8)) != e["payload_crc32c"]:
                     raise CorruptVersionError(version, f"version {version}: sparse delta of leaf {name!r} "
                                               f"({key}) failed its checksum")
-                new = delta.apply_sparse(cur[name], payload, int(e["count"]), e["positions"])
+                new = delta.apply_sparse(cur[name], payload, int(e["count"]), e["positions"], name in owned)
             elif kind == "direct":
                 new = next(iter(got.results().values()))
             else:
                 data = got.result()
-                new = np.asarray(data) if kind == "full" else delta.apply_xor(cur[name], data)
+                new = np.asarray(data) if kind == "full" else delta.apply_xor(cur[name], data, name in owned)
         except (CorruptVersionError, IncompleteVersionError):
             raise
         except ValueError as ex:
@@ -139,6 +141,8 @@ def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarra
             raise CorruptVersionError(version, f"version {version}: leaf {name!r} reconstructed from "
                                       f"{kind} data does not match its checksum")
         out[name] = new
+        if new.flags.writeable:
+            owned.add(name)
     return out
 
 

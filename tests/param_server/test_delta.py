@@ -251,3 +251,12 @@ def test_sparse_and_xor_encodings_are_exact(dtype):
     assert delta.positions(idx, new.size)[0] == "gap16"
     with pytest.raises(ValueError, match="does not hold"):
         delta.apply_sparse(old, b"\0" * 7, 1, "gap16")
+
+
+@pytest.mark.parametrize("encoding", ["sparse", "xor"])
+def test_deltas_on_a_memory_store(encoding):
+    store = ParamStore.open("memory://", delta_encoding=encoding, **DELTA)
+    for k in range(3):
+        _publish(store, k)
+    late = ParamStore.open(store.kv, delta_encoding=encoding, **DELTA)  # memory:// is per KVStore
+    _same_bits(late.pull(_target())[0], ps_child.stepped_values(2))
