@@ -52,6 +52,7 @@ os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import itertools  # noqa: E402
 import json  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -117,6 +118,9 @@ def du(path: str) -> int:
     return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(path) for f in fs)
 
 
+MASTER_DIR = ""
+
+
 def model_weights() -> dict:
     """f32 host weights: the real SmolLM2-135M, or a random model of Llama-3.2-1B's shapes."""
     if args.model == "smollm2":
@@ -127,9 +131,17 @@ def model_weights() -> dict:
 
         model, _ = models.load(fetch.fetch("smollm2"), dtype="float32")
         return jax.tree.map(np.array, nnx.to_pure_dict(nnx.split(model)[1]))  # writable copies
-    rng = np.random.default_rng(0)
+    # Master weights in files mapped into memory: their pages are page cache, not process memory
+    # (5 GB of f32 on a shared machine), and updates write through.
+    rng, files = np.random.default_rng(0), itertools.count()
     d, f, kv, vocab = 2048, 8192, 512, 128256
-    w = lambda *shape: (rng.standard_normal(shape, np.float32) * 0.02)  # noqa: E731
+
+    def w(*shape):
+        x = np.lib.format.open_memmap(os.path.join(MASTER_DIR, f"{next(files)}.npy"), "w+", np.float32, shape)
+        for i in range(0, shape[0], 1024):
+            x[i:i + 1024] = rng.standard_normal((min(1024, shape[0] - i),) + shape[1:], np.float32) * 0.02
+        return x
+
     layer = lambda: {"q": w(d, d), "k": w(d, kv), "v": w(d, kv), "o": w(d, d), "gate": w(d, f),  # noqa: E731
                      "up": w(d, f), "down": w(f, d), "norm1": np.ones(d, np.float32), "norm2": np.ones(d, np.float32)}
     return {"embed": w(vocab, d), "layers": [layer() for _ in range(16)], "norm": np.ones(d, np.float32)}
@@ -137,14 +149,19 @@ def model_weights() -> dict:
 
 def adam_like_step(weights: dict, step: int) -> None:
     """In place: w -= lr * (N(0, 1) + 0.01 * w), a fresh draw per element and step."""
-    rng = np.random.default_rng(1000 + step)
+    rng, lr = np.random.default_rng(1000 + step), np.float32(args.lr)
     for x in jax.tree.leaves(weights):
-        x -= np.float32(args.lr) * (rng.standard_normal(x.shape, np.float32) + np.float32(0.01) * x)
+        for i in range(0, x.shape[0], 4096):  # in row blocks: bounded temporaries
+            block = x[i:i + 4096]
+            block -= lr * (rng.standard_normal(block.shape, np.float32) + np.float32(0.01) * block)
 
 
 def updates_mode(base: str) -> dict:
     from param_server import delta
 
+    global MASTER_DIR
+    MASTER_DIR = os.path.join(base, "master")
+    os.makedirs(MASTER_DIR, exist_ok=True)
     master = model_weights()
     names = [n for n, _ in publish.layout.flatten(master)[0]]
     nelem = sum(x.size for x in jax.tree.leaves(master))
