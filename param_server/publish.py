@@ -141,6 +141,8 @@ def _plan_leaves(ps, snap: Snapshot, dirname: str):
                              "count": int(idx.size), "positions": pos_kind,
                              "payload_crc32c": delta.crc32c(np.frombuffer(payload, np.uint8))}
                     write = ("sparse", payload)
+        if old is not None:  # how many elements changed, whatever the leaf's encoding
+            entry = {**entry, "changed": int(idx.size)}
         entries[leaf.name] = {**entry, "crc32c": delta.crc32c(new)}
         writes[leaf.name] = write
     fields = ({"kind": "delta", "base": held.version, "chain": held.manifest.get("chain", 0) + 1}

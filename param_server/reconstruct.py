@@ -56,15 +56,23 @@ def read(ps, version: int, names: list[str], held: Held | None) -> Held:
     the version's base (or on the chain), else from the nearest keyframe."""
     steps = chain(ps, version, held)
     on_chain = held is not None and steps and steps[0][1].get("base") == held.version
-    arrays, prev = (dict(held.arrays), held.manifest) if on_chain else ({}, None)
+    arrays = dict(held.arrays) if on_chain else {}
+    src = {n: held.manifest for n in names} if on_chain else {}  # the version each array is of
     owned: set[str] = set()  # arrays this read made: later steps of the chain may update them in place
-    for v, m in steps:
-        arrays, prev = _apply(ps, v, m, names, arrays, prev, owned), m
+    # A leaf written in full at some step needs nothing from the steps before it.
+    start = {n: max([i for i, (_, m) in enumerate(steps)
+                     if n in m["leaves"] and layout.entry_kind(m["leaves"][n]) == "full"], default=0)
+             for n in names}
+    for i, (v, m) in enumerate(steps):
+        todo = [n for n in names if start[n] <= i]
+        arrays.update(_apply(ps, v, m, todo, arrays, src, owned))
+        src.update(dict.fromkeys(todo, m))
     return Held(version, steps[-1][1] if steps else held.manifest, {n: arrays[n] for n in names})
 
 
 def _same_bytes(e: dict, m: dict, prev: dict | None, name: str) -> bool:
-    """A full entry naming the bytes the previous step's leaf came from (an unchanged leaf)."""
+    """A full entry naming the bytes the held array came from (``prev``: the manifest of the
+    version the array is of): an unchanged leaf, nothing to read."""
     p = prev["leaves"].get(name) if prev is not None else None
     return (p is not None and layout.entry_kind(p) == "full" and "crc32c" in e
             and p.get("crc32c") == e["crc32c"] and p["key"] == e["key"]
@@ -72,13 +80,13 @@ def _same_bytes(e: dict, m: dict, prev: dict | None, name: str) -> bool:
 
 
 def _apply(ps, version: int, m: dict, names: list[str], cur: dict[str, np.ndarray],
-           prev: dict | None, owned: set[str]) -> dict[str, np.ndarray]:
+           src: dict[str, dict], owned: set[str]) -> dict[str, np.ndarray]:
     entries = m["leaves"]
     reads = {}
     for name in names:  # every read of this version in flight at once
         e = entries[name]
         kind = layout.entry_kind(e)
-        if kind == "full" and name in cur and _same_bytes(e, m, prev, name):
+        if kind == "full" and name in cur and _same_bytes(e, m, src.get(name), name):
             kind = "same"
         if kind != "same" and kind != "full" and name not in cur:
             raise IncompleteVersionError(version, f"version {version}: leaf {name!r} is a delta but the "

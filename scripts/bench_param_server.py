@@ -189,7 +189,7 @@ def updates_mode(base: str) -> dict:
                 t = time.perf_counter()
                 held = reader.read_host(v, names, held if enc != "full" else None)
                 follow_s = time.perf_counter() - t
-                changed = sum(e.get("count", 0) for e in m["leaves"].values()) if enc != "full" else nelem
+                changed = sum(e.get("changed", 0) for e in m["leaves"].values()) if enc != "full" else nelem
                 rows.append({"version": v, "kind": m["kind"], "bytes": du(f"{base}/{dtype}-{enc}/params/{m['dir']}"),
                              "publish_s": round(pub_s, 3), "follow_s": round(follow_s, 3),
                              "changed_frac": round(changed / nelem, 5)})
