@@ -16,7 +16,7 @@ from param_server import CorruptVersionError, ParamStore, TreeMismatchError, Var
 from rlax_tpu.config import ConfigError, get_base_config, validate
 from tests.helpers import ps_child
 
-DELTA = {"delta": True, "keyframe_every": 3}
+DELTA = {"delta": True, "keyframe_every": 3, "delta_encoding": "sparse"}
 
 
 def _mesh():
@@ -42,7 +42,7 @@ def _target():
 
 @pytest.mark.parametrize("encoding", ["sparse", "xor"])
 def test_late_joiner_reconstructs_bit_for_bit(tmp_path, encoding):
-    store = ParamStore.open(f"file://{tmp_path}/s", delta_encoding=encoding, **DELTA)
+    store = ParamStore.open(f"file://{tmp_path}/s", **{**DELTA, "delta_encoding": encoding})
     kinds = []
     for k in range(6):
         assert _publish(store, k) == k + 1
@@ -51,7 +51,7 @@ def test_late_joiner_reconstructs_bit_for_bit(tmp_path, encoding):
         if m["kind"] == "delta" and encoding == "sparse":  # (xor's gain needs tiny updates: bench)
             assert m["written_bytes"] < m["total_bytes"] / 2, m["written_bytes"]
     assert kinds == ["keyframe", "delta", "delta", "keyframe", "delta", "delta"]
-    late = ParamStore.open(f"file://{tmp_path}/s", delta_encoding=encoding, **DELTA)
+    late = ParamStore.open(f"file://{tmp_path}/s", **{**DELTA, "delta_encoding": encoding})
     for v in (6, 3, 4):  # end of a chain, a chain's middle, a keyframe
         _same_bits(late.pull(_target(), v)[0], ps_child.stepped_values(v - 1))
     # A reader that holds version 4 reads only version 5's delta to reach it.
@@ -255,8 +255,8 @@ def test_sparse_and_xor_encodings_are_exact(dtype):
 
 @pytest.mark.parametrize("encoding", ["sparse", "xor"])
 def test_deltas_on_a_memory_store(encoding):
-    store = ParamStore.open("memory://", delta_encoding=encoding, **DELTA)
+    store = ParamStore.open("memory://", **{**DELTA, "delta_encoding": encoding})
     for k in range(3):
         _publish(store, k)
-    late = ParamStore.open(store.kv, delta_encoding=encoding, **DELTA)  # memory:// is per KVStore
+    late = ParamStore.open(store.kv, **{**DELTA, "delta_encoding": encoding})  # memory:// is per KVStore
     _same_bits(late.pull(_target())[0], ps_child.stepped_values(2))

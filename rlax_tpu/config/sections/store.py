@@ -50,10 +50,12 @@ def defaults() -> ml_collections.ConfigDict:
     # A full version every N versions (1 = every version is a keyframe); bounds a late joiner's
     # chain to N-1 deltas and the versions gc must keep for a pinned reader.
     c.keyframe_every = 10
-    # How a changed leaf is stored: 'sparse' (flat indices + new values in the publish dtype) or
-    # 'xor' (the bitwise XOR against the previous values, zstd-compressed). A leaf whose sparse
-    # form would not be smaller than the leaf is written in full.
-    c.delta_encoding = "sparse"
+    # How a changed leaf is stored: 'xor' (the bitwise XOR against the previous values,
+    # zstd-compressed) or 'sparse' (positions + new values in the publish dtype; a leaf whose
+    # sparse form would not be smaller is written in full). Measured on SmolLM2-135M
+    # (docs/benchmarks/params.md): xor is 2/3 of sparse's bytes in bf16 and half of full in f32,
+    # where sparse saves nothing; sparse rebuilds a late joiner's chain faster.
+    c.delta_encoding = "xor"
     return c
 
 
