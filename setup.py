@@ -12,6 +12,7 @@ INSTALL_REQUIRES = [
     "grain==0.2.18",
     "sentencepiece==0.2.3",
     "tensorstore==0.1.86",
+    "google-crc32c>=1.5",  # checksums of weights reconstructed from deltas
     "absl-py==2.5.1",
     "ml-collections==1.1.0",
     "numpy>=2.0,<3",

@@ -1,4 +1,4 @@
-"""Reader pins: ``params/pins/<reader>`` holds the version a reader is using, with an expiry.
+"""Reader pins: ``<tree>pins/<reader>`` holds the version a reader is using, with an expiry.
 
 Garbage collection never deletes a version with an unexpired pin. A reader that dies simply
 stops renewing; its pin expires and the janitor removes it.
@@ -13,28 +13,28 @@ from param_server import layout
 from rlax_tpu.kvstore import KVStore
 
 
-def pin_key(reader: str) -> str:
+def pin_key(keys: layout.TreeKeys, reader: str) -> str:
     if not reader:
         raise ValueError("a pin needs a non-empty reader name")
-    return layout.PINS + "~".join(layout._escape_segment(s) for s in reader.split("/"))
+    return keys.pins + "~".join(layout._escape_segment(s) for s in reader.split("/"))
 
 
-def pin(kv: KVStore, version: int, reader: str, ttl_s: float) -> dict:
+def pin(kv: KVStore, keys: layout.TreeKeys, version: int, reader: str, ttl_s: float) -> dict:
     now = time.time()
     record = {"reader": reader, "version": int(version), "pinned_at": now, "expires_at": now + ttl_s}
-    kv.put(pin_key(reader), json.dumps(record).encode())
+    kv.put(pin_key(keys, reader), json.dumps(record).encode())
     return record
 
 
-def unpin(kv: KVStore, reader: str) -> None:
-    kv.delete(pin_key(reader))
+def unpin(kv: KVStore, keys: layout.TreeKeys, reader: str) -> None:
+    kv.delete(pin_key(keys, reader))
 
 
-def read_pins(kv: KVStore, now: float | None = None) -> dict[str, dict]:
-    """All pins by key; unparsable ones come back as {"error": ...} and protect nothing."""
+def read_pins(kv: KVStore, keys: layout.TreeKeys, now: float | None = None) -> dict[str, dict]:
+    """All pins of a tree by key; unparsable ones come back as {"error": ...} and protect nothing."""
     now = time.time() if now is None else now
     out = {}
-    for key, entry in kv.iter_values(layout.PINS):
+    for key, entry in kv.iter_values(keys.pins):
         try:
             rec = json.loads(entry.value)
             rec = {**rec, "version": int(rec["version"]), "expires_at": float(rec["expires_at"])}

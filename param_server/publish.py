@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from param_server import faults, layout, tensor_io
+from param_server import delta, faults, layout, reconstruct, tensor_io
 from param_server.errors import FencedError, PublishConflictError, PublishError
 from rlax_tpu import fencing
 
@@ -87,34 +87,125 @@ class Plan:
         return layout.version_dir(self.version, self.epoch)
 
 
+def _assemble(leaf: LeafSnapshot) -> np.ndarray:
+    """The whole leaf on this (single) host, as a new array the trainer can never alias."""
+    if len(leaf.pieces) == 1:
+        data = leaf.pieces[0][1]
+        if data.shape == leaf.shape and data.flags.owndata and data.flags.c_contiguous:
+            return data  # the snapshot's own copy (a cast on the host), not a view of a device buffer
+    out = np.empty(leaf.shape, np.dtype(leaf.dtype))
+    for index, data in leaf.pieces:
+        out[index] = data
+    return out
+
+
+def _plan_leaves(ps, snap: Snapshot, dirname: str):
+    """Per leaf: its manifest entry and what to write. Returns (entries, writes, held arrays,
+    manifest fields); without delta publishing every leaf is written in full, as before."""
+    opts = ps.options
+    entries, writes = {}, {}
+    full = lambda leaf: {"kind": "full", "dir": dirname, "key": layout.array_key(leaf.name),  # noqa: E731
+                         "chunks": leaf.chunks}
+    if not (opts.delta and snap.process_count == 1):
+        for leaf in snap.leaves:
+            entries[leaf.name], writes[leaf.name] = full(leaf), ("full", None)
+        return entries, writes, None, {"kind": "keyframe", "base": None, "chain": 0}
+    held = ps.held_by_publisher
+    if held is not None and ps.latest_version() != held.version:
+        held = None  # another publisher moved LATEST: our copy is no base any more
+    is_delta = held is not None and held.manifest.get("chain", 0) + 1 < opts.keyframe_every
+    arrays = {}
+    for leaf in snap.leaves:
+        new = arrays[leaf.name] = _assemble(leaf)
+        entry, write = full(leaf), ("full", None)
+        old = held.arrays.get(leaf.name) if held is not None else None
+        if old is not None and (old.shape != new.shape or old.dtype != new.dtype):
+            old = None
+        if old is not None:
+            prev = held.manifest["leaves"][leaf.name]
+            idx = delta.changed(new, old)
+            if not idx.size and layout.entry_kind(prev) == "full":  # unchanged: name the old bytes
+                entry = {**prev, "kind": "full", "dir": layout.entry_dir(prev, held.manifest)}
+                write = ("none", None)
+            elif not idx.size and is_delta:
+                entry, write = {"kind": "same"}, ("none", None)
+            elif is_delta and opts.delta_encoding == "xor":
+                entry = {"kind": "xor", "dir": dirname, "key": layout.xor_key(leaf.name),
+                         "bits_dtype": delta.bits_dtype(new.dtype), "chunks": leaf.chunks, "count": int(idx.size)}
+                write = ("xor", delta.xor(new, old))
+            elif is_delta:
+                pos_kind, pos = delta.positions(idx, new.size)
+                if delta.sparse_nbytes(pos_kind, idx.size, new) < new.nbytes:
+                    payload = delta.encode_sparse(new, idx, pos)
+                    entry = {"kind": "sparse", "dir": dirname, "key": layout.sparse_key(leaf.name),
+                             "count": int(idx.size), "positions": pos_kind,
+                             "payload_crc32c": delta.crc32c(np.frombuffer(payload, np.uint8))}
+                    write = ("sparse", payload)
+        if old is not None:  # how many elements changed, whatever the leaf's encoding
+            entry = {**entry, "changed": int(idx.size)}
+        entries[leaf.name] = {**entry, "crc32c": delta.crc32c(new)}
+        writes[leaf.name] = write
+    fields = ({"kind": "delta", "base": held.version, "chain": held.manifest.get("chain", 0) + 1}
+              if is_delta else {"kind": "keyframe", "base": None, "chain": 0})
+    return entries, writes, arrays, fields
+
+
+def _issue_writes(ps, snap: Snapshot, base, leader: bool, writes: dict) -> list[list]:
+    """Every write of the version in flight at once: zarr opens (metadata), then chunks."""
+    opening = {}
+    for leaf in snap.leaves:
+        kind, data = writes[leaf.name]
+        if kind == "full":
+            spec = tensor_io.array_spec(leaf.shape, leaf.dtype, leaf.chunks, ps.options.compression)
+            opening[leaf.name] = tensor_io.open_for_write(base / layout.array_key(leaf.name), spec,
+                                                          ps.context, leader)
+        elif kind == "xor":
+            spec = tensor_io.array_spec(leaf.shape, str(data.dtype), leaf.chunks, "zstd")
+            opening[leaf.name] = tensor_io.open_for_write(base / layout.xor_key(leaf.name), spec,
+                                                          ps.context, leader)
+    futures = []
+    for leaf in snap.leaves:
+        kind, data = writes[leaf.name]
+        if kind == "full":
+            futures.append(tensor_io.write_chunks(opening[leaf.name].result(), leaf.pieces))
+        elif kind == "xor":
+            futures.append([opening[leaf.name].result().write(data)])
+        elif kind == "sparse":
+            futures.append([base.write(layout.sparse_key(leaf.name), data)])
+        else:
+            futures.append([])
+    return futures
+
+
+def _written_bytes(leaf: LeafSnapshot, write: tuple) -> int:
+    kind, data = write
+    if kind == "full":
+        return sum(d.nbytes for _, d in leaf.pieces)
+    return 0 if data is None else len(data) if isinstance(data, bytes) else data.nbytes
+
+
 def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
     """Writes this host's chunks; process 0 then writes the manifest and commits. Returns version."""
     kv = ps.kv
     t0 = time.time()
     dirname = plan.dirname
-    prefix = layout.dir_prefix(dirname)
+    prefix = ps.keys.dir_prefix(dirname)
     leader = snap.process_index == 0
     try:
         if leader:
-            kv.put(layout.ATTEMPTS + dirname, json.dumps({"started_at": t0, "step": snap.step}).encode())
-        base = ps.kv.sub(prefix)
-        specs = [tensor_io.array_spec(leaf.shape, leaf.dtype, leaf.chunks, ps.options.compression)
-                 for leaf in snap.leaves]
-        # All opens (metadata writes), then all chunk writes, are in flight at once.
-        opening = [tensor_io.open_for_write(base / layout.array_key(leaf.name), spec, ps.context, leader)
-                   for leaf, spec in zip(snap.leaves, specs, strict=True)]
-        futures = [tensor_io.write_chunks(f.result(), leaf.pieces)
-                   for f, leaf in zip(opening, snap.leaves, strict=True)]
+            kv.put(ps.keys.attempts + dirname, json.dumps({"started_at": t0, "step": snap.step}).encode())
+        entries, writes, arrays, fields = _plan_leaves(ps, snap, dirname)
+        futures = _issue_writes(ps, snap, ps.kv.sub(prefix), leader, writes)
         nbytes = chunks = 0
         for i, (leaf, futs) in enumerate(zip(snap.leaves, futures, strict=True)):
             for f in futs:
                 f.result()
             chunks += len(futs)
-            nbytes += sum(d.nbytes for _, d in leaf.pieces)
+            nbytes += _written_bytes(leaf, writes[leaf.name])
             faults.point("after_leaves", i + 1)
         faults.point("after_data")
         ps.last_publish_stats = {"version": plan.version, "pieces_written": chunks,
-                                 "bytes_written": nbytes, "write_s": time.time() - t0}
+                                 "bytes_written": nbytes, "write_s": time.time() - t0, "kind": fields["kind"]}
         if snap.process_count > 1:
             kv.put(f"{prefix}_done/p{snap.process_index}", b"1")
         if not leader:
@@ -127,15 +218,18 @@ def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
             "dir": dirname, "created_at": time.time(), "process_count": snap.process_count,
             "publish_dtype": ps.options.publish_dtype, "compression": ps.options.compression,
             "total_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in snap.leaves),
+            "written_bytes": nbytes, **fields,
             "leaves": {
-                leaf.name: {"key": layout.array_key(leaf.name), "shape": list(leaf.shape),
-                            "dtype": leaf.dtype, "source_dtype": leaf.source_dtype, "chunks": leaf.chunks}
+                leaf.name: {**entries[leaf.name], "shape": list(leaf.shape), "dtype": leaf.dtype,
+                            "source_dtype": leaf.source_dtype}
                 for leaf in snap.leaves
             },
         }
-        kv.put(layout.manifest_key(dirname), layout.encode_manifest(body))
+        kv.put(ps.keys.manifest_key(dirname), layout.encode_manifest(body))
         faults.point("after_manifest")
         _commit(ps, plan, body)
+        if arrays is not None:
+            ps.held_by_publisher = reconstruct.Held(plan.version, body, arrays)
         ps.last_publish_stats["total_s"] = time.time() - t0
         return plan.version
     except BaseException as e:
@@ -155,13 +249,13 @@ def _commit(ps, plan: Plan, body: dict) -> None:
     record = {"version": plan.version, "dir": plan.dirname, "step": body["step"], "epoch": plan.epoch,
               "fence_epoch": plan.epoch, "total_bytes": body["total_bytes"]}
     for _ in range(20):
-        entry = kv.read(layout.LATEST)
+        entry = kv.read(ps.keys.latest)
         latest = ps.parse_latest(entry.value) if entry.exists else None
         if latest is not None:
             ps.ensure_committed_index(latest)
             if latest.get("fence_epoch", latest["epoch"]) > plan.epoch:
                 raise FencedError(f"publish of version {plan.version}: trainer epoch {plan.epoch} is fenced "
-                                  f"out by epoch {latest['fence_epoch']} in {kv.url}{layout.LATEST}")
+                                  f"out by epoch {latest['fence_epoch']} in {kv.url}{ps.keys.latest}")
             if latest["version"] >= plan.version:
                 raise PublishConflictError(
                     f"publish of version {plan.version}: LATEST in {kv.url} is already at version "
@@ -169,16 +263,16 @@ def _commit(ps, plan: Plan, body: dict) -> None:
         fencing.check_epoch(kv, plan.epoch)
         faults.point("before_cas")
         record["committed_at"] = time.time()
-        if kv.cas(layout.LATEST, json.dumps(record).encode(), entry.generation):
+        if kv.cas(ps.keys.latest, json.dumps(record).encode(), entry.generation):
             break
     else:
         raise PublishConflictError(f"publish of version {plan.version}: LATEST in {kv.url} keeps changing")
     faults.point("after_cas")
-    kv.put(layout.committed_key(plan.version), json.dumps(record).encode())
+    kv.put(ps.keys.committed_key(plan.version), json.dumps(record).encode())
 
 
 def _wait_for_hosts(ps, plan: Plan, nproc: int) -> None:
-    prefix = layout.dir_prefix(plan.dirname) + "_done/"
+    prefix = ps.keys.dir_prefix(plan.dirname) + "_done/"
     deadline = time.time() + ps.options.commit_timeout_s
     while len(ps.kv.list(prefix)) < nproc:
         if time.time() > deadline:
@@ -189,7 +283,7 @@ def _wait_for_hosts(ps, plan: Plan, nproc: int) -> None:
 
 def _wait_for_commit(ps, plan: Plan) -> None:
     deadline = time.time() + ps.options.commit_timeout_s
-    failed_key = layout.dir_prefix(plan.dirname) + "_failed"
+    failed_key = ps.keys.dir_prefix(plan.dirname) + "_failed"
     while True:
         latest = ps.latest()
         if latest is not None and latest["version"] >= plan.version:

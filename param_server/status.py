@@ -29,7 +29,7 @@ def collect(store: ParamStore, now: float | None = None) -> dict:
     elif "latest" not in out:
         out["latest"] = None
     pins = store.pins(now)
-    out["pins"] = [{"key": k[len(layout.PINS):], **{f: v for f, v in p.items() if f != "generation"},
+    out["pins"] = [{"key": k[len(store.keys.pins):], **{f: v for f, v in p.items() if f != "generation"},
                     "expires_in_s": p["expires_at"] - now if "expires_at" in p else None}
                    for k, p in pins.items()]
     versions = []
@@ -44,8 +44,8 @@ def collect(store: ParamStore, now: float | None = None) -> dict:
         except (ParamServerError, StoreError, ValueError) as e:
             versions.append({"version": v, "error": str(e)})
     out["versions"] = versions
-    out["pending_attempts"] = [k[len(layout.ATTEMPTS):] for k in store.kv.list(layout.ATTEMPTS)
-                               if not any(x.get("dir") == k[len(layout.ATTEMPTS):] for x in versions)]
+    out["pending_attempts"] = [k[len(store.keys.attempts):] for k in store.kv.list(store.keys.attempts)
+                               if not any(x.get("dir") == k[len(store.keys.attempts):] for x in versions)]
     workers = {}
     for key in store.kv.list(store_layout.WORKERS):
         raw = store.kv.get(key)

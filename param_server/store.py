@@ -10,6 +10,7 @@ import concurrent.futures
 import dataclasses
 import json
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -19,7 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 import tensorstore as ts
 
-from param_server import layout, pins, publish, tensor_io
+from param_server import file_reads, layout, pins, publish, reconstruct, tensor_io
+from param_server import gc as gc_pass
 from param_server.errors import (
     BadVersionError,
     CorruptVersionError,
@@ -52,6 +54,9 @@ class Options:
     file_io_sync: bool
     poll_interval_s: float
     commit_timeout_s: float
+    delta: bool
+    keyframe_every: int
+    delta_encoding: str
 
     @classmethod
     def from_config(cls, c=None, **overrides) -> Options:
@@ -72,8 +77,10 @@ class Options:
 class ParamStore:
     """Versioned weights in a kvstore. ``ParamStore.open(url)`` for readers and publishers."""
 
-    def __init__(self, kv: KVStore, options: Options | None = None, epoch: int | None = None):
+    def __init__(self, kv: KVStore, options: Options | None = None, epoch: int | None = None,
+                 tree: str = layout.DEFAULT_TREE):
         self.kv = kv
+        self.keys = layout.tree_keys(tree)
         self.options = options or Options.from_config()
         limit = {"limit": int(self.options.io_concurrency)}
         self.context = ts.Context({"data_copy_concurrency": limit})
@@ -84,23 +91,31 @@ class ParamStore:
         self._inflight: list[concurrent.futures.Future] = []
         self._failure: BaseException | None = None
         self._lock = threading.Lock()
+        # The publisher's host copy of its newest committed version: what its next delta is against.
+        self.held_by_publisher: reconstruct.Held | None = None
+        self._direct: file_reads.DirectReader | None = None  # file:// chunk reads, made on first use
 
     @classmethod
     def open(cls, url: str | KVStore = "", workdir: str | None = None, *, config=None,
-             epoch: int | None = None, **overrides) -> ParamStore:
+             epoch: int | None = None, tree: str = layout.DEFAULT_TREE, **overrides) -> ParamStore:
         """Opens the store at ``url`` (file://, gs://, memory://; '' = file://<workdir>/store/).
 
         ``config`` is the run config or its store section; keyword overrides win over it.
         A ``KVStore`` may be passed instead of a URL (memory:// stores are private to one open).
+        ``tree`` names a tree of versions with its own LATEST ('' = the default tree).
         """
         options = Options.from_config(config, **overrides)
         if isinstance(url, KVStore):
-            return cls(url, options, epoch)
+            return cls(url, options, epoch, tree)
         if not url and config is not None:
             url = (config.store if "store" in config else config).url
         limit = {"limit": int(options.io_concurrency)}
         context = ts.Context({"file_io_sync": bool(options.file_io_sync), "file_io_concurrency": limit})
-        return cls(KVStore.open(url, workdir, context=context), options, epoch)
+        return cls(KVStore.open(url, workdir, context=context), options, epoch, tree)
+
+    def tree(self, name: str) -> ParamStore:
+        """The same store's tree ``name`` (its own LATEST, versions, pins), sharing this run's epoch."""
+        return ParamStore(self.kv, self.options, self.epoch, name)
 
     @property
     def url(self) -> str:
@@ -117,11 +132,11 @@ class ParamStore:
             rec.setdefault("fence_epoch", rec.get("epoch", 0))
             return rec
         except (ValueError, KeyError, TypeError) as e:
-            raise CorruptVersionError(-1, f"{layout.LATEST} is corrupt ({e})") from e
+            raise CorruptVersionError(-1, f"LATEST is corrupt ({e})") from e
 
     def latest(self) -> dict | None:
         """The LATEST record ({"version", "dir", "step", "epoch", "committed_at", ...}) or None."""
-        raw = self.kv.get(layout.LATEST)
+        raw = self.kv.get(self.keys.latest)
         return None if raw is None else self.parse_latest(raw)
 
     def latest_version(self) -> int | None:
@@ -131,9 +146,9 @@ class ParamStore:
     def versions(self) -> list[int]:
         """Committed versions still present, ascending (LATEST included)."""
         out = set()
-        for key in self.kv.list(layout.COMMITTED):
+        for key in self.kv.list(self.keys.committed):
             try:
-                out.add(int(key[len(layout.COMMITTED) + 1:]))
+                out.add(int(key[len(self.keys.committed) + 1:]))
             except ValueError:
                 continue
         latest = self.latest_version()
@@ -145,7 +160,7 @@ class ParamStore:
         latest = self.latest()
         if latest is not None and latest["version"] == version:
             return latest
-        raw = self.kv.get(layout.committed_key(version))
+        raw = self.kv.get(self.keys.committed_key(version))
         if raw is None:
             raise VersionNotFoundError(
                 f"version {version} is not in {self.url} (never committed or garbage-collected); "
@@ -157,7 +172,7 @@ class ParamStore:
 
     def ensure_committed_index(self, latest: dict) -> None:
         """Repairs the index entry of LATEST if its publisher died right after the CAS."""
-        key = layout.committed_key(latest["version"])
+        key = self.keys.committed_key(latest["version"])
         if self.kv.get(key) is None:
             self.kv.put(key, json.dumps(latest).encode())
 
@@ -181,12 +196,12 @@ class ParamStore:
         """Makes this store object the run's publisher: bumps run.json's epoch and fences LATEST."""
         epoch = fencing.acquire_epoch(self.kv, **info)
         while True:  # mark LATEST so a stale publisher's CAS against an older generation fails
-            entry = self.kv.read(layout.LATEST)
+            entry = self.kv.read(self.keys.latest)
             if not entry.exists:
                 break
             rec = self.parse_latest(entry.value)
             rec["fence_epoch"] = max(epoch, rec["fence_epoch"])
-            if self.kv.cas(layout.LATEST, json.dumps(rec).encode(), entry.generation):
+            if self.kv.cas(self.keys.latest, json.dumps(rec).encode(), entry.generation):
                 break
         self.epoch = epoch
         return epoch
@@ -278,11 +293,12 @@ class ParamStore:
     # --------------------------------------------------------------------------------------- pull
 
     def pull(self, target: Any, version: int | None = None, *, fallback: bool = False,
-             reader: str | None = None) -> tuple[Any, int]:
+             reader: str | None = None, leaves: Any = None) -> tuple[Any, int]:
         """Reads a version into the shardings and dtypes of ``target`` (ShapeDtypeStructs).
 
         ``version=None`` reads LATEST. With ``fallback=True`` a corrupt or incomplete version is
         skipped for the newest older good one. ``reader`` pins the version being read.
+        ``leaves``: leaf names or name prefixes ending in '/' to read (others come back None).
         """
         if version is None:
             version = self.latest_version()
@@ -294,7 +310,7 @@ class ParamStore:
         first_error: BadVersionError | None = None
         for v in candidates:
             try:
-                return self.read(target, v, reader)[0], v
+                return self.read(target, v, reader, leaves=leaves)[0], v
             except BadVersionError as e:
                 if not fallback:
                     raise
@@ -304,31 +320,64 @@ class ParamStore:
 
     def read_manifest(self, version: int) -> dict:
         dirname = self.committed_dir(version)
-        raw = self.kv.get(layout.manifest_key(dirname))
+        raw = self.kv.get(self.keys.manifest_key(dirname))
         if raw is None:
             raise IncompleteVersionError(version, f"version {version}: manifest "
-                                         f"{self.url}{layout.manifest_key(dirname)} is missing")
+                                         f"{self.url}{self.keys.manifest_key(dirname)} is missing")
         try:
             return layout.decode_manifest(raw)
         except ValueError as e:
             raise CorruptVersionError(
-                version, f"version {version}: {self.url}{layout.manifest_key(dirname)}: {e}") from e
+                version, f"version {version}: {self.url}{self.keys.manifest_key(dirname)}: {e}") from e
 
-    def read(self, target: Any, version: int, reader: str | None = None) -> tuple[Any, dict]:
+    def selected(self, target: Any, leaves: Any = None) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]], Any]:
+        """(every named target leaf, the selected ones, treedef) for a ``leaves`` selection."""
+        named, treedef = layout.flatten(target)
+        if leaves is None:
+            return named, named, treedef
+        wanted = [leaves] if isinstance(leaves, str) else list(leaves)
+        pick = [(n, t) for n, t in named if any(n == w or (w.endswith("/") and n.startswith(w)) for w in wanted)]
+        if not pick:
+            raise TreeMismatchError(f"no target leaf matches the selection {wanted[:5]}")
+        return named, pick, treedef
+
+    def read(self, target: Any, version: int, reader: str | None = None, *, leaves: Any = None,
+             held: reconstruct.Held | None = None) -> tuple[Any, dict]:
         """Reads one version into the shardings and dtypes of ``target``; returns it with its
-        manifest (whose "step" and "epoch" say which trainer weights these are)."""
+        manifest (whose "step" and "epoch" say which trainer weights these are).
+
+        ``leaves`` selects a subset (see ``pull``). A delta version is reconstructed on the host
+        (from ``held`` if it holds the delta's base, else from the nearest keyframe)."""
         if reader:
             self.pin(version, reader)
         manifest = self.read_manifest(version)
+        named, pick, treedef = self.selected(target, leaves)
+        _check_tree(pick, manifest["leaves"], version, partial=leaves is not None)
+        if manifest.get("kind", "keyframe") == "delta" or held is not None:
+            host = self.read_host(version, [n for n, _ in pick], held)
+            got = dict(zip([n for n, _ in pick], reconstruct.to_device(host, pick, _sharding_of), strict=True))
+        else:
+            got = self._read_slices(pick, manifest, version)
+        return jax.tree_util.tree_unflatten(treedef, [got.get(n) for n, _ in named]), manifest
+
+    def read_host(self, version: int, names: list[str], held: reconstruct.Held | None = None) -> reconstruct.Held:
+        """Whole leaves ``names`` of ``version`` on the host (publish dtype), every one checked
+        against its crc32c; applies deltas to ``held`` when it is on the version's chain."""
+        if held is not None and not set(names) <= set(held.arrays):
+            held = None
+        return reconstruct.read(self, version, names, held)
+
+    def _read_slices(self, pick: list[tuple[str, Any]], manifest: dict, version: int) -> dict[str, Any]:
+        """A keyframe, each device reading only the chunks that overlap its slices."""
         entries = manifest["leaves"]
-        named, treedef = layout.flatten(target)
-        _check_tree(named, entries, version)
-        base = self.kv.sub(layout.dir_prefix(manifest["dir"]))
+        if all(file_reads.supported(self.url, manifest, entries[name]) for name, _ in pick):
+            return self._read_direct(pick, manifest, version)
         # All opens, then all reads of every leaf, are in flight at once.
-        opens = [tensor_io.open_for_read(base / entries[name]["key"], entries[name], self.context)
-                 for name, _ in named]
+        opens = [tensor_io.open_for_read(
+            self.kv.sub(self.keys.dir_prefix(layout.entry_dir(entries[name], manifest))) / entries[name]["key"],
+            entries[name], self.context) for name, _ in pick]
         pending = []
-        for (name, t), fut in zip(named, opens, strict=True):
+        for (name, t), fut in zip(pick, opens, strict=True):
             key = entries[name]["key"]
             try:
                 arr = fut.result()
@@ -337,72 +386,62 @@ class ParamStore:
             sharding = _sharding_of(t)
             indices = list({tensor_io.index_key(i): i for i in
                             sharding.addressable_devices_indices_map(tuple(t.shape)).values()}.values())
-            pending.append((t, sharding, tensor_io.PendingRead(arr, indices, version, name, key)))
-        leaves = []
-        for t, sharding, pr in pending:
+            pending.append((name, t, sharding, tensor_io.PendingRead(arr, indices, version, name, key)))
+        out = {}
+        for name, t, sharding, pr in pending:
             data = pr.results()
             dtype = jnp.dtype(t.dtype)
 
             def cb(index, data=data, dtype=dtype):
                 return np.asarray(data[tensor_io.index_key(index)]).astype(dtype, copy=False)
 
-            leaves.append(jax.make_array_from_callback(tuple(t.shape), sharding, cb))
-        return jax.tree_util.tree_unflatten(treedef, leaves), manifest
+            out[name] = jax.make_array_from_callback(tuple(t.shape), sharding, cb)
+        return out
+
+    def read_direct(self, manifest: dict, name: str, indices: list[tuple], version: int) -> file_reads.PendingDirect:
+        """Reads of one full leaf's slices straight from its chunk files (file:// stores)."""
+        if self._direct is None:
+            self._direct = file_reads.DirectReader(int(self.options.io_concurrency))
+        e = manifest["leaves"][name]
+        path = os.path.join(file_reads.root_of(self.url),
+                            self.keys.dir_prefix(layout.entry_dir(e, manifest)) + e["key"])
+        return self._direct.read(path, e, indices, version, name)
+
+    def _read_direct(self, pick: list[tuple[str, Any]], manifest: dict, version: int) -> dict[str, Any]:
+        pending = []
+        for name, t in pick:  # every chunk read of every leaf in flight at once
+            sharding = _sharding_of(t)
+            indices = list({tensor_io.index_key(i): i for i in
+                            sharding.addressable_devices_indices_map(tuple(t.shape)).values()}.values())
+            pending.append((name, t, sharding, self.read_direct(manifest, name, indices, version)))
+        out = {}
+        for name, t, sharding, pr in pending:
+            data, dtype = pr.results(), jnp.dtype(t.dtype)
+            out[name] = jax.make_array_from_callback(
+                tuple(t.shape), sharding,
+                lambda index, d=data, dt=dtype: d[tensor_io.index_key(index)].astype(dt, copy=False))
+        return out
 
     # ---------------------------------------------------------------------------------- pins, gc
 
     def pin(self, version: int, reader: str, ttl_s: float | None = None) -> dict:
-        return pins.pin(self.kv, version, reader, self.options.pin_ttl_s if ttl_s is None else ttl_s)
+        return pins.pin(self.kv, self.keys, version, reader,
+                        self.options.pin_ttl_s if ttl_s is None else ttl_s)
 
     def unpin(self, reader: str) -> None:
-        pins.unpin(self.kv, reader)
+        pins.unpin(self.kv, self.keys, reader)
 
     def pins(self, now: float | None = None) -> dict[str, dict]:
-        return pins.read_pins(self.kv, now)
+        return pins.read_pins(self.kv, self.keys, now)
 
     def gc(self, keep: int | None = None, now: float | None = None) -> dict:
-        """Deletes committed versions beyond the newest ``keep``, except LATEST and pinned ones;
-        also orphaned attempts (crashed publishes older than LATEST) and expired pins."""
+        """Deletes committed versions beyond the newest ``keep``, except LATEST, pinned ones and
+        every version their delta chains need; deletes a version directory only once no kept
+        version's manifest names it; also orphaned attempts and expired pins."""
         keep = self.options.gc_keep if keep is None else keep
         if keep < 1:
             raise ValueError(f"gc keep={keep}: must be >= 1")
-        latest = self.latest()
-        if latest is None:
-            return {"deleted": [], "kept": [], "orphans": [], "expired_pins": []}
-        self.ensure_committed_index(latest)
-        current_pins = self.pins(now)
-        pinned = pins.active_versions(current_pins)
-        committed = self.versions()
-        keep_set = set(committed[-keep:]) | {latest["version"]} | pinned
-        committed_dirs = {}
-        deleted = []
-        for v in committed:
-            try:
-                committed_dirs[v] = self.committed_dir(v)
-            except VersionNotFoundError:
-                continue
-            if v in keep_set:
-                continue
-            # Index first: the version leaves versions() before its bytes go.
-            self.kv.delete(layout.committed_key(v))
-            self.kv.delete_prefix(layout.dir_prefix(committed_dirs[v]))
-            self.kv.delete(layout.ATTEMPTS + committed_dirs[v])
-            deleted.append(v)
-        orphans = []
-        for key in self.kv.list(layout.ATTEMPTS):
-            dirname = key[len(layout.ATTEMPTS):]
-            parsed = layout.parse_dir(dirname)
-            if parsed is None or parsed[0] > latest["version"] or committed_dirs.get(parsed[0]) == dirname:
-                continue  # possibly in progress, or committed
-            self.kv.delete_prefix(layout.dir_prefix(dirname))
-            self.kv.delete(key)
-            orphans.append(dirname)
-        expired = []
-        for key, p in current_pins.items():
-            if p.get("expired") and self.kv.cas(key, None, p["generation"]):
-                expired.append(key[len(layout.PINS):])
-        return {"deleted": deleted, "kept": sorted(set(committed) - set(deleted)), "orphans": orphans,
-                "expired_pins": expired}
+        return gc_pass.collect(self, keep, now)
 
 
 def _sharding_of(t: Any) -> jax.sharding.Sharding:
@@ -410,7 +449,7 @@ def _sharding_of(t: Any) -> jax.sharding.Sharding:
     return sharding if sharding is not None else jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
-def _check_tree(named: list[tuple[str, Any]], entries: dict, version: int) -> None:
+def _check_tree(named: list[tuple[str, Any]], entries: dict, version: int, partial: bool = False) -> None:
     names = {n for n, _ in named}
     for name, t in named:
         if name not in entries:
@@ -426,5 +465,5 @@ def _check_tree(named: list[tuple[str, Any]], entries: dict, version: int) -> No
             raise TreeMismatchError(f"leaf {name!r}: target dtype {want} cannot hold published dtype {have} "
                                     f"in version {version}")
     missing = sorted(set(entries) - names)
-    if missing:
+    if missing and not partial:
         raise TreeMismatchError(f"version {version} has leaves the target lacks: {missing[:5]}")

@@ -4,7 +4,9 @@ After acme's VariableClient: ``update()`` never blocks (it swaps in weights the 
 pulled), ``version`` always says which version ``params`` is and ``step`` which trainer step.
 The client pins the version it holds (renewing the pin), refuses corrupt or incomplete versions
 and falls back to the newest good one, and survives transient store errors (the last one is in
-``error``).
+``error``). With ``store.delta`` it keeps a host copy of the weights it holds and applies each
+delta version to it (or reads the nearest keyframe and the deltas after it when it joins late or
+missed a version); every reconstructed leaf is checked against the manifest's crc32c.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ import threading
 import time
 from typing import Any
 
+import jax
+
+from param_server import reconstruct
+from param_server import store as store_module
 from param_server.errors import BadVersionError, VersionNotFoundError
 from param_server.store import ParamStore
 
@@ -33,6 +39,7 @@ class VariableClient:
         self._version: int | None = None
         self._step: int | None = None
         self._pending: tuple[Any, int, int] | None = None
+        self._host: reconstruct.Held | None = None  # delta mode: host copy of the newest fetched version
         self._fetched: int | None = None  # newest version pulled (or refused) by the thread
         self._cond = threading.Condition()
         self._stop = threading.Event()
@@ -110,7 +117,7 @@ class VariableClient:
             if floor is not None and v <= floor:
                 break  # nothing newer than what we hold is good
             try:
-                params, manifest = self.store.read(self.target, v, reader=self.reader)
+                params, manifest = self._read(v)
             except BadVersionError as e:
                 log.warning("variable client %s refuses version %d: %s", self.reader, v, e)
                 self.bad_versions.add(v)
@@ -122,3 +129,14 @@ class VariableClient:
                 self._fetched = v
                 self._cond.notify_all()
             return
+
+    def _read(self, v: int) -> tuple[Any, dict]:
+        if not self.store.options.delta:
+            return self.store.read(self.target, v, reader=self.reader)
+        self.store.pin(v, self.reader)
+        named, _, treedef = self.store.selected(self.target)
+        store_module._check_tree(named, self.store.read_manifest(v)["leaves"], v)
+        host = self.store.read_host(v, [n for n, _ in named], held=self._host)
+        leaves = reconstruct.to_device(host, named, store_module._sharding_of)
+        self._host = host  # only once the whole version checked out
+        return jax.tree_util.tree_unflatten(treedef, leaves), host.manifest

@@ -2,6 +2,10 @@
 
     python tests/helpers/ps_child.py publish URL STEP          # 8 fake devices, one publish
     python tests/helpers/ps_child.py multihost URL PORT PID   # one of two JAX processes, 2 devices each
+    python tests/helpers/ps_child.py deltas URL N FAULT       # delta publishing: versions 1..N of
+        stepped_values, then RLAX_PS_FAULT=FAULT set for the publish of version N+1
+    python tests/helpers/ps_child.py hold URL                 # a reader pins LATEST and prints its
+        checksums, then on each stdin line re-reads that version from scratch and prints them again
 Prints one JSON line with the result on success.
 """
 
@@ -41,13 +45,47 @@ def spec_for(name: str) -> P:
 
 
 def build(mesh, seed: int):
+    return _build_values(mesh, global_values(seed))
+
+
+def _build_values(mesh, values: dict):
     from rlax_tpu.tree import path_str as leaf_name
 
     def make(path, x):
         sharding = NamedSharding(mesh, spec_for(leaf_name(path)))
         return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
 
-    return jax.tree_util.tree_map_with_path(make, global_values(seed))
+    return jax.tree_util.tree_map_with_path(make, values)
+
+
+def stepped_values(k: int) -> dict:
+    """global_values(1) after k small updates of a few elements each (changes survive bf16)."""
+    vals = global_values(1)
+    for i in range(1, k + 1):
+        rng = np.random.default_rng(100 + i)
+        vals = jax.tree.map(lambda x, r=rng: x + (r.random(x.shape) < 0.1) * np.float32(0.05), vals)
+    return vals
+
+
+def delta_options() -> dict:
+    return {"delta": True, "keyframe_every": 3, "gc_keep": 1, "pin_ttl_s": 600.0}
+
+
+def checksums(tree) -> list[int]:
+    from param_server import delta
+
+    return [delta.crc32c(np.asarray(x)) for x in jax.tree.leaves(tree)]
+
+
+def target(mesh):
+    """bf16 targets in an inference layout (kernels split over 'tensor', the rest replicated)."""
+    from rlax_tpu.tree import path_str as leaf_name
+
+    def make(path, x):
+        spec = P(None, "tensor") if leaf_name(path).endswith("kernel") else P()
+        return jax.ShapeDtypeStruct(x.shape, jax.numpy.bfloat16, sharding=NamedSharding(mesh, spec))
+
+    return jax.tree_util.tree_map_with_path(make, global_values(1))
 
 
 def main() -> None:
@@ -59,6 +97,29 @@ def main() -> None:
         store = ParamStore.open(url)
         version = store.publish(build(mesh, seed=step), step)
         print(json.dumps({"version": version}), flush=True)
+    elif MODE == "deltas":
+        url, n, fault = sys.argv[2], int(sys.argv[3]), sys.argv[4]
+        from param_server import ParamStore, faults
+
+        mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        store = ParamStore.open(url, **delta_options())
+        for k in range(n + 1):
+            if k == n:
+                os.environ[faults.ENV] = fault
+            version = store.publish(_build_values(mesh, stepped_values(k)), k)
+            print(json.dumps({"version": version, "kind": store.last_publish_stats["kind"]}), flush=True)
+    elif MODE == "hold":
+        url = sys.argv[2]
+        from param_server import ParamStore
+
+        mesh = jax.make_mesh((8,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+        store = ParamStore.open(url, **delta_options())
+        version = store.latest_version()
+        params, _ = store.read(target(mesh), version, reader="holder")  # pins it
+        print(json.dumps({"version": version, "crc": checksums(params)}), flush=True)
+        for _ in sys.stdin:
+            params, _ = ParamStore.open(url, **delta_options()).read(target(mesh), version, reader="holder")
+            print(json.dumps({"version": version, "crc": checksums(params)}), flush=True)
     elif MODE == "multihost":
         url, port, pid = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

@@ -127,3 +127,62 @@ def test_multihost_publish_each_process_writes_own_shards(tmp_path):
     _assert_close(pulled, seed=7)
     assert store.kv.list(f"params/{store.committed_dir(1)}/_done/") == [
         f"params/{store.committed_dir(1)}/_done/p0", f"params/{store.committed_dir(1)}/_done/p1"]
+
+
+def _bits_equal(pulled, values):
+    for a, b in zip(jax.tree.leaves(pulled), jax.tree.leaves(values), strict=True):
+        np.testing.assert_array_equal(np.asarray(a).view(np.uint16),
+                                      b.astype(jax.numpy.bfloat16).view(np.uint16))
+
+
+def test_kill_during_delta_publish_leaves_previous_version(tmp_path):
+    # The child publishes version 1 (keyframe) and 2 (delta), then dies publishing delta 3.
+    procs = {point: subprocess.Popen([sys.executable, CHILD, "deltas", f"file://{tmp_path}/{i}", "2", point],
+                                     cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i, point in enumerate(["after_leaves:2", "before_cas:pause"])}
+    target = ps_child.target(_infer_mesh())
+    for i, (point, proc) in enumerate(procs.items()):
+        lines = [json.loads(proc.stdout.readline()) for _ in range(2)]
+        assert [x["kind"] for x in lines] == ["keyframe", "delta"], lines
+        if point.endswith(":pause"):
+            line = proc.stdout.readline()
+            assert line.startswith("RLAX_PS_FAULT_AT before_cas"), (line, proc.stderr.read())
+            os.kill(proc.pid, signal.SIGKILL)
+        assert proc.wait(timeout=120) == -signal.SIGKILL, proc.stderr.read()[-2000:]
+        store = ParamStore.open(f"file://{tmp_path}/{i}", **ps_child.delta_options())
+        assert store.latest_version() == 2 and store.versions() == [1, 2], point
+        assert store.read_manifest(2)["kind"] == "delta"
+        _bits_equal(store.pull(target)[0], ps_child.stepped_values(1))  # late joiner: keyframe + delta
+        assert store.gc()["deleted"] == [] and store.versions() == [1, 2]  # 2 needs its keyframe
+        # A new publisher (no host copy: a keyframe) takes over; gc removes the dead attempt.
+        mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+        assert store.publish(ps_child._build_values(mesh, ps_child.stepped_values(5)), 5) == 3
+        assert store.read_manifest(3)["kind"] == "keyframe"
+        assert store.gc()["orphans"] == ["v00000003-e1"] and store.versions() == [3]
+
+
+def test_gc_never_removes_a_link_of_a_pinned_chain(tmp_path):
+    url = f"file://{tmp_path}/store"
+    store = ParamStore.open(url, **ps_child.delta_options())
+    mesh = jax.make_mesh((4, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
+    for k in range(2):
+        store.publish(ps_child._build_values(mesh, ps_child.stepped_values(k)), k)
+    reader = subprocess.Popen([sys.executable, CHILD, "hold", url], cwd=ROOT, env=_env(), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        held = json.loads(reader.stdout.readline() or reader.stderr.read())
+        want = ps_child.checksums(jax.tree.map(lambda x: x.astype(jax.numpy.bfloat16), ps_child.stepped_values(1)))
+        assert held == {"version": 2, "crc": want}
+        for k in range(2, 7):  # keyframes at versions 4 and 7
+            store.publish(ps_child._build_values(mesh, ps_child.stepped_values(k)), k)
+        report = store.gc(keep=1)
+        assert store.versions() == [1, 2, 7], report  # the pinned delta 2 keeps its keyframe 1
+        reader.stdin.write("again\n")
+        reader.stdin.flush()
+        assert json.loads(reader.stdout.readline() or reader.stderr.read()) == held  # re-read from scratch
+    finally:
+        reader.kill()
+        reader.wait(timeout=30)
+    store.unpin("holder")
+    store.gc(keep=1)
+    assert store.versions() == [7]
