@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import time
 
-from param_server import layout
 from param_server.errors import ParamServerError
 from param_server.store import ParamStore
 from rlax_tpu import fencing, store_layout
