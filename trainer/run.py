@@ -161,7 +161,7 @@ class Trainer:
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True, ppo_epochs=c.rl.ppo_epochs,
-                           mini_batches=c.rl.mini_batches)
+                           mini_batches=c.rl.mini_batches, pack_len=c.trainer.pack_len)
         learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
         timer = Timer()
         while step < c.trainer.steps and not self.stop.requested:
@@ -187,7 +187,7 @@ class Trainer:
                 batch = learner.with_advantages(batch)
             with timer("train"):
                 train_state, m = learner.rl_update({k: v for k, v in state.items() if k != "ref"}, batch,
-                                                   seed=c.seed * 1_000_003 + step)
+                                                   seed=c.seed * 1_000_003 + step, host=host)
                 state = train_state if ref is None else {**train_state, "ref": ref}
             step += 1
             with timer("publish"):

@@ -42,7 +42,7 @@ def _learner(c, mesh):
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                       remat=False, compute_entropy=True)
+                       remat=False, compute_entropy=True, pack_len=c.trainer.pack_len)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
@@ -158,7 +158,7 @@ def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
         model = models.init(model_cfg, 0, mesh=mesh)
         optimizer, _ = make_optimizer(c.trainer)
         state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=True)
-        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True)
+        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True, pack_len=0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         ref = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -194,11 +194,11 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
         state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
         spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True,
-                           ppo_epochs=2, mini_batches=2)
+                           ppo_epochs=2, mini_batches=2, pack_len=0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
         batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
-        state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0)
+        state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0, host=host)
         assert m["updates"] == 4 and int(to_host(state["step"])) == 1  # one trainer step of 4 updates
         after[name], metrics[name] = to_host(state["params"]["model"]), m
     flat = {k: np.concatenate([x.ravel() for x in jax.tree.leaves(v)]) for k, v in after.items()}
@@ -209,7 +209,7 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
     assert metrics["ppo"]["clip_frac"] > 0 and metrics["ppo"]["approx_kl"] > 0
     assert metrics["reinforce"]["clip_frac"] == 0  # no clip in the vanilla policy gradient
     # The schedule: each epoch covers every group once; later epochs reorder them.
-    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, ppo_epochs=3, mini_batches=2), seed=1)
+    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, ppo_epochs=3, mini_batches=2, pack_len=0), seed=1)
     assert len(groups) == 6 and all(sorted(np.concatenate(groups[e * 2:e * 2 + 2])) == list(range(8))
                                     for e in range(3))
     assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \
