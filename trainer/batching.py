@@ -17,9 +17,9 @@ import numpy as np
 
 from trainer.replay_controller import Admitted
 
-TRUNCATED = ("length", "cache")
+TRUNCATED = ("length", "cache")  # finish reasons of completions cut before they ended
 MODEL_KEYS = ("tokens", "targets", "positions", "segment_ids")  # what pack() lays out in rows
-MAX_ROW_BUCKETS = 8  # packed row counts are rounded up so a batch shape takes at most this many  # finish reasons of completions cut before they ended
+MAX_ROW_BUCKETS = 8  # packed row counts are rounded up so a batch shape takes at most this many
 
 
 class BatchError(ValueError):

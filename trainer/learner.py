@@ -161,6 +161,18 @@ def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     return logp, values
 
 
+def prepare(params, ref_params, batch, *, layout: StateLayout, spec: LearnerSpec, settings):
+    """Everything a batch needs before its updates, in one call: the proximal log-probs (and
+    old values), the reference's log-probs when there is one, then the advantages."""
+    batch = dict(batch)
+    batch["proximal_logp"], values = recompute(params, batch, layout=layout, spec=spec)
+    if values is not None:
+        batch["old_values"] = values
+    if ref_params is not None:
+        batch["ref_logp"] = ref_logprobs(ref_params, batch, layout=layout, spec=spec)
+    return rl.with_advantages(settings, batch)
+
+
 # Per-update metrics combined over a batch's updates: the extreme for *_max / *_min, else the mean.
 def combine_metrics(per_update: list[dict]) -> dict:
     out = {}
@@ -209,6 +221,12 @@ class Learner:
         self.group_size = None if loss is None else loss.settings.group_size
         if loss is not None:
             self._advantages = jax.jit(functools.partial(rl.with_advantages, loss.settings))
+            self._prepare = {with_ref: jax.jit(functools.partial(prepare, layout=layout, spec=spec,
+                                                                 settings=loss.settings),
+                                               in_shardings=(state_sh["params"],
+                                                             state_sh["params"]["model"] if with_ref else None,
+                                                             None))
+                             for with_ref in (False, True)}
             self._rl = jax.jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec,
                                                  loss=loss),
                                in_shardings=(state_sh, None), out_shardings=(state_sh, None),
@@ -245,6 +263,12 @@ class Learner:
         """Advantages (and returns, shaped rewards) on the whole placed batch."""
         with jax.transfer_guard("disallow"):
             return self._advantages(batch)
+
+    def prepare(self, params, batch, ref=None):
+        """The placed batch with its proximal log-probs (old values), reference log-probs (when
+        ``ref``, the frozen reference's model params, is given) and advantages: one jitted call."""
+        with jax.transfer_guard("disallow"):
+            return self._prepare[ref is not None](params, ref, batch)
 
     def rl_update(self, state, batch, *, seed: int, host: dict[str, np.ndarray] | None = None):
         """All of a batch's optimizer updates (spec.ppo_epochs x spec.mini_batches), the

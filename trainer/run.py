@@ -176,15 +176,11 @@ class Trainer:
             batch = learner.place(host)
             with timer("recompute"):
                 # The proximal policy: this step's parameters before its first update (decoupled
-                # PPO's pi_prox; the PPO ratio's denominator for every update of the batch).
-                prox, old_values = learner.recompute(state["params"], batch)
-                batch["proximal_logp"] = prox
-                if old_values is not None:
-                    batch["old_values"] = old_values
-                ref = state.get("ref")  # frozen: kept out of the donated train state
-                if ref is not None:
-                    batch["ref_logp"] = learner.ref_logprobs(ref, batch)
-                batch = learner.with_advantages(batch)
+                # PPO's pi_prox; the PPO ratio's denominator for every update of the batch), the
+                # frozen reference (kept out of the donated train state) and the advantages.
+                ref = state.get("ref")
+                batch = learner.prepare(state["params"], batch, ref)
+                prox = batch["proximal_logp"]
             with timer("train"):
                 train_state, m = learner.rl_update({k: v for k, v in state.items() if k != "ref"}, batch,
                                                    seed=c.seed * 1_000_003 + step, host=host)

@@ -9,7 +9,8 @@ import pytest
 from rlax_tpu import models, rl, sharding
 from rlax_tpu.models import ModelConfig
 from rlax_tpu.replay.records import RolloutGroup, Sample, Task
-from trainer import batching, learner as learner_lib
+from trainer import batching
+from trainer import learner as learner_lib
 from trainer.learner import Learner, LearnerSpec, to_host
 from trainer.optim import make_optimizer
 from trainer.replay_controller import Admitted
@@ -75,7 +76,7 @@ def _setup(c, pack_len, with_value):
 
 def _tiny(c):
     c.model.vocab_size = VOCAB
-    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 2
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
     c.model.num_heads, c.model.num_kv_heads = 4, 2
     c.rl.group_size = GROUP
     c.trainer.micro_batches = 2
@@ -88,7 +89,7 @@ def _close(a, b):
 
 def test_packed_and_padded_rl_batches_give_the_same_loss_and_gradients():
     """arith_ppo (value head, KL reference, token-mean loss, overlong filter on), 2 micro-batches
-    on fsdp=2: proximal log-probs, values, reference log-probs, advantages, loss and gradients."""
+    on fsdp=2: proximal log-probs, values, reference log-probs, advantages and the loss's gradients."""
     from configs.arith_ppo import get_config
 
     c = _tiny(get_config("smoke"))
@@ -113,19 +114,17 @@ def test_packed_and_padded_rl_batches_give_the_same_loss_and_gradients():
 
         grads = jax.jit(jax.grad(loss))(state["params"])
         seen = {k: to_host(batch[k])[mask] for k in ("proximal_logp", "old_values", "ref_logp", "advantages")}
-        _, metrics = learner.rl_step(state, batch)
-        out[pack_len] = seen, to_host(grads), to_host(metrics)
-    (s0, g0, m0), (s1, g1, m1) = out.values()
+        out[pack_len] = seen, to_host(grads)
+    (s0, g0), (s1, g1) = out.values()
     _close(s0, s1)
+    assert all(np.abs(g).max() > 0 for g in jax.tree.leaves(g0))
     _close(g0, g1)
-    assert m0["grad_norm"] > 0
-    _close({k: m0[k] for k in ("loss", "pg_loss", "grad_norm", "entropy")},
-           {k: m1[k] for k in ("loss", "pg_loss", "grad_norm", "entropy")})
 
 
 def test_packed_and_padded_sft_and_mini_batch_updates_agree():
     """SFT (sft_step) and an RL batch in 2 mini-batch updates (each mini-batch packs its own
-    samples, selected on the device): the same metrics packed and padded."""
+    samples, selected on the device), 2 micro-batches each: the same loss and gradient norm packed
+    and padded."""
     from configs.arith_grpo import get_config
 
     c = _tiny(get_config("smoke"))
