@@ -20,6 +20,8 @@ def test_base_config_validates_and_locks():
         ("store.url", "s3://bucket/run"),
         ("tokenizer.prompt_template", "no placeholder"),
         ("inference.max_batch", 0),
+        ("trainer.pack_len", -1),
+        ("trainer.pack_len", 8),  # shorter than inference.max_seq_len: a sample would not fit
     ],
 )
 def test_bad_value_names_the_field(field, value):
