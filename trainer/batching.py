@@ -114,10 +114,11 @@ def _bins(lengths: np.ndarray, row_len: int, one_per_row: bool) -> list[list[int
     return rows
 
 
-def _bucket(rows: int, samples: int, row_multiple: int) -> int:
-    """Row count rounded up to a step of ~samples/MAX_ROW_BUCKETS (a multiple of row_multiple),
-    never past ``samples`` rows (one sample per row always fits)."""
-    step = -(-max(1, -(-samples // MAX_ROW_BUCKETS)) // row_multiple) * row_multiple
+def _bucket(rows: int, most: int, samples: int, row_multiple: int) -> int:
+    """Row count rounded up to a step of ~most/MAX_ROW_BUCKETS rows (a multiple of row_multiple;
+    ``most``: the rows the padded tokens would fill), never past ``samples`` rows (one sample per
+    row always fits)."""
+    step = -(-max(1, -(-most // MAX_ROW_BUCKETS)) // row_multiple) * row_multiple
     return max(row_multiple, min(-(-rows // step) * step, samples))
 
 
@@ -142,7 +143,7 @@ def pack(host: dict[str, np.ndarray], pack_len: int, parts: int, row_multiple: i
         raise BatchError(f"a sample of {int(lengths.max())} tokens exceeds trainer.pack_len={pack_len}")
     per = n // parts
     bins = [_bins(lengths[p * per:(p + 1) * per], row_len, pack_len == 0) for p in range(parts)]
-    rows = _bucket(max(len(b) for b in bins), per, row_multiple)
+    rows = _bucket(max(len(b) for b in bins), -(-per * s // row_len), per, row_multiple)
     out = {k: v for k, v in host.items() if k not in MODEL_KEYS}
     packed = {k: np.zeros((parts * rows, row_len), np.int32) for k in MODEL_KEYS}
     index = np.zeros((n, s), np.int32)
