@@ -1,7 +1,7 @@
 """One RL step of the main job's shape with our stack and with TRL's GRPOTrainer, in one run.
 
     pip install -e '.[bench]'   # trl (benchmark-only)
-    JAX_PLATFORMS=cpu python scripts/bench_rl_step.py [--pack_len 256]
+    JAX_PLATFORMS=cpu python scripts/bench_rl_step.py [--pack_len 0 --trl_checkpointing 0]
 
 The main job (configs/arith_smollm2.py): SmolLM2-135M-Instruct in f32, 4 prompts x 8 samples of up
 to 24 new tokens at temperature 1, the same prompts in the run's order, the task's reward, then 2
@@ -14,7 +14,8 @@ Ours = generation with our engine (inference_worker.engine) + the trainer step (
 rl_update: scripts/bench_train.py's MainJobStep), each timed after a first call compiled it.
 TRL = its whole step as a user runs it (GRPOTrainer.train, generation included:
 steps_per_generation=2 optimizer steps of 16 completions per 32 generated), the second of two RL
-steps (the first warms up). Prints one JSON line: both step times, the trainer step alone, and
+steps (the first warms up), without gradient checkpointing by default (TRL's own default is on;
+ours recomputes no activations either: trainer.remat=False). Prints one JSON line: both step times, the trainer step alone, and
 ours ÷ TRL speedup.
 """
 
@@ -81,7 +82,7 @@ def write_hf(info: dict, out: str) -> None:
             f.write(data)
 
 
-def trl_step(info: dict, hf_dir: str) -> dict:
+def trl_step(info: dict, hf_dir: str, checkpointing: bool) -> dict:
     import torch
     import transformers
     from datasets import Dataset
@@ -111,7 +112,8 @@ def trl_step(info: dict, hf_dir: str) -> dict:
         learning_rate=c.trainer.learning_rate, lr_scheduler_type="constant", max_grad_norm=c.trainer.grad_clip,
         beta=c.rl.kl_coef, epsilon=c.rl.clip_eps_low, epsilon_high=c.rl.clip_eps_high, loss_type="dapo",
         max_steps=2 * c.rl.mini_batches, shuffle_dataset=False, use_cpu=True, bf16=False, fp16=False,
-        report_to="none", logging_steps=1, save_strategy="no", seed=c.seed, dataloader_num_workers=0)
+        report_to="none", logging_steps=1, save_strategy="no", seed=c.seed, dataloader_num_workers=0,
+        gradient_checkpointing=checkpointing)
     model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
     processing = transformers.AutoTokenizer.from_pretrained(hf_dir)
     trainer = GRPOTrainer(model=model, reward_funcs=reward, args=args, train_dataset=data,
@@ -122,19 +124,22 @@ def trl_step(info: dict, hf_dir: str) -> dict:
     first, second = marks[per_rl - 1] - t0, marks[2 * per_rl - 1] - marks[per_rl - 1]
     prompt_len = len(processing.apply_chat_template(data[0]["prompt"], add_generation_prompt=True, tokenize=True))
     return {"rl_step_s": round(second, 2), "first_rl_step_s": round(first, 2), "prompt_tokens": prompt_len,
+            "gradient_checkpointing": checkpointing,
             "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--pack_len", type=int, default=256, help="our trainer.pack_len (0: padded rows)")
+    ap.add_argument("--pack_len", type=int, default=0, help="our trainer.pack_len (0: padded rows)")
+    ap.add_argument("--trl_checkpointing", type=int, default=0,
+                    help="TRL's gradient_checkpointing (its default is 1; ours recomputes nothing: trainer.remat)")
     a = ap.parse_args()
     mine, info = ours(a.pack_len)
     print(json.dumps({"ours": mine}), file=sys.stderr, flush=True)
     hf_dir = os.path.join(tempfile.mkdtemp(prefix="bench_rl_step_"), "hf")
     write_hf(info, hf_dir)
     jax.clear_caches()
-    theirs = trl_step(info, hf_dir)
+    theirs = trl_step(info, hf_dir, bool(a.trl_checkpointing))
     prompt_tokens = len(info["tok"].encode_prompt(info["problems"][0]["prompt"]))
     print(json.dumps({"job": bench_train.MAIN_JOB, "shape": "4 prompts x 8 samples, 2 mini-batch updates",
                       "ours": {**mine, "prompt_tokens": prompt_tokens}, "trl": theirs,
