@@ -15,8 +15,8 @@ rl_update: scripts/bench_train.py's MainJobStep), each timed after a first call 
 TRL = its whole step as a user runs it (GRPOTrainer.train, generation included:
 steps_per_generation=2 optimizer steps of 16 completions per 32 generated), the second of two RL
 steps (the first warms up), without gradient checkpointing by default (TRL's own default is on;
-ours recomputes no activations either: trainer.remat=False). Prints one JSON line: both step times, the trainer step alone, and
-ours ÷ TRL speedup.
+ours recomputes no activations either: trainer.remat=False). Prints one JSON line: both step
+times, the trainer step alone, and ours ÷ TRL speedup.
 """
 
 from __future__ import annotations
