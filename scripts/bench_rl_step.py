@@ -1,7 +1,7 @@
 """One RL step of the main job's shape with our stack and with TRL's GRPOTrainer, in one run.
 
     pip install -e '.[bench]'   # trl (benchmark-only)
-    JAX_PLATFORMS=cpu python scripts/bench_rl_step.py [--pack_len 0 --trl_checkpointing 0]
+    JAX_PLATFORMS=cpu python scripts/bench_rl_step.py [--pack_len 0 --trl_checkpointing 1]
 
 The main job (configs/arith_smollm2.py): SmolLM2-135M-Instruct in f32, 4 prompts x 8 samples of up
 to 24 new tokens at temperature 1, the same prompts in the run's order, the task's reward, then 2
@@ -14,9 +14,9 @@ Ours = generation with our engine (inference_worker.engine) + the trainer step (
 rl_update: scripts/bench_train.py's MainJobStep), each timed after a first call compiled it.
 TRL = its whole step as a user runs it (GRPOTrainer.train, generation included:
 steps_per_generation=2 optimizer steps of 16 completions per 32 generated), the second of two RL
-steps (the first warms up), without gradient checkpointing by default (TRL's own default is on;
-ours recomputes no activations either: trainer.remat=False). Prints one JSON line: both step
-times, the trainer step alone, and ours ÷ TRL speedup.
+steps (the first warms up), with TRL's default gradient checkpointing (--trl_checkpointing 0
+turns it off; ours recomputes no activations: trainer.remat=False). Prints one JSON line: both
+step times, the trainer step alone, and ours ÷ TRL speedup.
 """
 
 from __future__ import annotations
@@ -131,8 +131,8 @@ def trl_step(info: dict, hf_dir: str, checkpointing: bool) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--pack_len", type=int, default=0, help="our trainer.pack_len (0: padded rows)")
-    ap.add_argument("--trl_checkpointing", type=int, default=0,
-                    help="TRL's gradient_checkpointing (its default is 1; ours recomputes nothing: trainer.remat)")
+    ap.add_argument("--trl_checkpointing", type=int, default=1,
+                    help="TRL's gradient_checkpointing (1: its default; ours recomputes nothing: trainer.remat)")
     a = ap.parse_args()
     mine, info = ours(a.pack_len)
     print(json.dumps({"ours": mine}), file=sys.stderr, flush=True)
