@@ -122,7 +122,8 @@ def trl_step(info: dict, hf_dir: str, checkpointing: bool) -> dict:
     trainer.train()
     per_rl = c.rl.mini_batches
     first, second = marks[per_rl - 1] - t0, marks[2 * per_rl - 1] - marks[per_rl - 1]
-    prompt_len = len(processing.apply_chat_template(data[0]["prompt"], add_generation_prompt=True, tokenize=True))
+    prompt_len = len(processing(processing.apply_chat_template(data[0]["prompt"], add_generation_prompt=True,
+                                                               tokenize=False))["input_ids"])
     return {"rl_step_s": round(second, 2), "first_rl_step_s": round(first, 2), "prompt_tokens": prompt_len,
             "gradient_checkpointing": checkpointing,
             "torch_threads": torch.get_num_threads(), "trl": __import__("trl").__version__}
