@@ -56,11 +56,6 @@ def _model_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef=None,
     """Per-token log-probs of mb['targets'] (and entropy, values) without full [B,T,V] logits,
     run on the packed rows and returned in the per-sample view (``parts``: the micro-batches mb
     holds)."""
-    outs = _packed_forward(graphdef, params, mb, spec, value_graphdef, value_params, return_entropy)
-    return tuple(None if x is None else unpack(x, mb["pack_index"], parts) for x in outs)
-
-
-def _packed_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef, value_params, return_entropy):
     model = nnx.merge(graphdef, params)
     h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat)
     out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
@@ -69,7 +64,7 @@ def _packed_forward(graphdef, params, mb, spec: LearnerSpec, value_graphdef, val
     values = None
     if value_graphdef is not None:
         values = nnx.merge(value_graphdef, value_params)(h)
-    return logp, ent, values
+    return tuple(None if x is None else unpack(x, mb["pack_index"], parts) for x in (logp, ent, values))
 
 
 def _split(batch: dict, m: int, i: int) -> dict:
