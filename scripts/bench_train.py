@@ -7,9 +7,10 @@ Main job (default): configs/arith_smollm2.py's trainer step (SmolLM2-135M-Instru
 real batches: the first --batches x 4 prompts of the run's prompt order, 8 samples each generated
 by our engine from the starting weights and scored by the task. One step = what trainer/run.py
 does per batch: place, Learner.prepare (proximal log-probs, the KL reference's log-probs,
-advantages) and Learner.rl_update (the config's mini-batch updates). Each batch is stepped once
-to compile its shapes, then timed; padded (trainer.pack_len=0, one sample per row of
-inference.max_seq_len) against packed (each --pack_len), the same batches from the same state.
+advantages) and Learner.rl_update (the config's mini-batch updates). Each layout steps every
+batch once to compile its shapes; then --rounds timed passes run the layouts interleaved batch by
+batch (padded: trainer.pack_len=0, one sample per row of inference.max_seq_len; packed: each
+--pack_len), each layout from the same starting state, so a change of machine load hits them alike.
 The summary line compares padded with the fastest packed run; row_tokens_saving is the share of
 token slots (rows x row length, over the prepare pass and every update) packing saves.
 
@@ -208,7 +209,7 @@ class MainJobStep:
         return int(total)
 
 
-def bench_main_job(batches: int, pack_lens: list[int]) -> list[dict]:
+def bench_main_job(batches: int, pack_lens: list[int], rounds: int) -> list[dict]:
     c, task, tok, model_cfg, mesh, optimizer, state, layout = main_job_setup()
     problems = main_job_problems(c, task, batches * c.trainer.batch_size)
     engine = make_engine(c, layout, model_cfg, state["params"])
@@ -223,34 +224,47 @@ def bench_main_job(batches: int, pack_lens: list[int]) -> list[dict]:
         host.pop("weights_steps")
         hosts.append(host)
     start = to_host(state)
-    out, results = {}, []
-    for name, pl in [("padded", 0)] + [(f"packed{n}", n) for n in pack_lens]:
+    modes = [("padded", 0)] + [(f"packed{n}", n) for n in pack_lens]
+    runs = {}
+    for name, pl in modes:  # a first pass per layout compiles every shape its batches need
         step = MainJobStep(c, mesh, layout, optimizer, pl)
         st = jax.device_put(start, jax.tree.map(lambda x: x.sharding, state))
         ref = jax.tree.map(lambda x: x.copy(), st["params"]["model"]) if c.rl.kl_coef > 0 else None
-        first, times = [], []
-        for rep in range(2):  # the first pass compiles every shape the batches need
-            for b, host in enumerate(hosts):
+        first = []
+        for b, host in enumerate(hosts):
+            t0 = time.perf_counter()
+            st, _ = step(st, ref, host, seed=b)
+            first.append(time.perf_counter() - t0)
+        runs[name] = [step, st, ref, first, []]
+    del state, start
+    for rnd in range(rounds):  # timed: the layouts interleaved batch by batch, so load drift hits all
+        for b, host in enumerate(hosts):
+            for name, _ in modes:
+                step, st, ref, _, times = runs[name]
                 t0 = time.perf_counter()
-                st, m = step(st, ref, host, seed=b)
-                (first if rep == 0 else times).append(time.perf_counter() - t0)
-        out[name] = {"step_s": float(np.median(times)), "first_pass_s": [round(t, 2) for t in first],
-                     "row_tokens_per_step": float(np.mean([step.row_tokens(h) for h in hosts])),
-                     "loss": float(m["loss"])}
+                runs[name][1], _ = step(st, ref, host, seed=b + rnd + 1)
+                times.append(time.perf_counter() - t0)
+    out, results = {}, []
+    for name, pl in modes:
+        step, _, _, first, times = runs[name]
+        out[name] = {"step_s": float(np.median(times)), "times": times,
+                     "row_tokens_per_step": float(np.mean([step.row_tokens(h) for h in hosts]))}
         results.append({"mode": name, "pack_len": pl, "step_s": round(out[name]["step_s"], 3),
-                        "step_times_s": [round(t, 2) for t in times], "first_pass_s": out[name]["first_pass_s"],
+                        "step_times_s": [round(t, 2) for t in times], "first_pass_s": [round(t, 2) for t in first],
                         "row_tokens_per_step": out[name]["row_tokens_per_step"]})
         print(json.dumps(results[-1]), flush=True)
     real = float(np.mean([h["segment_ids"].astype(bool).sum() for h in hosts]))
     pad = out["padded"]
     best = min(pack_lens, key=lambda n: out[f"packed{n}"]["step_s"])
     pk = out[f"packed{best}"]
+    pairs = np.asarray(pk["times"]) / np.asarray(pad["times"])  # adjacent steps: the same load
     return results + [{
         "job": MAIN_JOB, "batches": batches, "samples_per_batch": len(hosts[0]["rewards"]),
         "updates_per_step": c.rl.ppo_epochs * c.rl.mini_batches, "kl_reference": c.rl.kl_coef > 0,
         "real_tokens_per_batch": real, "generate_s": round(gen_s, 2),
         "padded_step_s": round(pad["step_s"], 3), "best_pack_len": best, "packed_step_s": round(pk["step_s"], 3),
         "packed_over_padded": round(pk["step_s"] / pad["step_s"], 3),
+        "packed_over_padded_adjacent_median": round(float(np.median(pairs)), 3),
         "speedup": round(pad["step_s"] / pk["step_s"], 3),
         "row_tokens_saving": round(1 - pk["row_tokens_per_step"] / pad["row_tokens_per_step"], 3),
         "backend": jax.default_backend(), "devices": jax.device_count()}]
@@ -263,10 +277,11 @@ def main() -> None:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--iters", type=int, default=2)
     ap.add_argument("--batches", type=int, default=2, help="main job: real batches to time")
+    ap.add_argument("--rounds", type=int, default=2, help="main job: timed passes over the batches")
     ap.add_argument("--pack_len", default="144,256", help="main job: the packed runs' trainer.pack_len values")
     a = ap.parse_args()
     if not a.sizes:
-        for rec in bench_main_job(a.batches, [int(n) for n in a.pack_len.split(",")])[-1:]:
+        for rec in bench_main_job(a.batches, [int(n) for n in a.pack_len.split(",")], a.rounds)[-1:]:
             print(json.dumps(rec), flush=True)
         return
     peak = matmul_flops()
