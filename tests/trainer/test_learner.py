@@ -43,7 +43,8 @@ def _learner(c, mesh):
     optimizer, _ = make_optimizer(c.trainer)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
-                       remat=False, compute_entropy=True, temperature=c.inference.temperature)
+                       remat=False, compute_entropy=True, temperature=c.inference.temperature,
+                       ppo_epochs=1, mini_batches=1, pack_len=c.trainer.pack_len)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
@@ -89,7 +90,9 @@ def test_rl_step_on_two_meshes_and_checkpoint_across_them(tmp_path):
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), s1, s2)  # same init on both
     moved = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(s1), strict=True))
     assert moved > 1e-4  # the step did something
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), p1, p2)
+    # Adam's first update is lr * g / (|g| + eps): an element whose gradient is near eps turns the
+    # meshes' different f32 reduction orders into ~1e-5 here; a sharding bug moves elements by ~lr.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p1, p2)
 
     # Saved under fsdp=8, restored under data=2,fsdp=2,tensor=2 (and on), then one more step each.
     (l8, st8, _, _), (l222, st222, _, _) = results.values()
@@ -173,7 +176,8 @@ def test_ppo_value_head_and_kl_reference_step_and_micro_batches():
         model = models.init(model_cfg, 0, mesh=mesh)
         optimizer, _ = make_optimizer(c.trainer)
         state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=True)
-        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0)
+        spec = LearnerSpec(micro_batches=m, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0,
+                           ppo_epochs=1, mini_batches=1, pack_len=0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         ref = jax.tree.map(lambda x: x.copy(), state["params"]["model"])
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
@@ -209,11 +213,11 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
         state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
         spec = LearnerSpec(micro_batches=1, logprob_chunk=64, remat=False, compute_entropy=True, temperature=1.0,
-                           ppo_epochs=2, mini_batches=2)
+                           ppo_epochs=2, mini_batches=2, pack_len=0)
         learner = Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl))
         batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
         batch["proximal_logp"] = learner.recompute(state["params"], batch)[0]
-        state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0)
+        state, m = learner.rl_update(state, learner.with_advantages(batch), seed=0, host=host)
         assert m["updates"] == 4 and int(to_host(state["step"])) == 1  # one trainer step of 4 updates
         after[name], metrics[name] = to_host(state["params"]["model"]), m
     flat = {k: np.concatenate([x.ravel() for x in jax.tree.leaves(v)]) for k, v in after.items()}
@@ -224,7 +228,8 @@ def test_update_schedule_makes_the_policy_losses_differ_and_the_clip_act():
     assert metrics["ppo"]["clip_frac"] > 0 and metrics["ppo"]["approx_kl"] > 0
     assert metrics["reinforce"]["clip_frac"] == 0  # no clip in the vanilla policy gradient
     # The schedule: each epoch covers every group once; later epochs reorder them.
-    groups = mini_batch_groups(8, LearnerSpec(1, 64, False, False, 1.0, ppo_epochs=3, mini_batches=2), seed=1)
+    spec = LearnerSpec(1, 64, False, False, 1.0, ppo_epochs=3, mini_batches=2, pack_len=0)
+    groups = mini_batch_groups(8, spec, seed=1)
     assert len(groups) == 6 and all(sorted(np.concatenate(groups[e * 2:e * 2 + 2])) == list(range(8))
                                     for e in range(3))
     assert combine_metrics([{"a_max": 1.0, "b": 1.0}, {"a_max": 3.0, "b": 2.0}]) == \

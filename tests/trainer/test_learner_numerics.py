@@ -49,7 +49,7 @@ def _learner(c, temperature=1.0, micro_batches=1, init_dtype="float32"):
     model = models.init(model_cfg.replace(param_dtype=init_dtype), 0, mesh=mesh)
     state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False)
     spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=24, remat=False, compute_entropy=True,
-                       temperature=temperature)
+                       temperature=temperature, ppo_epochs=1, mini_batches=1, pack_len=0)
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
@@ -143,15 +143,18 @@ def _token_lm():
     return StateLayout(graphdef, None, None, jnp.float32), {"model": nnx.to_pure_dict(st)}
 
 
-def _rl_batch(c, host):
-    batch = {k: jnp.asarray(v) for k, v in host.items() if k != "weights_steps"}
+def _rl_batch(c, host, m: int):
+    """The batch as the learner gets it for m micro-batches (model inputs in m parts, unpacked)."""
+    host = batching.pack({k: v for k, v in host.items() if k != "weights_steps"}, 0, m, 1)
+    batch = {k: jnp.asarray(v) for k, v in host.items()}
     batch["proximal_logp"] = batch["behavior_logp"] + 0.05
     batch["ref_logp"] = batch["behavior_logp"] - 0.1
     return rl.with_advantages(rl.build_loss(c.rl).settings, batch)
 
 
 def _spec(m: int, entropy: bool = True) -> LearnerSpec:
-    return LearnerSpec(micro_batches=m, logprob_chunk=24, remat=False, compute_entropy=entropy, temperature=0.9)
+    return LearnerSpec(micro_batches=m, logprob_chunk=24, remat=False, compute_entropy=entropy, temperature=0.9,
+                       ppo_epochs=1, mini_batches=1, pack_len=0)
 
 
 def test_micro_batches_give_the_whole_batch_gradients():
@@ -167,8 +170,9 @@ def test_micro_batches_give_the_whole_batch_gradients():
         for loss_agg in _AGGS:
             for overlong in (False, True):
                 c.rl.loss_agg, c.rl.overlong_filter = loss_agg, overlong
-                loss, batch = rl.build_loss(c.rl), _rl_batch(c, host)
-                got = {m: to_host(rl_grads(params, batch, layout=layout, spec=_spec(m), loss=loss)) for m in (1, 2, 4)}
+                loss = rl.build_loss(c.rl)
+                got = {m: to_host(rl_grads(params, _rl_batch(c, host, m), layout=layout, spec=_spec(m), loss=loss))
+                       for m in (1, 2, 4)}
                 grads1, mets1 = got[1]
                 assert np.abs(grads1["model"]["embed"]).max() > 1e-4
                 for m in (2, 4):
@@ -215,9 +219,11 @@ def test_sft_micro_batches_give_the_whole_batch_gradients():
     rng = np.random.default_rng(2)
     pairs = [(rng.integers(1, VOCAB, 4).tolist(), rng.integers(1, VOCAB, int(n)).tolist())
              for n in (1, 2, 16, 3, 15, 2, 9, 1)]
-    batch = {k: jnp.asarray(v) for k, v in batching.sft_batch(pairs, SEQ).items()}
+    host = batching.sft_batch(pairs, SEQ)
+    batches = {m: {k: jnp.asarray(v) for k, v in batching.pack(host, 0, m, 1).items()} for m in (1, 2, 4)}
+    batch = batches[1]
     with jax.disable_jit():
-        got = {m: to_host(sft_grads(params, batch, layout=layout, spec=_spec(m, False))) for m in (1, 2, 4)}
+        got = {m: to_host(sft_grads(params, batches[m], layout=layout, spec=_spec(m, False))) for m in (1, 2, 4)}
     for m in (2, 4):
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5), got[m][0], got[1][0])
         assert got[m][1]["sft/tokens"] == got[1][1]["sft/tokens"] == float(np.asarray(batch["mask"]).sum())

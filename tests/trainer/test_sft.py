@@ -53,7 +53,8 @@ def test_sft_step_is_the_masked_nll_of_the_answer_tokens():
         fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the step donates its state
         state, layout = create_state(fresh, model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
-        spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=16, remat=False, compute_entropy=False)
+        spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=16, remat=False, compute_entropy=False,
+                           temperature=1.0, ppo_epochs=1, mini_batches=1, pack_len=0)
         learner = Learner(mesh, layout, optimizer, spec, loss=None)
         _, metrics = learner.sft_step(state, learner.place(host))
         m = to_host(metrics)

@@ -21,6 +21,12 @@ def defaults() -> ml_collections.ConfigDict:
     c.micro_batches = 1
     # Rematerialize (recompute) each transformer block's activations in the backward pass.
     c.remat = False
+    # Sequence packing: the model's inputs go several samples to a row of this many tokens (each
+    # sample its own attention segment, its positions from 0; first-fit, the row count bucketed),
+    # so the forward passes do not run on padding up to inference.max_seq_len. 0: one sample per
+    # row of inference.max_seq_len (no packing). Must be >= inference.max_seq_len, and >=
+    # sft.max_len when the run does SFT.
+    c.pack_len = 0
 
     # --- optimizer: AdamW with decoupled weight decay (not applied to norms, biases, 1-d params)
     # Peak learning rate.
@@ -85,5 +91,11 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     positive(SECTION, c, "eps")
     require(c.batch_size % c.micro_batches == 0, f"{SECTION}.batch_size",
             f"must be divisible by trainer.micro_batches={c.micro_batches}, got {c.batch_size}")
+    require(isinstance(c.pack_len, int) and not isinstance(c.pack_len, bool) and c.pack_len >= 0,
+            f"{SECTION}.pack_len", f"must be an int >= 0, got {c.pack_len!r}")
+    longest = max(config.inference.max_seq_len, config.sft.max_len if config.sft.steps > 0 else 0)
+    require(c.pack_len == 0 or c.pack_len >= longest, f"{SECTION}.pack_len",
+            f"must be 0 or >= the longest sample ({longest}: inference.max_seq_len, sft.max_len), "
+            f"got {c.pack_len}")
     require(c.warmup_steps <= c.steps, f"{SECTION}.warmup_steps",
             f"must be <= trainer.steps={c.steps}, got {c.warmup_steps}")

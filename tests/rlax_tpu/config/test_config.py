@@ -25,6 +25,8 @@ def test_base_config_validates_and_locks():
         ("inference.top_k", 20),
         ("inference.top_p", 0.9),
         ("model.dtype", "float16"),
+        ("trainer.pack_len", -1),
+        ("trainer.pack_len", 8),  # shorter than inference.max_seq_len: a sample would not fit
     ],
 )
 def test_bad_value_names_the_field(field, value):
