@@ -153,14 +153,14 @@ def test_weight_swap_changes_outputs_without_recompiling(hf_qwen2):
     engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     before = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
-    sizes = (engine._decode._cache_size(), engine._prefill._cache_size())
+    sizes = (engine._decode._cache_size(), engine._admit._cache_size())
     other = models.init(cfg, seed=5)
     from flax import nnx
 
     engine.update_params(nnx.to_pure_dict(nnx.state(other)))
     after = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
     assert after != before
-    assert (engine._decode._cache_size(), engine._prefill._cache_size()) == sizes
+    assert (engine._decode._cache_size(), engine._admit._cache_size()) == sizes
     with pytest.raises(ValueError, match="does not match"):
         engine.update_params(nnx.state(models.init(cfg.replace(intermediate_size=64), seed=0)))
 
@@ -245,7 +245,7 @@ def _reference_stop(tokens, prompt_len, p, max_seq_len):
 
 
 def test_vectorized_stop_rules_match_per_token_rules(engine):
-    from inference_worker.engine.engine import Completion, _Slot
+    from inference_worker.engine.sequences import Completion, Seq, append_tokens
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -257,17 +257,14 @@ def test_vectorized_stop_rules_match_per_token_rules(engine):
         prompt_len = int(rng.integers(1, engine.max_seq_len))
         stream = rng.integers(0, 6, size=60)
         want_tokens, want_reason = _reference_stop(stream.tolist(), prompt_len, p, engine.max_seq_len)
-        engine._slots[0] = _Slot(0, 0, prompt_len, p, Completion([], [], [], ""))
-        try:
-            pos = 0
-            while pos < len(stream):
-                n = int(rng.integers(1, 7))
-                chunk = stream[pos: pos + n]
-                engine._append(0, chunk, chunk.astype(np.float32), -chunk.astype(np.float32))
-                pos += n
-            c = engine._slots[0].completion
-        finally:
-            engine._slots[0] = None
+        seq = Seq(0, 0, [1] * prompt_len, p, [], Completion([], [], [], ""))
+        pos = 0
+        while pos < len(stream):
+            n = int(rng.integers(1, 7))
+            chunk = stream[pos: pos + n]
+            append_tokens(seq, chunk, chunk.astype(np.float32), -chunk.astype(np.float32), engine.max_seq_len)
+            pos += n
+        c = seq.completion
         assert (c.tokens, c.finish_reason) == (want_tokens, want_reason), (p, prompt_len)
         assert c.logprobs == [float(t) for t in want_tokens]
         assert c.raw_logprobs == [-float(t) for t in want_tokens]
