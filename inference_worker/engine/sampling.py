@@ -9,6 +9,7 @@ with the same weights gives the same tokens whatever else is in the batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -135,6 +136,14 @@ def _argmax(x: jax.Array, row_max: jax.Array) -> jax.Array:
     return jnp.min(jnp.where(hit, iota, x.shape[-1] - 1), axis=-1)
 
 
+SAMPLERS = ("portable", "cpu")
+
+
+def _uniform(keys: jax.Array, counter: jax.Array) -> jax.Array:
+    """One uniform in [0, 1) per row: jax.random's, from the row's key folded with its counter."""
+    return jax.vmap(lambda k, c: jax.random.uniform(jax.random.fold_in(k, c)))(keys, counter.astype(jnp.uint32))
+
+
 def sample(
     logits: jax.Array,
     keys: jax.Array,
@@ -142,6 +151,7 @@ def sample(
     temperature: jax.Array,
     top_k: jax.Array,
     top_p: jax.Array,
+    impl: str = "portable",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Samples one token per row.
 
@@ -149,10 +159,18 @@ def sample(
       logits: [N, V] raw model logits (f32).
       keys: [N, 2] uint32 per-row base keys; step: [N] int32 token index (folded into the key).
       temperature, top_k, top_p: [N] per-row settings.
+      impl: 'portable' (jax.random, jnp.cumsum, jnp.argmax: right on every backend) or 'cpu'
+        (the same distribution with the pieces XLA:CPU runs slowly written out: Threefry in
+        uint32 ops, the CDF as blocked matmuls, argmax as a reduction; its random stream
+        differs from the portable one's).
     Returns:
       (tokens [N] int32, logp [N] under the distribution actually sampled from — 0 for greedy —,
        raw_logp [N] under the untempered, untruncated model distribution).
     """
+    if impl not in SAMPLERS:
+        raise SamplingError(f"sampler impl={impl!r} must be one of {SAMPLERS}")
+    cpu = impl == "cpu"
+    cumsum = cumsum_last if cpu else functools.partial(jnp.cumsum, axis=-1)
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -168,14 +186,14 @@ def sample(
         ordered = jnp.where(ordered >= kth, ordered, NEG_INF)
         probs = jax.nn.softmax(ordered, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = cumsum_last(probs) - probs
+        mass_before = cumsum(probs) - probs
         kept = mass_before < top_p[:, None]
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled >= jnp.maximum(kth, threshold), scaled, NEG_INF)
 
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
-    greedy_tokens = _argmax(logits, row_max)
+    greedy_tokens = _argmax(logits, row_max) if cpu else jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
     def draw(masked):
         # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the
@@ -183,8 +201,9 @@ def sample(
         # The CDF's last entry is the softmax normalizer, so no separate log-softmax pass.
         m = jnp.max(masked, axis=-1, keepdims=True)
         e = jnp.exp(masked - m)
-        cdf = cumsum_last(e)
-        target = (uniform_from_counter(keys, step) * cdf[:, -1])[:, None]
+        cdf = cumsum(e)
+        u = uniform_from_counter(keys, step) if cpu else _uniform(keys, step)
+        target = (u * cdf[:, -1])[:, None]
         # The first entry with mass whose CDF reaches the target. Asking for mass (not just
         # counting CDF entries below the target) keeps a rounding wobble of the CDF from ever
         # landing on a zero-probability entry; the last entry with mass catches u -> 1.

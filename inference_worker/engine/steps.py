@@ -40,6 +40,7 @@ def admit(
     top_k: jax.Array,
     top_p: jax.Array,
     stop_ids: jax.Array,
+    sampler: str,
 ):
     """Prefills new tokens into the pages, shares them with each group's samples, and starts the
     samples in decode slots with their first token.
@@ -57,7 +58,7 @@ def admit(
     copy = lambda pool: pool.at[:, cow_dst].set(pool[:, cow_src])
     cache = cache._replace(k=tuple(map(copy, cache.k)), v=tuple(map(copy, cache.v)))
     keys = derive_keys(seed_lo, seed_hi, sample_index)
-    first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
+    first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p, sampler)
 
     def setrow(arr, values):
         return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
@@ -81,7 +82,7 @@ def admit(
     return state, first, logp, raw_logp
 
 
-def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Array, num_steps: int):
+def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Array, num_steps: int, sampler: str):
     """Runs up to ``num_steps`` decode steps for every active slot; stops early once no slot is
     active (so a long chunk costs nothing after the last sequence ends).
 
@@ -107,7 +108,7 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
         logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache,
                                                page_table)
         tokens, logp, raw_logp = sample(
-            logits, state.keys, state.step, state.temperature, state.top_k, state.top_p)
+            logits, state.keys, state.step, state.temperature, state.top_k, state.top_p, sampler)
         act = state.active
         hit_stop = jnp.any(state.stop_ids == tokens[:, None], axis=-1)
         remaining = jnp.where(act, state.remaining - 1, state.remaining)
@@ -126,13 +127,14 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
     return (state, *outs, steps_run)
 
 
-def compile_steps(cfg, state_shardings, donate: bool = True):
-    """jit-compiled admit / decode for model config ``cfg`` (static); with a mesh, XLA partitions
-    them from the state's shardings (slots over the batch axes, kv heads over 'tensor')."""
+def compile_steps(cfg, state_shardings, sampler: str, donate: bool = True):
+    """jit-compiled admit / decode for model config ``cfg`` and sampler (sampling.SAMPLERS), both
+    static; with a mesh, XLA partitions them from the state's shardings (slots over the batch
+    axes, kv heads over 'tensor')."""
     donate_state = (1,) if donate else ()
     out = (state_shardings, None, None, None) if state_shardings is not None else None
-    admit_fn = jax.jit(functools.partial(admit, cfg), donate_argnums=donate_state, out_shardings=out)
+    admit_fn = jax.jit(functools.partial(admit, cfg, sampler=sampler), donate_argnums=donate_state, out_shardings=out)
     decode_fn = jax.jit(
-        functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=donate_state,
+        functools.partial(decode, cfg, sampler=sampler), static_argnames=("num_steps",), donate_argnums=donate_state,
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
     return admit_fn, decode_fn
