@@ -31,11 +31,15 @@ from inference_worker.engine.sampling import SAMPLERS, SamplingError, SamplingPa
 from inference_worker.engine.sequences import (
     FINISH_REASONS,
     Completion,
+    EngineError,
     Request,
     Seq,
     append_tokens,
     bucket,
     buckets,
+    check_fits,
+    check_same_params,
+    check_tokens,
 )
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
@@ -43,9 +47,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["FINISH_REASONS", "Completion", "Engine", "EngineError"]
 
-
-class EngineError(ValueError):
-    """A request the engine cannot serve (the message says which and why)."""
 
 
 class Engine:
@@ -166,47 +167,19 @@ class Engine:
             new = jax.tree.map(lambda x: x, self._params)
             nnx.replace_by_pure_dict(new, params)
             params = new
-        old_leaves = jax.tree_util.tree_leaves_with_path(self._params)
-        new_leaves = jax.tree_util.tree_leaves(params)
-        if len(old_leaves) != len(new_leaves):
-            raise EngineError(f"new params have {len(new_leaves)} leaves, the engine has {len(old_leaves)}")
-        for (path, old), new in zip(old_leaves, new_leaves, strict=True):
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise EngineError(
-                    f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
-                    f"{old.shape} {old.dtype}")
+        check_same_params(self._params, params)
         self._params = params
         self._weights = self._build_weights(params)
         self.stats["weight_updates"] += 1
 
     # ------------------------------------------------------------------------- requests
-    def _check_tokens(self, tokens: Sequence[int], what: str) -> None:
-        arr = np.asarray(tokens)
-        if len(tokens) and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
-            raise EngineError(f"{what} must be a flat list of int token ids")
-        if len(tokens) and (arr.min() < 0 or arr.max() >= self.model_cfg.vocab_size):
-            raise EngineError(f"{what} has token ids outside [0, {self.model_cfg.vocab_size})")
-
-    def _check_fits(self, context_len: int, params: SamplingParams) -> None:
-        if context_len >= self.max_seq_len:
-            raise EngineError(
-                f"prompt of {context_len} tokens does not fit the KV cache of max_seq_len="
-                f"{self.max_seq_len} (at least one generated token must fit)")
-        positions = min(context_len + params.max_new_tokens, self.max_seq_len) - 1
-        need = pages_for(positions, self.page_size)
-        if need > self.allocator.usable:
-            raise EngineError(
-                f"a sequence of {positions} cached positions needs {need} KV pages of page_size="
-                f"{self.page_size}; the pool has num_pages={self.allocator.num_pages} "
-                f"({self.allocator.usable} usable)")
-
     def check_request(self, prompt: Sequence[int], params: SamplingParams) -> None:
         """Raises EngineError / SamplingError if the request can never be served."""
         params.validate(self.model_cfg.vocab_size)
         if len(prompt) == 0:
             raise EngineError("empty prompt: at least one token is needed")
-        self._check_tokens(prompt, "prompt")
-        self._check_fits(len(prompt), params)
+        check_tokens(prompt, "prompt", self.model_cfg.vocab_size)
+        check_fits(len(prompt), params, self.max_seq_len, self.page_size, self.allocator)
 
     def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
                retain: bool = False) -> int:
@@ -227,9 +200,9 @@ class Engine:
             raise EngineError(f"sequence {sample} of request {request_id} is not retained (retain() it "
                               "before it finishes; extend() and release() consume it)")
         params.validate(self.model_cfg.vocab_size)
-        self._check_tokens(tokens, "tokens")
+        check_tokens(tokens, "tokens", self.model_cfg.vocab_size)
         context = seq.tokens() + list(map(int, tokens))
-        self._check_fits(len(context), params)
+        check_fits(len(context), params, self.max_seq_len, self.page_size, self.allocator)
         del self._retained[(request_id, sample)]
         return self._enqueue(context, params, seq, retain)
 

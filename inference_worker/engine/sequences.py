@@ -1,15 +1,56 @@
-"""Host-side records of the engine: requests, their sequences, completions and stop rules."""
+"""Host-side records of the engine: requests, their sequences, completions, stop rules and the
+checks that refuse a request (or weights) the engine cannot serve."""
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
 
+import jax
 import numpy as np
 
+from inference_worker.engine.pages import PageAllocator, pages_for
 from inference_worker.engine.sampling import SamplingParams
 
 FINISH_REASONS = ("eos", "stop", "length", "cache", "error")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve (the message says which and why)."""
+
+
+def check_same_params(old_params, new_params) -> None:
+    """Raises EngineError unless the new weights have the engine's shapes and dtypes."""
+    old_leaves = jax.tree_util.tree_leaves_with_path(old_params)
+    new_leaves = jax.tree_util.tree_leaves(new_params)
+    if len(old_leaves) != len(new_leaves):
+        raise EngineError(f"new params have {len(new_leaves)} leaves, the engine has {len(old_leaves)}")
+    for (path, old), new in zip(old_leaves, new_leaves, strict=True):
+        if old.shape != new.shape or old.dtype != new.dtype:
+            raise EngineError(f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
+                              f"{old.shape} {old.dtype}")
+
+
+def check_tokens(tokens: Sequence[int], what: str, vocab_size: int) -> None:
+    arr = np.asarray(tokens)
+    if len(tokens) and (arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer)):
+        raise EngineError(f"{what} must be a flat list of int token ids")
+    if len(tokens) and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise EngineError(f"{what} has token ids outside [0, {vocab_size})")
+
+
+def check_fits(context_len: int, params: SamplingParams, max_seq_len: int, page_size: int,
+               allocator: PageAllocator) -> None:
+    """Raises EngineError if a sequence of this context can never be served: no room for one
+    generated token, or more pages than the whole pool for its longest possible length."""
+    if context_len >= max_seq_len:
+        raise EngineError(f"prompt of {context_len} tokens does not fit the KV cache of max_seq_len={max_seq_len} "
+                          "(at least one generated token must fit)")
+    positions = min(context_len + params.max_new_tokens, max_seq_len) - 1
+    need = pages_for(positions, page_size)
+    if need > allocator.usable:
+        raise EngineError(f"a sequence of {positions} cached positions needs {need} KV pages of page_size="
+                          f"{page_size}; the pool has num_pages={allocator.num_pages} ({allocator.usable} usable)")
 
 
 @dataclasses.dataclass
