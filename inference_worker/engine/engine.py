@@ -133,7 +133,7 @@ class Engine:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._admit, self._decode = steps.compile_steps(model_cfg, shardings, sampler)
+        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings, sampler)
         self._slots: list[Seq | None] = [None] * max_batch
         self._table = np.zeros((max_batch, self.pages_per_seq), np.int32)  # slots' page tables (host)
         self._order: list[int] = []  # running slots, oldest admission first (preemption takes the last)
@@ -395,9 +395,10 @@ class Engine:
                 self._order.append(slot)
                 j += 1
         seed_lo, seed_hi = seed_words(seeds)
-        self._state, first, logp, raw = self._admit(
-            self._weights, self._state, tokens, q_start, q_lens, row_pages, cow_src, cow_dst, src, dst,
-            context_lens, budget, seed_lo, seed_hi, sample_ids, temp, top_k, top_p, stop_ids)
+        self._state, logits = self._prefill_fn(self._weights, self._state, tokens, q_start, q_lens, row_pages)
+        self._state, first, logp, raw = self._start(
+            self._state, logits, cow_src, cow_dst, src, dst, context_lens, budget, seed_lo, seed_hi, sample_ids,
+            temp, top_k, top_p, stop_ids)
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += int(q_lens[: len(batch)].sum())
         first, logp, raw = jax.device_get((first, logp, raw))

@@ -144,6 +144,38 @@ def _uniform(keys: jax.Array, counter: jax.Array) -> jax.Array:
     return jax.vmap(lambda k, c: jax.random.uniform(jax.random.fold_in(k, c)))(keys, counter.astype(jnp.uint32))
 
 
+def _first_reaching(e: jax.Array, cdf: jax.Array, target: jax.Array) -> jax.Array:
+    """The first entry with mass whose CDF reaches the target [N, 1]. Asking for mass (not just
+    counting CDF entries below the target) keeps a rounding wobble of the CDF from ever landing on
+    a zero-probability entry; the last entry with mass catches u -> 1."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, e.shape, e.ndim - 1)
+    first = jnp.min(jnp.where((e > 0) & (cdf >= target), iota, e.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(e > 0, iota, 0), axis=-1)
+    return jnp.minimum(first, last)
+
+
+_PICK_BLOCK = 128
+
+
+def _two_level_pick(e: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse-CDF pick of one entry per row of unnormalized masses e [N, V] at uniform u [N], in
+    two levels: the CDF of block sums picks a block, then the CDF inside that block picks the
+    entry. Two short cumsums instead of one over the whole vocabulary (a long jnp.cumsum is a
+    slow reduce-window on XLA:CPU; this form is cheap everywhere). Returns (index, total mass)."""
+    n, v = e.shape
+    nb = -(-v // _PICK_BLOCK)
+    blocks = jnp.pad(e, ((0, 0), (0, nb * _PICK_BLOCK - v))).reshape(n, nb, _PICK_BLOCK)
+    mass = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(mass, axis=-1)
+    total = block_cdf[:, -1]
+    target = u * total
+    b = _first_reaching(mass, block_cdf, target[:, None])
+    inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]  # [N, block]
+    before = jnp.take_along_axis(block_cdf - mass, b[:, None], axis=1)
+    j = _first_reaching(inside, jnp.cumsum(inside, axis=-1), target[:, None] - before)
+    return b * _PICK_BLOCK + j, total
+
+
 def sample(
     logits: jax.Array,
     keys: jax.Array,
@@ -170,7 +202,7 @@ def sample(
     if impl not in SAMPLERS:
         raise SamplingError(f"sampler impl={impl!r} must be one of {SAMPLERS}")
     cpu = impl == "cpu"
-    cumsum = cumsum_last if cpu else functools.partial(jnp.cumsum, axis=-1)
+    cumsum = cumsum_last if cpu else functools.partial(jnp.cumsum, axis=-1)  # top-p's sorted CDF
     logits = logits.astype(jnp.float32)
     vocab = logits.shape[-1]
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -193,7 +225,9 @@ def sample(
 
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
-    greedy_tokens = _argmax(logits, row_max) if cpu else jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    argmax = (lambda x: _argmax(x, row_max)) if cpu else (lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32))
+    # Only computed when some row is greedy (an all-sampled batch skips the reduction).
+    greedy_tokens = jax.lax.cond(jnp.any(greedy), argmax, lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)
 
     def draw(masked):
         # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the
@@ -201,16 +235,13 @@ def sample(
         # The CDF's last entry is the softmax normalizer, so no separate log-softmax pass.
         m = jnp.max(masked, axis=-1, keepdims=True)
         e = jnp.exp(masked - m)
-        cdf = cumsum(e)
-        u = uniform_from_counter(keys, step) if cpu else _uniform(keys, step)
-        target = (u * cdf[:, -1])[:, None]
-        # The first entry with mass whose CDF reaches the target. Asking for mass (not just
-        # counting CDF entries below the target) keeps a rounding wobble of the CDF from ever
-        # landing on a zero-probability entry; the last entry with mass catches u -> 1.
-        iota = jax.lax.broadcasted_iota(jnp.int32, e.shape, 1)
-        first = jnp.min(jnp.where((e > 0) & (cdf >= target), iota, vocab), axis=-1)
-        last = jnp.max(jnp.where(e > 0, iota, 0), axis=-1)
-        return jnp.minimum(first, last), m[:, 0] + jnp.log(cdf[:, -1])
+        if cpu:
+            cdf = cumsum_last(e)
+            total = cdf[:, -1]
+            token = _first_reaching(e, cdf, (uniform_from_counter(keys, step) * total)[:, None])
+        else:
+            token, total = _two_level_pick(e, _uniform(keys, step))
+        return token, m[:, 0] + jnp.log(total)
 
     sampled, lse = jax.lax.cond(jnp.all(greedy), lambda _: (greedy_tokens, jnp.zeros_like(raw_lse)),
                                 draw, masked)

@@ -1,4 +1,4 @@
-"""The engine's compiled functions: admit (prefill into pages, start slots) and a multi-step decode loop.
+"""The engine's compiled functions: prefill into pages, start samples in slots, a multi-step decode loop.
 
 They are plain functions of (weights, decode state, ...) so weights can be swapped without
 recompiling (the weights are an argument, never a closure constant). The weights are the engine's
@@ -19,14 +19,19 @@ from inference_worker.engine.sampling import derive_keys, sample
 from inference_worker.engine.state import DecodeState
 
 
-def admit(
+def prefill(cfg, weights, state: DecodeState, tokens: jax.Array, q_start: jax.Array, q_lens: jax.Array,
+            row_pages: jax.Array):
+    """Prefills new tokens into the pages: tokens [B, T] right-padded, of each prefill row, at
+    positions q_start + t (t < q_lens); row_pages: [B, W] the page table of each row's owner
+    sequence. Returns (state, f32 logits [B, V] at each row's last new token)."""
+    logits, cache = fast_model.prefill(cfg, weights, tokens, q_start, q_lens, row_pages, state.cache)
+    return state._replace(cache=cache), logits
+
+
+def start(
     cfg,
-    weights,
     state: DecodeState,
-    tokens: jax.Array,
-    q_start: jax.Array,
-    q_lens: jax.Array,
-    row_pages: jax.Array,
+    logits: jax.Array,
     cow_src: jax.Array,
     cow_dst: jax.Array,
     src: jax.Array,
@@ -42,11 +47,10 @@ def admit(
     stop_ids: jax.Array,
     sampler: str,
 ):
-    """Prefills new tokens into the pages, shares them with each group's samples, and starts the
-    samples in decode slots with their first token.
+    """Starts prefilled requests' samples in decode slots with their first token, sharing each
+    request's prefilled pages (the full ones by page table, the partly filled last one copied).
 
-    tokens: [B, T] right-padded new tokens of each prefill row, at positions q_start + t (t <
-    q_lens); row_pages: [B, W] the page table of each row's owner sequence. cow_src, cow_dst: [C]
+    logits: [B, V] of the prefill rows. cow_src, cow_dst: [C]
     pool pages to copy after the prefill (a group's partly filled last page, one copy per extra
     sample; padding copies the null page onto itself). src: [K] prefill row of each new slot; dst:
     [K] its slot (== num_slots for padding, dropped). context_lens: [K] tokens in the cache once
@@ -54,9 +58,8 @@ def admit(
     sample_index: [K] uint32 seed words and sample index (each completion's RNG key is derived
     here, sampling.derive_keys). Returns (state, first tokens [K], their logp [K], raw logp [K]).
     """
-    logits, cache = fast_model.prefill(cfg, weights, tokens, q_start, q_lens, row_pages, state.cache)
     copy = lambda pool: pool.at[:, cow_dst].set(pool[:, cow_src])
-    cache = cache._replace(k=tuple(map(copy, cache.k)), v=tuple(map(copy, cache.v)))
+    cache = state.cache._replace(k=tuple(map(copy, state.cache.k)), v=tuple(map(copy, state.cache.v)))
     keys = derive_keys(seed_lo, seed_hi, sample_index)
     first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p, sampler)
 
@@ -128,13 +131,18 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
 
 
 def compile_steps(cfg, state_shardings, sampler: str, donate: bool = True):
-    """jit-compiled admit / decode for model config ``cfg`` and sampler (sampling.SAMPLERS), both
+    """jit-compiled prefill / start / decode for model config ``cfg`` and sampler (sampling.SAMPLERS), both
     static; with a mesh, XLA partitions them from the state's shardings (slots over the batch
     axes, kv heads over 'tensor')."""
     donate_state = (1,) if donate else ()
     out = (state_shardings, None, None, None) if state_shardings is not None else None
-    admit_fn = jax.jit(functools.partial(admit, cfg, sampler=sampler), donate_argnums=donate_state, out_shardings=out)
+    # Prefill (the model, per batch and length bucket) and start (per slot count) compile apart,
+    # so a new number of samples recompiles only the small start program.
+    prefill_fn = jax.jit(functools.partial(prefill, cfg), donate_argnums=donate_state,
+                         out_shardings=(state_shardings, None) if state_shardings is not None else None)
+    start_fn = jax.jit(functools.partial(start, cfg, sampler=sampler), donate_argnums=(0,) if donate else (),
+                       out_shardings=out)
     decode_fn = jax.jit(
         functools.partial(decode, cfg, sampler=sampler), static_argnames=("num_steps",), donate_argnums=donate_state,
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
-    return admit_fn, decode_fn
+    return prefill_fn, start_fn, decode_fn

@@ -153,14 +153,14 @@ def test_weight_swap_changes_outputs_without_recompiling(hf_qwen2):
     engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     before = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
-    sizes = (engine._decode._cache_size(), engine._admit._cache_size())
+    sizes = (engine._decode._cache_size(), engine._prefill_fn._cache_size())
     other = models.init(cfg, seed=5)
     from flax import nnx
 
     engine.update_params(nnx.to_pure_dict(nnx.state(other)))
     after = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
     assert after != before
-    assert (engine._decode._cache_size(), engine._admit._cache_size()) == sizes
+    assert (engine._decode._cache_size(), engine._prefill_fn._cache_size()) == sizes
     with pytest.raises(ValueError, match="does not match"):
         engine.update_params(nnx.state(models.init(cfg.replace(intermediate_size=64), seed=0)))
 
