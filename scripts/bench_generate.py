@@ -7,7 +7,6 @@ EOS disabled so every sequence runs to ``--new_tokens``), greedy and sampled (T=
 
 - KV-cache bytes of a GRPO group (``--group`` samples of one prompt) in the paged cache, counted
   from the engine's page allocator, against the dense per-slot cache it replaced;
-- the two samplers (``inference.sampler``: 'portable' and 'cpu') alone on [batch, vocab] logits;
 - optionally (``--per_core``) one pinned engine per core, as ``rlax_tpu.launch`` runs workers.
 
 Prints one JSON on stdout (progress on stderr).
@@ -88,11 +87,11 @@ def time_rounds(runners: dict, reps: int) -> dict:
     return {name: np.asarray(t) for name, t in times.items()}
 
 
-def make_engine(model, cfg, batch: int, max_seq_len: int, sampler: str = "portable", **kw):
+def make_engine(model, cfg, batch: int, max_seq_len: int, **kw):
     from inference_worker.engine import Engine
 
     return Engine(model, cfg, max_batch=batch, max_seq_len=max_seq_len, max_prefill_batch=min(batch, 32),
-                  decode_chunk=16, max_decode_chunk=64, sampler=sampler, **kw)
+                  decode_chunk=16, max_decode_chunk=64, **kw)
 
 
 def kv_bytes_of_a_group(model, cfg, group: int, prompt_len: int, new_tokens: int, page_size: int) -> dict:
@@ -118,34 +117,6 @@ def kv_bytes_of_a_group(model, cfg, group: int, prompt_len: int, new_tokens: int
             "pages": pages, "paged_bytes": paged, "dense_bytes": dense, "dense_over_paged": dense / paged}
 
 
-def sampler_times(cfg, batches, reps: int = 20) -> dict:
-    """Seconds per sample() call of each sampler on [batch, vocab] logits (sampled, T=1)."""
-    import jax
-    import jax.numpy as jnp
-
-    from inference_worker.engine.sampling import SAMPLERS, sample
-
-    out = {}
-    for b in batches:
-        rng = np.random.default_rng(0)
-        args = (jnp.asarray(rng.normal(size=(b, cfg.vocab_size)).astype(np.float32)),
-                jnp.asarray(rng.integers(0, 2**32, size=(b, 2)), jnp.uint32), jnp.zeros((b,), jnp.int32),
-                jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.int32), jnp.ones((b,), jnp.float32))
-        row = {}
-        for impl in SAMPLERS:
-            f = jax.jit(lambda *a, impl=impl: sample(*a, impl=impl))
-            jax.block_until_ready(f(*args))
-            best = np.inf
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                jax.block_until_ready(f(*args))
-                best = min(best, time.perf_counter() - t0)
-            row[f"{impl}_s"] = best
-        row["portable_over_cpu"] = row["portable_s"] / row["cpu_s"]
-        out[str(b)] = row
-    return out
-
-
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
 
 
@@ -156,7 +127,7 @@ def child(args) -> None:
 
     model, cfg = models.load(args.child)
     prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(args.child_batch, args.prompt_len))
-    engine = make_engine(model, cfg, args.child_batch, args.prompt_len + args.new_tokens, args.sampler)
+    engine = make_engine(model, cfg, args.child_batch, args.prompt_len + args.new_tokens, page_size=args.page_size)
     run = engine_runner(engine, prompts, args.new_tokens, args.mode == "sampled")
     print("ready", flush=True)
     sys.stdin.readline()
@@ -177,7 +148,7 @@ def per_core_engines(path: str, args, batch: int, mode: str) -> dict:
     for core in cores:
         cmd = [sys.executable, os.path.abspath(__file__), f"--child={path}", f"--mode={mode}", f"--reps={args.reps}",
                f"--child_batch={batch}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}",
-               f"--sampler={args.sampler}"]
+               f"--page_size={args.page_size}"]
         procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})))
     for p in procs:
@@ -199,7 +170,6 @@ def main() -> None:
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=1, help="timed rounds per batch and mode (each side once a round)")
-    ap.add_argument("--sampler", default="portable", help="the engine's inference.sampler for the throughput runs")
     ap.add_argument("--group", type=int, default=8, help="samples of one prompt for the KV-bytes count (GRPO)")
     ap.add_argument("--group_prompt_len", type=int, default=200)
     ap.add_argument("--page_size", type=int, default=16)
@@ -227,17 +197,14 @@ def main() -> None:
                           "jax_backend": jax.default_backend(), "torch": torch.__version__,
                           "transformers": transformers.__version__},
               "model": os.path.basename(path), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "sampler": args.sampler, "results": {}}
+              "page_size": args.page_size, "results": {}}
     report["kv_cache"] = kv_bytes_of_a_group(model, cfg, args.group, args.group_prompt_len, args.new_tokens,
                                              args.page_size)
     print(json.dumps({"kv_cache": report["kv_cache"]}), file=sys.stderr, flush=True)
-    report["sampler_seconds"] = sampler_times(cfg, batches)
-    print(json.dumps({"sampler_seconds": report["sampler_seconds"]}), file=sys.stderr, flush=True)
     rng = np.random.default_rng(0)
     for batch in batches:
         prompts = rng.integers(3, cfg.vocab_size, size=(batch, args.prompt_len))
-        engine = make_engine(model, cfg, batch, args.prompt_len + args.new_tokens, args.sampler,
-                             page_size=args.page_size)
+        engine = make_engine(model, cfg, batch, args.prompt_len + args.new_tokens, page_size=args.page_size)
         entry = {}
         for mode in ("greedy", "sampled"):
             sample = mode == "sampled"

@@ -27,7 +27,7 @@ from flax import nnx
 
 from inference_worker.engine import fast_model, steps
 from inference_worker.engine.pages import PageAllocator, pages_for
-from inference_worker.engine.sampling import SAMPLERS, SamplingError, SamplingParams, seed_words
+from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
 from inference_worker.engine.sequences import (
     FINISH_REASONS,
     Completion,
@@ -66,8 +66,6 @@ class Engine:
       page_size: positions per KV page.
       num_pages: pages in the pool, the null page included; 0 sizes it for every slot at
         max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1).
-      sampler: 'portable' (jax.random, jnp.cumsum / argmax; every backend) or 'cpu' (shaped
-        for XLA:CPU; see sampling.sample).
       mesh: optional mesh; the page pools are split over kv heads on its 'tensor' axis and the
         slots over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params
         should already be placed (e.g. pulled with the inference sharding rules).
@@ -88,7 +86,6 @@ class Engine:
         max_decode_chunk: int = 64,
         page_size: int = 16,
         num_pages: int = 0,
-        sampler: str = "portable",
         mesh: jax.sharding.Mesh | None = None,
     ):
         if (max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1
@@ -97,8 +94,6 @@ class Engine:
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
                 f"{max_prefill_batch}, decode_chunk={decode_chunk}, max_decode_chunk={max_decode_chunk} and "
                 f"page_size={page_size} must be positive (max_seq_len >= 2), num_pages={num_pages} >= 0")
-        if sampler not in SAMPLERS:
-            raise EngineError(f"sampler={sampler!r} must be one of {SAMPLERS}")
         shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
         if max_batch % shards:
             raise EngineError(f"max_batch={max_batch} must divide by the mesh's data x fsdp = {shards} "
@@ -133,7 +128,7 @@ class Engine:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings, sampler)
+        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings)
         self._slots: list[Seq | None] = [None] * max_batch
         self._table = np.zeros((max_batch, self.pages_per_seq), np.int32)  # slots' page tables (host)
         self._order: list[int] = []  # running slots, oldest admission first (preemption takes the last)
@@ -152,8 +147,7 @@ class Engine:
         return cls(model, model_cfg, max_batch=inference.max_batch, max_seq_len=inference.max_seq_len,
                    max_prefill_batch=inference.max_prefill_batch, decode_chunk=inference.decode_chunk,
                    max_decode_chunk=inference.max_decode_chunk, page_size=inference.page_size,
-                   num_pages=inference.num_pages, sampler=inference.sampler,
-                   mesh=mesh if mesh is not None and mesh.size > 1 else None)
+                   num_pages=inference.num_pages, mesh=mesh if mesh is not None and mesh.size > 1 else None)
 
     # ----------------------------------------------------------------------------- weights
     @property

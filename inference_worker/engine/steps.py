@@ -45,7 +45,6 @@ def start(
     top_k: jax.Array,
     top_p: jax.Array,
     stop_ids: jax.Array,
-    sampler: str,
 ):
     """Starts prefilled requests' samples in decode slots with their first token, sharing each
     request's prefilled pages (the full ones by page table, the partly filled last one copied).
@@ -61,7 +60,7 @@ def start(
     copy = lambda pool: pool.at[:, cow_dst].set(pool[:, cow_src])
     cache = state.cache._replace(k=tuple(map(copy, state.cache.k)), v=tuple(map(copy, state.cache.v)))
     keys = derive_keys(seed_lo, seed_hi, sample_index)
-    first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p, sampler)
+    first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
 
     def setrow(arr, values):
         return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
@@ -85,7 +84,7 @@ def start(
     return state, first, logp, raw_logp
 
 
-def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Array, num_steps: int, sampler: str):
+def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Array, num_steps: int):
     """Runs up to ``num_steps`` decode steps for every active slot; stops early once no slot is
     active (so a long chunk costs nothing after the last sequence ends).
 
@@ -111,7 +110,7 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
         logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache,
                                                page_table)
         tokens, logp, raw_logp = sample(
-            logits, state.keys, state.step, state.temperature, state.top_k, state.top_p, sampler)
+            logits, state.keys, state.step, state.temperature, state.top_k, state.top_p)
         act = state.active
         hit_stop = jnp.any(state.stop_ids == tokens[:, None], axis=-1)
         remaining = jnp.where(act, state.remaining - 1, state.remaining)
@@ -130,19 +129,18 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
     return (state, *outs, steps_run)
 
 
-def compile_steps(cfg, state_shardings, sampler: str, donate: bool = True):
-    """jit-compiled prefill / start / decode for model config ``cfg`` and sampler (sampling.SAMPLERS), both
-    static; with a mesh, XLA partitions them from the state's shardings (slots over the batch
-    axes, kv heads over 'tensor')."""
+def compile_steps(cfg, state_shardings, donate: bool = True):
+    """jit-compiled prefill / start / decode for model config ``cfg`` (static); with a mesh, XLA
+    partitions them from the state's shardings (slots over the batch axes, kv heads over 'tensor')."""
     donate_state = (1,) if donate else ()
     out = (state_shardings, None, None, None) if state_shardings is not None else None
     # Prefill (the model, per batch and length bucket) and start (per slot count) compile apart,
     # so a new number of samples recompiles only the small start program.
     prefill_fn = jax.jit(functools.partial(prefill, cfg), donate_argnums=donate_state,
                          out_shardings=(state_shardings, None) if state_shardings is not None else None)
-    start_fn = jax.jit(functools.partial(start, cfg, sampler=sampler), donate_argnums=(0,) if donate else (),
+    start_fn = jax.jit(functools.partial(start, cfg), donate_argnums=(0,) if donate else (),
                        out_shardings=out)
     decode_fn = jax.jit(
-        functools.partial(decode, cfg, sampler=sampler), static_argnames=("num_steps",), donate_argnums=donate_state,
+        functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=donate_state,
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
     return prefill_fn, start_fn, decode_fn

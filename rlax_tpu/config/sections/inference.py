@@ -3,7 +3,7 @@
 import ml_collections
 
 from rlax_tpu.config.sections import mesh as mesh_section
-from rlax_tpu.config.sections._checks import one_of, positive
+from rlax_tpu.config.sections._checks import positive
 
 SECTION = "inference"
 
@@ -29,10 +29,6 @@ def defaults() -> ml_collections.ConfigDict:
     # A smaller pool makes requests wait (or preempts the newest sequence) when pages run out.
     c.page_size = 16
     c.num_pages = 0
-    # The on-device sampler: 'portable' (jax.random, jnp.cumsum and argmax; right on every
-    # backend) or 'cpu' (the same distribution with Threefry, the CDF and argmax written in the
-    # forms XLA:CPU runs fastest; docs/benchmarks/engine.md measures what it saves).
-    c.sampler = "portable"
     # How long a worker waits for the trainer's run metadata (model config, tokenizer) and, between
     # log lines, for the first weights.
     c.meta_timeout_s = 600.0
@@ -53,7 +49,6 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     positive(SECTION, c, "temperature", allow_zero=True)
     positive(SECTION, c, "top_k", allow_zero=True)
     positive(SECTION, c, "top_p")
-    one_of(SECTION, c, "sampler", ("portable", "cpu"))
     positive(SECTION, c, "page_size")
     positive(SECTION, c, "num_pages", allow_zero=True)
     if c.num_pages == 1:
