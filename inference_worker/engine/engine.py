@@ -295,9 +295,13 @@ class Engine:
             batch, slots_left, pages_left = [], len(free), self.allocator.free_count
             while self._queue and len(batch) < self.max_prefill_batch:
                 req, samples = self._queue[0]
+                if any(r is req for r, _ in batch):
+                    break  # one part of a request per prefill (a part consumes its base's pages)
                 k = len(samples)
                 if k > slots_left or self._new_pages(req, k) > pages_left:
                     if batch or len(free) < self.max_batch:
+                        if not batch:
+                            self.stats["slot_waits" if k > slots_left else "page_waits"] += 1
                         break  # wait for running sequences to free slots and pages
                     # Nothing runs: serve as many samples of the group as the pages allow.
                     k = max((j for j in range(1, k + 1) if self._new_pages(req, j) <= pages_left), default=0)
@@ -311,8 +315,6 @@ class Engine:
                 slots_left -= k
                 pages_left -= self._new_pages(req, k)
             if not batch:
-                if self._queue:
-                    self.stats["page_waits" if slots_left else "slot_waits"] += 1
                 return
             self._prefill(batch, free)
 
