@@ -1,18 +1,18 @@
-"""Generation throughput: our engine vs transformers `generate` (torch CPU), same weights.
+"""Generation throughput on the real SmolLM2-135M-Instruct: our engine vs transformers `generate`.
 
-For each model size it builds a random Qwen2 model with transformers, saves it, loads it with
-rlax_tpu.models.load_hf, and generates the same batch (same prompts, same prompt and output
-lengths, EOS disabled so every sequence runs to max_new_tokens) greedy and sampled with both,
-alternating in the same rounds. It also measures this machine's matmul FLOP/s in the same run and
-reports the engine's achieved FLOP/s as a fraction of it.
+Both load the same GGUF (``python -m rlax_tpu.models.fetch smollm2``; dequantized to f32 by each
+side's own loader) and generate the same batch of random prompts (same prompt and output lengths,
+EOS disabled so every sequence runs to ``--new_tokens``), greedy and sampled (T=1), for each
+``--batches`` size, the two sides alternating within each round. Also measured in the same run:
 
-Then it runs N engines at once, one process per core, each pinned to its core with XLA's CPU
-thread pool off (as ``rlax_tpu.launch`` runs workers with ``launch.pin_workers``), each
-generating the same batch, and reports their aggregate tokens/s beside the single engine's: on
-a CPU host, throughput comes from more workers, as on a pod. Prints JSON.
+- KV-cache bytes of a GRPO group (``--group`` samples of one prompt) in the paged cache, counted
+  from the engine's page allocator, against the dense per-slot cache it replaced;
+- optionally (``--per_core``) one pinned engine per core, as ``rlax_tpu.launch`` runs workers.
 
-  .venv/bin/python scripts/bench_generate.py            # small + ~100M models
-  .venv/bin/python scripts/bench_generate.py --sizes=small --batch=32
+Prints one JSON on stdout (progress on stderr).
+
+  JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_generate.py
+  JAX_PLATFORMS=cpu .venv/bin/python scripts/bench_generate.py --batches=16 --reps=3
 """
 
 from __future__ import annotations
@@ -23,47 +23,16 @@ import os
 import platform
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 
-SIZES = {
-    # ~1.6M params: overhead-bound, where batching and on-device loops matter most.
-    "small": dict(vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
-                  num_attention_heads=4, num_key_value_heads=2),
-    # ~100M params: compute-bound on this CPU.
-    "100m": dict(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=10,
-                 num_attention_heads=12, num_key_value_heads=4),
-}
-
-
-def matmul_flops(jax, jnp, n: int = 1024, reps: int = 20) -> float:
-    """This machine's f32 matmul FLOP/s through XLA (the roofline we compare against)."""
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        out = f(a)
-    out.block_until_ready()
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
-def build_hf(size: str, path: str):
-    import torch
-    import transformers
-
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(**SIZES[size], max_position_embeddings=512, tie_word_embeddings=True,
-                                   rope_theta=10000.0)
-    model = transformers.Qwen2ForCausalLM(cfg).eval()
-    model.save_pretrained(path)
-    return model
-
 
 def hf_runner(model, prompts: np.ndarray, new_tokens: int, sample: bool):
-    """A warmed-up callable running one transformers ``generate`` of the batch."""
+    """A warmed-up callable running one transformers ``generate`` of the batch, and the torch
+    thread count it runs with: the faster of 1 and one per core on a short warm-up generate (on a
+    loaded machine torch's threads spin waiting for each other: measured 10x slower with 2 than
+    with 1 at a load of 13 on 2 cores; on a quiet one more threads win)."""
     import torch
 
     ids = torch.tensor(prompts, dtype=torch.long)
@@ -71,15 +40,24 @@ def hf_runner(model, prompts: np.ndarray, new_tokens: int, sample: bool):
                   pad_token_id=0, attention_mask=torch.ones_like(ids))
     kwargs.update(dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0) if sample else
                   dict(do_sample=False))
+    short = {**kwargs, "max_new_tokens": 4, "min_new_tokens": 4}
+    best = (np.inf, 1)
+    for threads in sorted({1, os.cpu_count() or 1}):
+        torch.set_num_threads(threads)
+        with torch.no_grad():
+            model.generate(ids, **short)
+            t0 = time.perf_counter()
+            model.generate(ids, **short)
+        best = min(best, (time.perf_counter() - t0, threads))
+    threads = best[1]
 
     def run():
+        torch.set_num_threads(threads)
         with torch.no_grad():
             out = model.generate(ids, **kwargs)
         assert out.shape[1] == prompts.shape[1] + new_tokens
 
-    with torch.no_grad():
-        model.generate(ids, **{**kwargs, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
-    return run
+    return run, threads
 
 
 def engine_runner(engine, prompts: np.ndarray, new_tokens: int, sample: bool):
@@ -97,32 +75,46 @@ def engine_runner(engine, prompts: np.ndarray, new_tokens: int, sample: bool):
     return run
 
 
-def time_rounds(runners: dict, reps: int, warmup: int = 1) -> dict:
-    """Wall times of each runner over ``reps`` rounds, the runners alternating within a round:
-    on this shared VM speed comes in phases lasting seconds, so both sides of a ratio must be
-    timed in the same phases. Within a round each runner first runs ``warmup`` untimed times, so
-    the timed run finds its own weights and buffers in cache rather than the previous runner's
-    (an engine serving rollouts runs back to back; a run right after torch's measured up to ~8%
-    slower for the small model's ~55 ms generate, and ~1% for torch's ~270 ms one)."""
+def time_rounds(runners: dict, reps: int) -> dict:
+    """Wall times of each runner over ``reps`` rounds, the runners alternating within a round: on
+    a shared machine speed comes in phases, so both sides of a ratio are timed in the same ones."""
     times = {name: [] for name in runners}
     for _ in range(reps):
         for name, run in runners.items():
-            for _ in range(warmup):
-                run()
             t0 = time.perf_counter()
             run()
             times[name].append(time.perf_counter() - t0)
     return {name: np.asarray(t) for name, t in times.items()}
 
 
-def flops_per_token(cfg, context: int) -> float:
-    """Forward FLOPs for one decoded token: 2 x matmul params + attention over the context."""
-    h, L = cfg.hidden_size, cfg.num_layers
-    d = cfg.head_dim
-    attn_proj = h * d * (cfg.num_heads * 2 + cfg.num_kv_heads * 2)
-    mlp = 3 * h * cfg.intermediate_size
-    head = h * cfg.vocab_size
-    return 2 * (L * (attn_proj + mlp) + head) + 2 * L * cfg.num_heads * d * context * 2
+def make_engine(model, cfg, batch: int, max_seq_len: int, **kw):
+    from inference_worker.engine import Engine
+
+    return Engine(model, cfg, max_batch=batch, max_seq_len=max_seq_len, max_prefill_batch=min(batch, 32),
+                  decode_chunk=16, max_decode_chunk=64, num_pages=0, **kw)
+
+
+def kv_bytes_of_a_group(model, cfg, group: int, prompt_len: int, new_tokens: int, page_size: int) -> dict:
+    """Pages a GRPO group holds once generated (retained, so nothing is freed yet), in bytes, and
+    what the dense cache (one max_seq_len slab per sample) held for the same group."""
+    from inference_worker.engine import SamplingParams
+
+    max_seq_len = prompt_len + new_tokens
+    engine = make_engine(model, cfg, group, max_seq_len, page_size=page_size)
+    prompt = np.random.default_rng(1).integers(3, cfg.vocab_size, size=prompt_len).tolist()
+    rid = engine.submit(prompt, SamplingParams(temperature=1.0, max_new_tokens=new_tokens, n=group, seed=2),
+                        retain=True)
+    while engine.step():
+        pass
+    engine.take_finished()
+    pages = engine.pages_in_use
+    itemsize = np.dtype(cfg.jnp_dtype).itemsize
+    per_position = 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * itemsize  # K and V, every layer
+    engine.release(rid)
+    paged = pages * page_size * per_position
+    dense = group * max_seq_len * per_position
+    return {"group": group, "prompt_len": prompt_len, "new_tokens": new_tokens, "page_size": page_size,
+            "pages": pages, "paged_bytes": paged, "dense_bytes": dense, "dense_over_paged": dense / paged}
 
 
 SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
@@ -131,15 +123,11 @@ SINGLE_THREAD_XLA = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_thr
 def child(args) -> None:
     """One pinned engine: build, warm up, print 'ready', wait for a line on stdin, then time
     ``reps`` generates and print their wall times as JSON."""
-    from inference_worker.engine import Engine
     from rlax_tpu import models
 
-    model, cfg = models.load_hf(args.child)
-    rng = np.random.default_rng(0)
-    prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
-    engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                    max_prefill_batch=min(args.batch, 32), decode_chunk=16,
-                    max_decode_chunk=64)
+    model, cfg = models.load(args.child)
+    prompts = np.random.default_rng(0).integers(3, cfg.vocab_size, size=(args.child_batch, args.prompt_len))
+    engine = make_engine(model, cfg, args.child_batch, args.prompt_len + args.new_tokens, page_size=args.page_size)
     run = engine_runner(engine, prompts, args.new_tokens, args.mode == "sampled")
     print("ready", flush=True)
     sys.stdin.readline()
@@ -151,15 +139,16 @@ def child(args) -> None:
     print(json.dumps(times), flush=True)
 
 
-def per_core_engines(path: str, args, mode: str, reps: int) -> dict:
-    """N pinned engine processes generating at once; their aggregate tokens/s."""
+def per_core_engines(path: str, args, batch: int, mode: str) -> dict:
+    """One pinned engine process per core generating at once; their aggregate tokens/s."""
     cores = sorted(os.sched_getaffinity(0))
     env = dict(os.environ, XLA_FLAGS=SINGLE_THREAD_XLA, JAX_PLATFORMS="cpu",
                PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     procs = []
     for core in cores:
-        cmd = [sys.executable, os.path.abspath(__file__), f"--child={path}", f"--mode={mode}", f"--reps={reps}",
-               f"--batch={args.batch}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}"]
+        cmd = [sys.executable, os.path.abspath(__file__), f"--child={path}", f"--mode={mode}", f"--reps={args.reps}",
+               f"--child_batch={batch}", f"--prompt_len={args.prompt_len}", f"--new_tokens={args.new_tokens}",
+               f"--page_size={args.page_size}"]
         procs.append(subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                       preexec_fn=lambda core=core: os.sched_setaffinity(0, {core})))
     for p in procs:
@@ -171,76 +160,70 @@ def per_core_engines(path: str, args, mode: str, reps: int) -> dict:
     times = [json.loads(p.stdout.readline()) for p in procs]
     for p in procs:
         p.wait()
-    toks = args.batch * args.new_tokens
-    return {"engines": len(procs), "aggregate_tokens_per_s": sum(toks * len(t) / sum(t) for t in times),
-            "per_engine_tokens_per_s": [toks * len(t) / sum(t) for t in times]}
+    toks = batch * args.new_tokens
+    return {"engines": len(procs), "aggregate_tokens_per_s": sum(toks * len(t) / sum(t) for t in times)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="small,100m")
-    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--batches", default="16,64,256")
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new_tokens", type=int, default=64)
-    ap.add_argument("--reps", type=int, default=10, help="timed rounds per mode, small model (this VM runs "
-                    "in fast and slow phases of seconds: alternating rounds catch fast ones for both)")
-    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each side before its timed run "
-                    "in every round (see time_rounds)")
-    ap.add_argument("--reps_100m", type=int, default=1, help="the same for the ~100M model (each run is "
-                    "seconds; keeps the whole benchmark within minutes)")
+    ap.add_argument("--reps", type=int, default=1, help="timed rounds per batch and mode (each side once a round)")
+    ap.add_argument("--group", type=int, default=8, help="samples of one prompt for the KV-bytes count (GRPO)")
+    ap.add_argument("--group_prompt_len", type=int, default=200)
+    ap.add_argument("--page_size", type=int, default=16)
+    ap.add_argument("--per_core", action="store_true", help="also run one pinned engine per core")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--child_batch", type=int, default=0, help=argparse.SUPPRESS)
     ap.add_argument("--mode", default="greedy", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         return child(args)
 
     import jax
-    import jax.numpy as jnp
     import torch
+    import transformers
 
-    from inference_worker.engine import Engine
     from rlax_tpu import models
+    from rlax_tpu.models.fetch import fetch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    peak = matmul_flops(jax, jnp)
-    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                          "jax_backend": jax.default_backend(), "matmul_flops": peak},
-              "batch": args.batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-              "results": {}}
+    path = fetch("smollm2")
+    model, cfg = models.load(path)
+    d, name = os.path.split(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(d, gguf_file=name, dtype=torch.float32).eval()
+    batches = [int(b) for b in args.batches.split(",")]
+    report = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "jax": jax.__version__,
+                          "jax_backend": jax.default_backend(), "torch": torch.__version__,
+                          "transformers": transformers.__version__},
+              "model": os.path.basename(path), "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+              "page_size": args.page_size, "results": {}}
+    report["kv_cache"] = kv_bytes_of_a_group(model, cfg, args.group, args.group_prompt_len, args.new_tokens,
+                                             args.page_size)
+    print(json.dumps({"kv_cache": report["kv_cache"]}), file=sys.stderr, flush=True)
     rng = np.random.default_rng(0)
-    for size in args.sizes.split(","):
-        with tempfile.TemporaryDirectory() as tmp:
-            hf_model = build_hf(size, tmp)
-            model, cfg = models.load_hf(tmp)
-            n_params = sum(p.numel() for p in hf_model.parameters())
-            prompts = rng.integers(1, cfg.vocab_size, size=(args.batch, args.prompt_len))
-            engine = Engine(model, cfg, max_batch=args.batch, max_seq_len=args.prompt_len + args.new_tokens,
-                            max_prefill_batch=min(args.batch, 32), decode_chunk=16,
-                    max_decode_chunk=64)
-            entry = {"params": n_params}
-            reps = args.reps_100m if size == "100m" else args.reps
-            for mode in ("greedy", "sampled"):
-                sample = mode == "sampled"
-                runners = {"hf": hf_runner(hf_model, prompts, args.new_tokens, sample),
-                           "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
-                times = time_rounds(runners, reps, args.warmup)
-                t_hf, t_ours = times["hf"].min(), times["ours"].min()
-                toks = args.batch * args.new_tokens
-                achieved = toks * flops_per_token(cfg, args.prompt_len + args.new_tokens // 2) / t_ours
-                pinned = per_core_engines(tmp, args, mode, reps)
-                entry[mode] = {
-                    "engine_tokens_per_s": toks / t_ours,
-                    "transformers_tokens_per_s": toks / t_hf,
-                    "speedup_vs_transformers": t_hf / t_ours,  # best run against best run
-                    # The same from each round's pair of runs (same load), median over rounds.
-                    "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
-                    "engine_flops_fraction_of_matmul_peak": achieved / peak,
-                    "per_core_engines": {**pinned,
-                                         "vs_single_engine": pinned["aggregate_tokens_per_s"] * t_ours / toks,
-                                         "vs_transformers": pinned["aggregate_tokens_per_s"] * t_hf / toks},
-                }
-        report["results"][size] = entry
-        print(json.dumps({size: entry}), file=sys.stderr, flush=True)  # progress; stdout is one JSON
+    for batch in batches:
+        prompts = rng.integers(3, cfg.vocab_size, size=(batch, args.prompt_len))
+        engine = make_engine(model, cfg, batch, args.prompt_len + args.new_tokens, page_size=args.page_size)
+        entry = {}
+        for mode in ("greedy", "sampled"):
+            sample = mode == "sampled"
+            hf_run, threads = hf_runner(hf, prompts, args.new_tokens, sample)
+            runners = {"hf": hf_run, "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
+            times = time_rounds(runners, args.reps)
+            toks = batch * args.new_tokens
+            entry[mode] = {"engine_tokens_per_s": toks / times["ours"].min(),
+                           "transformers_tokens_per_s": toks / times["hf"].min(),
+                           "speedup_vs_transformers": float(times["hf"].min() / times["ours"].min()),
+                           "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
+                           "torch_threads": threads}
+            if args.per_core:
+                entry[mode]["per_core_engines"] = per_core_engines(path, args, batch, mode)
+            print(json.dumps({batch: {mode: entry[mode]}}), file=sys.stderr, flush=True)
+        entry["engine_stats"] = {k: engine.stats[k] for k in ("decode_calls", "decode_steps", "prefill_calls",
+                                                             "preemptions", "peak_pages")}
+        report["results"][str(batch)] = entry
+        del engine
     print(json.dumps(report, indent=2))
 
 

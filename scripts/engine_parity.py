@@ -74,7 +74,7 @@ def main() -> None:
         expected.append(new[: new.index(eos) + 1] if eos in new else new)
     max_seq_len = -(-(max(map(len, prompts)) + a.new_tokens) // 16) * 16
     engine = Engine(model, cfg, max_batch=len(prompts), max_seq_len=max_seq_len, max_prefill_batch=len(prompts),
-                    decode_chunk=a.new_tokens, max_decode_chunk=a.new_tokens)
+                    decode_chunk=a.new_tokens, max_decode_chunk=a.new_tokens, page_size=16, num_pages=0)
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=a.new_tokens, n=1,
                                                    stop_token_ids=(eos,)))
     got = [o[0].tokens for o in outs]

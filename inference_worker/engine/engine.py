@@ -1,16 +1,21 @@
-"""The generation engine: a fixed set of decode slots fed by continuous batching.
+"""The generation engine: continuous batching over decode slots on a paged KV cache.
 
-Host side, per iteration: (1) while slots are free and requests wait, prefill a batch of
-prompts (bucketed in batch and length, so shapes repeat and nothing recompiles after warm-up)
-and insert each prompt's n samples into free slots, sharing one prefill; (2) run a chunk of
-decode steps on device for all slots; (3) read the new tokens back once, apply stop rules,
-and free finished slots so the next waiting request takes them at once.
+The API is a loop: ``submit`` requests, call ``step`` (one admission + decode iteration) until
+nothing is left, ``take_finished``. ``retain`` keeps a finished sequence's pages so ``extend``
+can continue it with new tokens (the next turn of an episode prefills only what is new);
+``generate`` is that loop for a batch of prompts.
+
+Host side, per step: (1) while slots are free, pages suffice and requests wait, prefill a batch of
+them into pages (bucketed in batch and length, so shapes repeat) and start each request's n
+samples in free slots; the samples share the prompt's full pages, the partly filled last page is
+copied per sample; (2) give every running sequence the pages the next chunk writes (preempting
+the newest sequence, which is requeued, when the pool runs short); (3) run a chunk of decode steps
+on device, read the new tokens back once, apply stop rules and free finished sequences.
 """
 
 from __future__ import annotations
 
 import collections
-import dataclasses
 import functools
 import logging
 import time
@@ -21,78 +26,49 @@ import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
+from inference_worker.engine.pages import PageAllocator, pages_for
 from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
+from inference_worker.engine.sequences import (
+    FINISH_REASONS,
+    Completion,
+    EngineError,
+    Request,
+    Seq,
+    append_tokens,
+    bucket,
+    buckets,
+    check_fits,
+    check_same_params,
+    check_tokens,
+)
 from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
 
 log = logging.getLogger(__name__)
 
-FINISH_REASONS = ("eos", "stop", "length", "cache", "error")
+__all__ = ["FINISH_REASONS", "Completion", "Engine", "EngineError"]
 
-
-class EngineError(ValueError):
-    """A request the engine cannot serve (the message says which and why)."""
-
-
-@dataclasses.dataclass
-class Completion:
-    """One sampled completion.
-
-    tokens: the new tokens only. logprobs: each token's log-prob under the distribution it was
-    sampled from (temperature, top-k/top-p applied; 0.0 for greedy). raw_logprobs: under the
-    raw model (temperature 1, no truncation). finish_reason: 'eos' (a stop token id), 'stop'
-    (a stop sequence), 'length' (max_new_tokens), 'cache' (the KV cache is full) or 'error'.
-    """
-
-    tokens: list[int]
-    logprobs: list[float]
-    raw_logprobs: list[float]
-    finish_reason: str
-    error: str | None = None
-
-
-@dataclasses.dataclass
-class _Slot:
-    request: int
-    sample: int
-    prompt_len: int
-    params: SamplingParams
-    completion: Completion
-
-
-def _buckets(limit: int, start: int) -> list[int]:
-    out, b = [], start
-    while b < limit:
-        out.append(b)
-        b *= 2
-    out.append(limit)
-    return out
-
-
-def _bucket(value: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if value <= b:
-            return b
-    raise AssertionError(f"{value} exceeds the largest bucket {buckets[-1]}")
 
 
 class Engine:
-    """Batched generation over a model with a KV cache.
+    """Batched generation over a model with a paged KV cache.
 
     Args:
-      model: an nnx Transformer (see rlax_tpu.models) providing prefill/decode/logits.
+      model: an nnx Transformer (see rlax_tpu.models).
       model_cfg: its ModelConfig.
       max_batch: decode slots (concurrent sequences).
-      max_seq_len: cache length per slot; prompt + completion must fit.
-      max_prefill_batch: prompts prefilled together at most.
+      max_seq_len: longest sequence (context + completion).
+      max_prefill_batch: requests prefilled together at most.
       decode_chunk: decode steps per device call while requests wait for a slot (a freed slot
         is refilled after at most this many steps).
       max_decode_chunk: decode steps per device call when nothing waits: the chunk grows (in
         doublings of decode_chunk, each its own compiled loop) to cover the longest remaining
-        budget, so a batch finishes in fewer host round trips. The loop exits early once every
-        slot has stopped, so a long chunk wastes no steps.
-      mesh: optional mesh; the cache is split over kv heads on its 'tensor' axis and the slots
-        over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params should
-        already be placed (e.g. pulled with the inference sharding rules).
+        budget. The loop exits early once every slot has stopped, so a long chunk wastes no steps.
+      page_size: positions per KV page.
+      num_pages: pages in the pool, the null page included; 0 sizes it for every slot at
+        max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1).
+      mesh: optional mesh; the page pools are split over kv heads on its 'tensor' axis and the
+        slots over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params
+        should already be placed (e.g. pulled with the inference sharding rules).
 
     Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``; the
     sizes have no defaults here (config.inference holds them), min_prefill_len (the shortest
@@ -110,13 +86,16 @@ class Engine:
         decode_chunk: int,
         max_decode_chunk: int,
         min_prefill_len: int = 16,
+        page_size: int,
+        num_pages: int,
         mesh: jax.sharding.Mesh | None = None,
     ):
-        if max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1:
+        if (max_batch < 1 or max_seq_len < 2 or decode_chunk < 1 or max_prefill_batch < 1 or max_decode_chunk < 1
+                or page_size < 1 or num_pages < 0):
             raise EngineError(
                 f"max_batch={max_batch}, max_seq_len={max_seq_len}, max_prefill_batch="
-                f"{max_prefill_batch}, decode_chunk={decode_chunk} and max_decode_chunk={max_decode_chunk} "
-                "must be positive (max_seq_len >= 2)")
+                f"{max_prefill_batch}, decode_chunk={decode_chunk}, max_decode_chunk={max_decode_chunk} and "
+                f"page_size={page_size} must be positive (max_seq_len >= 2), num_pages={num_pages} >= 0")
         shards = 1 if mesh is None else mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
         if max_batch % shards:
             raise EngineError(f"max_batch={max_batch} must divide by the mesh's data x fsdp = {shards} "
@@ -125,24 +104,41 @@ class Engine:
         self.max_batch = max_batch
         self.max_seq_len = max_seq_len
         self.decode_chunk = decode_chunk
-        self._chunk_buckets = _buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
+        self.max_prefill_batch = max_prefill_batch
+        self.page_size = page_size
+        self.pages_per_seq = pages_for(max_seq_len, page_size)
+        num_pages = num_pages or max_batch * self.pages_per_seq + 1
+        if num_pages < 2:
+            raise EngineError(f"num_pages={num_pages}: at least 2 (page 0 is the reserved null page)")
+        self.allocator = PageAllocator(num_pages)
+        self._chunk_buckets = buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
+        # Page-table widths (pages read per sequence) repeat in doublings: attention reads only
+        # about the pages the longest live sequence uses, at a few compiled shapes.
+        self._width_buckets = buckets(self.pages_per_seq, min(self.pages_per_seq, pages_for(64, page_size)))
+        self._len_buckets = buckets(max_seq_len, min(min_prefill_len, max_seq_len))
+        self._batch_buckets = buckets(max_prefill_batch, 1)
+        self._insert_buckets = buckets(max_batch, 1)
         self.mesh = mesh
         self._graphdef, self._params = nnx.split(model)
         self._build_weights = jax.jit(
             functools.partial(fast_model.build_weights, self._graphdef, cfg=model_cfg),
             out_shardings=fast_model.weight_shardings(model_cfg, mesh))
         self._weights = self._build_weights(self._params)
-        self._len_buckets = _buckets(max_seq_len, min(min_prefill_len, max_seq_len))
-        self._batch_buckets = _buckets(max_prefill_batch, 1)
-        self._insert_buckets = _buckets(max_batch, 1)
-        state = init_state(fast_model.init_cache(model_cfg, max_batch, max_seq_len), max_batch)
+        state = init_state(fast_model.init_cache(model_cfg, num_pages, page_size), max_batch)
         shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._prefill, self._insert, self._decode = steps.compile_steps(model_cfg, shardings)
-        self._slots: list[_Slot | None] = [None] * max_batch
+        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings)
+        self._slots: list[Seq | None] = [None] * max_batch
+        self._table = np.zeros((max_batch, self.pages_per_seq), np.int32)  # slots' page tables (host)
+        self._order: list[int] = []  # running slots, oldest admission first (preemption takes the last)
+        self._queue: collections.deque[tuple[Request, list[int]]] = collections.deque()
+        self._requests: dict[int, Request] = {}
+        self._retained: dict[tuple[int, int], Seq] = {}
+        self._finished: dict[int, list[Completion]] = {}
+        self._next_id = 0
         self._keep: tuple = ((), None)  # (host tuple, device array) of the last decode's keep mask
         self.stats = collections.Counter()
 
@@ -152,8 +148,8 @@ class Engine:
         device is treated as none."""
         return cls(model, model_cfg, max_batch=inference.max_batch, max_seq_len=inference.max_seq_len,
                    max_prefill_batch=inference.max_prefill_batch, decode_chunk=inference.decode_chunk,
-                   max_decode_chunk=inference.max_decode_chunk,
-                   mesh=mesh if mesh is not None and mesh.size > 1 else None)
+                   max_decode_chunk=inference.max_decode_chunk, page_size=inference.page_size,
+                   num_pages=inference.num_pages, mesh=mesh if mesh is not None and mesh.size > 1 else None)
 
     # ----------------------------------------------------------------------------- weights
     @property
@@ -167,15 +163,7 @@ class Engine:
             new = jax.tree.map(lambda x: x, self._params)
             nnx.replace_by_pure_dict(new, params)
             params = new
-        old_leaves = jax.tree_util.tree_leaves_with_path(self._params)
-        new_leaves = jax.tree_util.tree_leaves(params)
-        if len(old_leaves) != len(new_leaves):
-            raise EngineError(f"new params have {len(new_leaves)} leaves, the engine has {len(old_leaves)}")
-        for (path, old), new in zip(old_leaves, new_leaves, strict=True):
-            if old.shape != new.shape or old.dtype != new.dtype:
-                raise EngineError(
-                    f"param {jax.tree_util.keystr(path)}: new {new.shape} {new.dtype} does not match "
-                    f"{old.shape} {old.dtype}")
+        check_same_params(self._params, params)
         self._params = params
         self._weights = self._build_weights(params)
         self.stats["weight_updates"] += 1
@@ -186,22 +174,73 @@ class Engine:
         params.validate(self.model_cfg.vocab_size)
         if len(prompt) == 0:
             raise EngineError("empty prompt: at least one token is needed")
-        if len(prompt) >= self.max_seq_len:
-            raise EngineError(
-                f"prompt of {len(prompt)} tokens does not fit the KV cache of max_seq_len="
-                f"{self.max_seq_len} (at least one generated token must fit)")
-        arr = np.asarray(prompt)
-        if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
-            raise EngineError("prompt must be a flat list of int token ids")
-        if arr.min() < 0 or arr.max() >= self.model_cfg.vocab_size:
-            raise EngineError(f"prompt has token ids outside [0, {self.model_cfg.vocab_size})")
+        check_tokens(prompt, "prompt", self.model_cfg.vocab_size)
+        check_fits(len(prompt), params, self.max_seq_len, self.page_size, self.allocator)
+
+    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
+               retain: bool = False) -> int:
+        """Queues ``params.n`` completions of ``prompt``; returns the request id. With ``retain``
+        the finished sequences keep their pages for ``extend`` (see ``retain``). Raises
+        EngineError / SamplingError for a request that can never be served."""
+        self.check_request(prompt, params)
+        return self._enqueue(list(map(int, prompt)), params, None, retain)
+
+    def extend(self, request_id: int, tokens: Sequence[int], params: SamplingParams = SamplingParams(), *,
+               sample: int = 0, retain: bool = False) -> int:
+        """Continues a retained, finished sequence (sample ``sample`` of request ``request_id``):
+        ``tokens`` are appended to it and prefilled against its pages (only they and the last
+        sampled token, whose K/V no step wrote, are computed), then generation goes on as a new
+        request with its own ``params``. The retained sequence is consumed; returns the new id."""
+        seq = self._retained.get((request_id, sample))
+        if seq is None:
+            raise EngineError(f"sequence {sample} of request {request_id} is not retained (retain() it "
+                              "before it finishes; extend() and release() consume it)")
+        params.validate(self.model_cfg.vocab_size)
+        check_tokens(tokens, "tokens", self.model_cfg.vocab_size)
+        context = seq.tokens() + list(map(int, tokens))
+        check_fits(len(context), params, self.max_seq_len, self.page_size, self.allocator)
+        del self._retained[(request_id, sample)]
+        return self._enqueue(context, params, seq, retain)
+
+    def retain(self, request_id: int) -> None:
+        """Keeps the pages of the request's sequences when they finish, for ``extend``; until
+        ``release`` they count against the page pool."""
+        if request_id not in self._requests:
+            raise EngineError(f"request {request_id} is not running (retain before it finishes)")
+        self._requests[request_id].retain = True
+
+    def release(self, request_id: int) -> None:
+        """Frees the pages of the request's retained sequences (and retains no more of them)."""
+        if request_id in self._requests:
+            self._requests[request_id].retain = False
+        for key in [k for k in self._retained if k[0] == request_id]:
+            self.allocator.free(self._retained.pop(key).pages)
+
+    def step(self) -> bool:
+        """One iteration: admit waiting requests into free slots, then one decode chunk.
+        Returns whether work remains (waiting or running sequences)."""
+        t0 = time.perf_counter()
+        self._admit_waiting()
+        self._decode_chunk()
+        self.stats["step_seconds"] += time.perf_counter() - t0
+        return self.busy
+
+    @property
+    def busy(self) -> bool:
+        return bool(self._queue) or any(s is not None for s in self._slots)
+
+    def take_finished(self) -> list[tuple[int, list[Completion]]]:
+        """(request id, its n completions) for every request finished since the last call."""
+        out, self._finished = list(self._finished.items()), {}
+        return out
 
     def generate(
         self,
         prompts: Sequence[Sequence[int]],
         params: SamplingParams | Sequence[SamplingParams],
     ) -> list[list[Completion]]:
-        """Generates ``params.n`` completions for each prompt.
+        """Generates ``params.n`` completions for each prompt (a loop of submit / step /
+        take_finished).
 
         A request that cannot be served (empty prompt, prompt longer than the cache, invalid
         sampling params) gets n completions with finish_reason 'error' and the reason in
@@ -211,75 +250,137 @@ class Engine:
             params = [params] * len(prompts)
         if len(params) != len(prompts):
             raise EngineError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
-        results: list[list[Completion | None]] = []
-        queue: collections.deque = collections.deque()
+        results: list[list[Completion] | int] = []
         for i, (prompt, p) in enumerate(zip(prompts, params, strict=True)):
             try:
-                self.check_request(prompt, p)
+                results.append(self.submit(prompt, p))
             except (EngineError, SamplingError) as e:
                 log.warning("request %d rejected: %s", i, e)
                 n = p.n if isinstance(p.n, int) and p.n > 0 else 1
                 results.append([Completion([], [], [], "error", str(e)) for _ in range(n)])
                 self.stats["rejected_requests"] += 1
-                continue
-            results.append([None] * p.n)
-            # Groups larger than the slot count are served in parts; each part shares a prefill.
-            for start in range(0, p.n, self.max_batch):
-                queue.append((i, list(map(int, prompt)), p, start, min(p.n, start + self.max_batch)))
         t0 = time.perf_counter()
-        while queue or any(s is not None for s in self._slots):
-            self._admit(queue)
-            self._decode_chunk(results, waiting=bool(queue))
+        ids = {r for r in results if isinstance(r, int)}
+        while any(r not in self._finished for r in ids) and self.busy:
+            self.step()
         self.stats["generate_seconds"] += time.perf_counter() - t0
-        return results  # type: ignore[return-value]
+        done = {r: self._finished.pop(r) for r in ids}
+        return [done[r] if isinstance(r, int) else r for r in results]
+
+    @property
+    def pages_in_use(self) -> int:
+        """KV pages held by running and retained sequences."""
+        return self.allocator.used_count
 
     # ------------------------------------------------------------------------- internals
-    def _admit(self, queue: collections.deque) -> None:
-        """Prefills waiting requests into free slots (continuous batching)."""
-        while queue:
-            free = self._free_slots()
-            batch, need = [], 0
-            while queue and len(batch) < self._batch_buckets[-1]:
-                count = queue[0][4] - queue[0][3]
-                if need + count > len(free):
-                    break
-                batch.append(queue.popleft())
-                need += count
+    def _enqueue(self, context: list[int], params: SamplingParams, base: Seq | None, retain: bool) -> int:
+        rid, self._next_id = self._next_id, self._next_id + 1
+        req = Request(rid, context, params, base, retain, [None] * params.n)
+        self._requests[rid] = req
+        # Groups larger than the slot count are served in parts; each part shares a prefill.
+        for start in range(0, params.n, self.max_batch):
+            self._queue.append((req, list(range(start, min(params.n, start + self.max_batch)))))
+        return rid
+
+    def _new_pages(self, req: Request, k: int) -> int:
+        """Pages a part of k samples needs at admission: the context's pages not yet in its base,
+        plus one copy of the partly filled last page per extra sample."""
+        have = len(req.base.pages) if req.base is not None else 0
+        length = len(req.context)
+        return max(0, pages_for(length, self.page_size) - have) + (k - 1) * bool(length % self.page_size)
+
+    def _admit_waiting(self) -> None:
+        """Prefills waiting requests into free slots while pages suffice (continuous batching);
+        a request that does not fit waits, in order."""
+        while self._queue:
+            free = [i for i, s in enumerate(self._slots) if s is None]
+            batch, slots_left, pages_left = [], len(free), self.allocator.free_count
+            while self._queue and len(batch) < self.max_prefill_batch:
+                req, samples = self._queue[0]
+                if any(r is req for r, _ in batch):
+                    break  # one part of a request per prefill (a part consumes its base's pages)
+                k = len(samples)
+                if k > slots_left or self._new_pages(req, k) > pages_left:
+                    if batch or len(free) < self.max_batch:
+                        if not batch:
+                            self.stats["slot_waits" if k > slots_left else "page_waits"] += 1
+                        break  # wait for running sequences to free slots and pages
+                    # Nothing runs: serve as many samples of the group as the pages allow.
+                    k = max((j for j in range(1, k + 1) if self._new_pages(req, j) <= pages_left), default=0)
+                    if k == 0:
+                        self._fail_head(req, samples)
+                        continue
+                    self._queue[0] = (req, samples[k:])
+                else:
+                    self._queue.popleft()
+                batch.append((req, samples[:k]))
+                slots_left -= k
+                pages_left -= self._new_pages(req, k)
             if not batch:
                 return
-            self._prefill_insert(batch, free)
+            self._prefill(batch, free)
 
-    def _free_slots(self) -> list[int]:
-        return [i for i, s in enumerate(self._slots) if s is None]
+    def _fail_head(self, req: Request, samples: list[int]) -> None:
+        """The queue's head cannot start even alone on an idle engine: the pool is held by
+        retained sequences. Its samples finish with an error rather than waiting forever."""
+        self._queue.popleft()
+        msg = (f"out of KV pages: {self._new_pages(req, 1)} needed, {self.allocator.free_count} free; "
+               f"{len(self._retained)} retained sequences hold {self.allocator.used_count} pages (release them)")
+        log.warning("request %d: %s", req.id, msg)
+        if req.base is not None:
+            self.allocator.free(req.base.pages)
+            req.base = None
+        for i in samples:
+            req.results[i] = Completion([], [], [], "error", msg)
+        self._maybe_done(req)
 
-    def _prefill_insert(self, batch, free: list[int]) -> None:
-        """One prefill of the batch's prompts; each prompt's samples go into free slots and share
-        its prefill row."""
-        nrows = _bucket(len(batch), self._batch_buckets)
-        k = _bucket(sum(b[4] - b[3] for b in batch), self._insert_buckets)
-        plen = _bucket(max(len(b[1]) for b in batch), self._len_buckets)
-        tokens = np.zeros((nrows, plen), np.int32)
-        lengths = np.ones((nrows,), np.int32)
+    def _prefill(self, batch: list[tuple[Request, list[int]]], free: list[int]) -> None:
+        """One prefill of the batch's new tokens into pages; each request's samples start in free
+        slots, sharing its full pages (copy-on-write of the partly filled last one)."""
+        ps = self.page_size
+        nrows = bucket(len(batch), self._batch_buckets)
+        k = bucket(sum(len(s) for _, s in batch), self._insert_buckets)
+        starts = [r.base.cached if r.base is not None else 0 for r, _ in batch]
+        t = bucket(max(len(r.context) - q for (r, _), q in zip(batch, starts, strict=True)), self._len_buckets)
+        width = bucket(max(pages_for(len(r.context), ps) for r, _ in batch), self._width_buckets)
+        tokens = np.zeros((nrows, t), np.int32)
+        q_start = np.zeros((nrows,), np.int32)
+        q_lens = np.ones((nrows,), np.int32)
+        row_pages = np.zeros((nrows, width), np.int32)
+        cow_src, cow_dst = np.zeros((k,), np.int32), np.zeros((k,), np.int32)
         src = np.zeros((k,), np.int32)
         dst = np.full((k,), self.max_batch, np.int32)  # a slot past the end: dropped by the scatter
-        prompt_lens = np.zeros((k,), np.int32)
-        budget = np.zeros((k,), np.int32)
-        temp = np.ones((k,), np.float32)
-        top_k = np.zeros((k,), np.int32)
-        top_p = np.ones((k,), np.float32)
+        context_lens, budget = np.zeros((k,), np.int32), np.zeros((k,), np.int32)
+        temp, top_k, top_p = np.ones((k,), np.float32), np.zeros((k,), np.int32), np.ones((k,), np.float32)
         stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
-        seeds = np.zeros((k,), np.int64)
-        sample_ids = np.zeros((k,), np.uint32)
+        seeds, sample_ids = np.zeros((k,), np.int64), np.zeros((k,), np.uint32)
         slots = iter(free)
-        j = 0
-        for row, (req, prompt, p, start, stop) in enumerate(batch):
-            tokens[row, : len(prompt)] = prompt
-            lengths[row] = len(prompt)
-            for sample_idx in range(start, stop):
+        j = c = 0
+        for row, ((req, samples), start) in enumerate(zip(batch, starts, strict=True)):
+            length, p = len(req.context), req.params
+            new = req.context[start:]
+            tokens[row, : len(new)] = new
+            q_start[row], q_lens[row] = start, len(new)
+            owner = (req.base.pages if req.base is not None else []) + self.allocator.alloc(
+                self._new_pages(req, 1))
+            req.base = None  # its pages now belong to the owner; later parts prefill afresh
+            row_pages[row, : min(len(owner), width)] = owner[:width]
+            full = owner[: length // ps]
+            for n, sample_idx in enumerate(samples):
+                if n == 0:
+                    pages = owner
+                else:
+                    self.allocator.share(full)
+                    pages = list(full)
+                    if length % ps:
+                        (copy,) = self.allocator.alloc(1)
+                        cow_src[c], cow_dst[c] = owner[length // ps], copy
+                        pages.append(copy)
+                        c += 1
                 slot = next(slots)
-                src[j], dst[j], prompt_lens[j] = row, slot, len(prompt)
-                # Tokens after the first: bounded by max_new_tokens and by the cache capacity.
-                budget[j] = min(p.max_new_tokens, self.max_seq_len - len(prompt)) - 1
+                src[j], dst[j], context_lens[j] = row, slot, length
+                # Tokens after the first: bounded by max_new_tokens and by max_seq_len.
+                budget[j] = min(p.max_new_tokens, self.max_seq_len - length) - 1
                 temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
                 ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
                 stop_ids[j, : len(ids)] = ids
@@ -287,39 +388,92 @@ class Engine:
                 if self.stats["slot_uses"] >= self.max_batch:
                     self.stats["slot_refills"] += 1
                 self.stats["slot_uses"] += 1
-                self._slots[slot] = _Slot(req, sample_idx, len(prompt), p, Completion([], [], [], ""))
+                self._slots[slot] = Seq(req.id, sample_idx, req.context, p, pages, Completion([], [], [], ""), slot)
+                self._set_table(slot, pages)
+                self._order.append(slot)
                 j += 1
-        # The RNG keys are derived on device, in the insert (padding entries: seed 0, never used).
         seed_lo, seed_hi = seed_words(seeds)
-        logits, kv = self._prefill(self._weights, tokens, lengths)
-        self._state, first, logp, raw = self._insert(
-            self._state, kv, logits, src, dst, prompt_lens, budget, seed_lo, seed_hi, sample_ids, temp, top_k,
-            top_p, stop_ids)
+        self._state, logits = self._prefill_fn(self._weights, self._state, tokens, q_start, q_lens, row_pages)
+        self._state, first, logp, raw = self._start(
+            self._state, logits, cow_src, cow_dst, src, dst, context_lens, budget, seed_lo, seed_hi, sample_ids,
+            temp, top_k, top_p, stop_ids)
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += int(sum(len(b[1]) for b in batch))
+        self.stats["prefill_tokens"] += int(q_lens[: len(batch)].sum())
         first, logp, raw = jax.device_get((first, logp, raw))
         for i in range(j):
             self._append(int(dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], self.allocator.used_count)
+
+    def _set_table(self, slot: int, pages: list[int]) -> None:
+        self._table[slot] = 0
+        self._table[slot, : len(pages)] = pages
+
+    def _steps_left(self, s: Seq) -> int:
+        return min(s.params.max_new_tokens, self.max_seq_len - s.context_len) - len(s.completion.tokens)
 
     def _chunk_steps(self, waiting: bool) -> int:
         """Steps for the next decode call: decode_chunk while requests wait for a slot, else
         enough (bucketed) for the longest remaining budget."""
         if waiting:
             return self.decode_chunk
-        need = max(min(s.params.max_new_tokens, self.max_seq_len - s.prompt_len) - len(s.completion.tokens)
-                   for s in self._slots if s is not None)
-        return _bucket(min(need, self._chunk_buckets[-1]), self._chunk_buckets)
+        need = max(self._steps_left(s) for s in self._slots if s is not None)
+        return bucket(min(max(need, 1), self._chunk_buckets[-1]), self._chunk_buckets)
 
-    def _decode_chunk(self, results, waiting: bool = False) -> None:
-        self._finish_done(results)
+    def _grow(self, num_steps: int) -> None:
+        """Gives each running sequence the pages the next chunk writes; when the pool is short,
+        preempts the newest sequence (its pages freed, its sample requeued first: it restarts
+        with the same key, so it reproduces its tokens) until the rest fit."""
+        while True:
+            need = {}
+            for s in self._slots:
+                if s is not None:
+                    want = pages_for(s.cached + min(num_steps, self._steps_left(s)), self.page_size) - len(s.pages)
+                    if want > 0:
+                        need[s.slot] = want
+            if sum(need.values()) <= self.allocator.free_count:
+                break
+            if len(self._order) == 1:  # alone and still short: retained sequences hold the pool
+                s = self._slots[self._order[0]]
+                s.completion.finish_reason = "error"
+                s.completion.error = (f"out of KV pages: {len(self._retained)} retained sequences hold "
+                                      f"{self.allocator.used_count - len(s.pages)} pages (release them)")
+                self._finish_done()
+                return
+            self._preempt(self._order[-1])
+        for slot, want in need.items():
+            s = self._slots[slot]
+            s.pages.extend(self.allocator.alloc(want))
+            self._set_table(slot, s.pages)
+        self.stats["peak_pages"] = max(self.stats["peak_pages"], self.allocator.used_count)
+
+    def _preempt(self, slot: int) -> None:
+        s = self._slots[slot]
+        log.info("out of KV pages: preempting sample %d of request %d", s.sample, s.request)
+        self.allocator.free(s.pages)
+        self._release_slot(slot)
+        self._queue.appendleft((self._requests[s.request], [s.sample]))
+        self.stats["preemptions"] += 1
+
+    def _release_slot(self, slot: int) -> None:
+        self._slots[slot] = None
+        self._table[slot] = 0
+        self._order.remove(slot)
+
+    def _decode_chunk(self) -> None:
+        self._finish_done()
+        if all(s is None for s in self._slots):
+            return
+        num_steps = self._chunk_steps(waiting=bool(self._queue))
+        self._grow(num_steps)
         if all(s is None for s in self._slots):
             return
         keep = tuple(s is not None for s in self._slots)
         if keep != self._keep[0]:  # a host->device transfer only when the slot set changed
             self._keep = (keep, jax.device_put(np.asarray(keep), self._slot_sharding))
-        keep = self._keep[1]
+        width = bucket(max(len(s.pages) for s in self._slots if s is not None), self._width_buckets)
+        table = jax.device_put(self._table[:, :width], self._slot_sharding)
         self._state, toks, logp, raw, valid, steps_run = self._decode(
-            self._weights, self._state, keep, num_steps=self._chunk_steps(waiting))
+            self._weights, self._state, self._keep[1], table, num_steps=num_steps)
         toks, logp, raw, valid, steps_run = jax.device_get((toks, logp, raw, valid, steps_run))
         self.stats["decode_calls"] += 1
         self.stats["decode_steps"] += int(steps_run)
@@ -335,44 +489,26 @@ class Engine:
             elif not s.completion.finish_reason:
                 # The device stopped a slot the host rules did not: a bug, never a silent hang.
                 raise RuntimeError(f"slot {slot} stalled without a finish reason: {s}")
-        self._finish_done(results)
+        self._finish_done()
 
     def _append(self, slot: int, tokens: np.ndarray, logps: np.ndarray, raws: np.ndarray) -> None:
-        """Appends a slot's new tokens up to the first stop rule that fires (vectorized: the
-        per-token Python loop was a visible share of a small model's step)."""
-        s = self._slots[slot]
-        c, p = s.completion, s.params
-        if c.finish_reason:
-            return
-        before = len(c.tokens)
-        cut, reason = len(tokens), ""
-        to_length = p.max_new_tokens - before
-        to_cache = self.max_seq_len - s.prompt_len - before
-        if min(to_length, to_cache) <= cut:
-            cut, reason = min(to_length, to_cache), "length" if to_length <= to_cache else "cache"
-        if p.stop_token_ids:
-            hits = np.flatnonzero(np.isin(tokens[:cut], p.stop_token_ids))
-            if hits.size:
-                cut, reason = int(hits[0]) + 1, "eos"
-        if p.stop_sequences:
-            longest = max(len(seq) for seq in p.stop_sequences)
-            context = len(c.tokens[-(longest - 1):]) if longest > 1 else 0
-            seen = (c.tokens[-(longest - 1):] if longest > 1 else []) + tokens[:cut].tolist()
-            for i in range(context, len(seen)):  # the earliest match; eos wins at the same token
-                if any(i + 1 >= len(q) and tuple(seen[i + 1 - len(q): i + 1]) == tuple(q)
-                       for q in p.stop_sequences):
-                    n = i + 1 - context
-                    if n < cut or reason != "eos":
-                        cut, reason = n, "stop"
-                    break
-        c.tokens.extend(tokens[:cut].tolist())
-        c.logprobs.extend(logps[:cut].tolist())
-        c.raw_logprobs.extend(raws[:cut].tolist())
-        self.stats["tokens_generated"] += cut
-        c.finish_reason = reason
+        self.stats["tokens_generated"] += append_tokens(self._slots[slot], tokens, logps, raws, self.max_seq_len)
 
-    def _finish_done(self, results) -> None:
+    def _finish_done(self) -> None:
         for slot, s in enumerate(self._slots):
-            if s is not None and s.completion.finish_reason:
-                results[s.request][s.sample] = s.completion
-                self._slots[slot] = None
+            if s is None or not s.completion.finish_reason:
+                continue
+            req = self._requests[s.request]
+            req.results[s.sample] = s.completion
+            if req.retain and s.completion.finish_reason != "error":
+                self._retained[(s.request, s.sample)] = s
+                s.slot = None
+            else:
+                self.allocator.free(s.pages)
+            self._release_slot(slot)
+            self._maybe_done(req)
+
+    def _maybe_done(self, req: Request) -> None:
+        if all(c is not None for c in req.results):
+            self._finished[req.id] = req.results  # type: ignore[assignment]
+            del self._requests[req.id]

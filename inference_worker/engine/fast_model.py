@@ -15,8 +15,9 @@ an ``InferenceWeights`` view:
 - everything already cast to the compute dtype (no per-step casts).
 
 The same math as ``rlax_tpu.models.Transformer`` (tests check token parity with transformers).
-Attention goes through ``rlax_tpu.kernels`` only (Pallas on TPU/GPU, the jnp reference on CPU),
-on a ``[B, Hkv, S, D]`` cache.
+Attention reads a paged KV cache (``PagedCache``: a page pool per layer, rows' page tables) through
+two small functions (``_attend_decode`` / ``_attend_prefill``), today the jnp implementation in
+``paged_ref``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from rlax_tpu import kernels
+from inference_worker.engine import paged_ref
 from rlax_tpu.models.layers import inv_rms, rms_norm, rope_cos_sin
 
 
@@ -48,26 +49,26 @@ class InferenceWeights(NamedTuple):
     head: jax.Array  # [H, V]
 
 
-class EngineCache(NamedTuple):
-    """Per-layer K and V (RoPE applied), each [B, Hkv, S, D] in the compute dtype.
+class PagedCache(NamedTuple):
+    """Per-layer K and V page pools (RoPE applied), each [Hkv, num_pages, page_size, D] in the
+    compute dtype (the layout of paged_ref and of the Pallas paged kernels).
 
-    One buffer per layer, so a decode step updates and reads each layer's cache in place (slicing
-    a stacked [L, ...] array makes XLA copy every layer's slab on every step). Head-major, so each
-    (sequence, kv head) slab [S, D] is contiguous: the kernels' layout.
+    One buffer per layer, so a step updates each layer's pool in place (slicing a stacked
+    [L, ...] array makes XLA copy every layer's pool on every step).
     """
 
     k: tuple[jax.Array, ...]
     v: tuple[jax.Array, ...]
 
     @property
-    def max_len(self) -> int:
+    def page_size(self) -> int:
         return self.v[0].shape[2]
 
 
-def init_cache(cfg, batch: int, max_len: int) -> EngineCache:
-    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+def init_cache(cfg, num_pages: int, page_size: int) -> PagedCache:
+    shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
-    return EngineCache(zeros(), zeros())
+    return PagedCache(zeros(), zeros())
 
 
 # -------------------------------------------------------------------------------- weights
@@ -191,61 +192,94 @@ def _logits(cfg, weights: InferenceWeights, x: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", _normed(cfg, x), weights.head, preferred_element_type=jnp.float32)
 
 
-def _attend(cfg, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, lengths: jax.Array) -> jax.Array:
-    """One (pre-scaled) query per sequence over its first ``lengths`` cache entries:
+# The one place the engine calls attention: swapping paged_ref for the Pallas kernels (behind the
+# rlax_tpu.kernels dispatcher) changes only these two functions.
+def _attend_decode(cfg, q: jax.Array, cache: PagedCache, layer: int, lengths: jax.Array,
+                   page_table: jax.Array) -> jax.Array:
+    """One (pre-scaled) query per sequence over its first ``lengths`` positions:
     q [B, Hkv, G, D] -> [B, Hq, D]."""
     b, hkv, g, d = q.shape
-    return kernels.decode_attention(q.reshape(b, hkv * g, d), k_cache, v_cache, lengths, scale=1.0,
-                                    impl=cfg.attention_impl)
+    return paged_ref.paged_decode_attention(q.reshape(b, hkv * g, d), cache.k[layer], cache.v[layer], lengths,
+                                            page_table, scale=1.0, impl=_paged_impl(cfg))
+
+
+def _attend_prefill(cfg, q: jax.Array, cache: PagedCache, layer: int, q_start: jax.Array, q_lens: jax.Array,
+                    page_table: jax.Array) -> jax.Array:
+    """A chunk of (pre-scaled) queries [B, T, Hkv, G, D] at positions q_start + t against the pages
+    (the chunk's K/V already written) -> [B, T, Hq, D]."""
+    b, t, hkv, g, d = q.shape
+    return paged_ref.paged_prefill_attention(q.reshape(b, t, hkv * g, d), cache.k[layer], cache.v[layer], q_start,
+                                             q_lens, q_start + q_lens, page_table, scale=1.0,
+                                             impl=_paged_impl(cfg))
+
+
+def _paged_impl(cfg) -> str:
+    # Until the Pallas paged kernels are behind the dispatcher, every impl is served by the jnp one.
+    return "auto" if cfg.attention_impl == "pallas" else cfg.attention_impl
+
+
+def _write(cache: PagedCache, layer: int, pages: jax.Array, offsets: jax.Array, k: jax.Array, v: jax.Array):
+    """Scatters new K/V [..., Hkv, D] at pool (pages, offsets) [...] of one layer."""
+    lead = tuple(range(k.ndim - 2))
+    perm = (k.ndim - 2, *lead, k.ndim - 1)  # [..., Hkv, D] -> [Hkv, ..., D]
+    kp = cache.k[layer].at[:, pages, offsets].set(k.transpose(perm).astype(cache.k[layer].dtype))
+    vp = cache.v[layer].at[:, pages, offsets].set(v.transpose(perm).astype(cache.v[layer].dtype))
+    return cache._replace(k=cache.k[:layer] + (kp,) + cache.k[layer + 1:],
+                          v=cache.v[:layer] + (vp,) + cache.v[layer + 1:])
+
+
+def _slots_of(page_table: jax.Array, positions: jax.Array, page_size: int, valid: jax.Array | None = None):
+    """Pool (page, offset) of each position [B, ...] through its row's page table; invalid
+    positions go to the null page 0."""
+    idx = (positions // page_size).reshape(positions.shape[0], -1)
+    pages = jnp.take_along_axis(page_table, jnp.minimum(idx, page_table.shape[1] - 1), axis=1)
+    pages = pages.reshape(positions.shape)
+    if valid is not None:
+        pages = jnp.where(valid, pages, 0)
+    return pages, positions % page_size
 
 
 # -------------------------------------------------------------------------------- entry points
-def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, lengths: jax.Array):
-    """Right-padded prompts [B, P] with lengths [B] -> (f32 logits [B, V] at each last prompt token,
-    the prompt's K and V per layer in the engine's cache layout, with S = P)."""
-    b, p = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    segment_ids = (positions < lengths[:, None]).astype(jnp.int32)
+def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, q_start: jax.Array, q_lens: jax.Array,
+            page_table: jax.Array, cache: PagedCache):
+    """Right-padded chunks of new tokens [B, T] at positions q_start + t (t < q_lens, q_lens >= 1),
+    written into the rows' pages and attending to everything before them in the sequence (a
+    fresh prompt has q_start 0; a continued sequence starts at its cached length).
+    Returns (f32 logits [B, V] at each row's last new token, cache)."""
+    b, t = tokens.shape
+    positions = q_start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(t)[None, :] < q_lens[:, None]
+    pages, offsets = _slots_of(page_table, positions, cache.page_size, valid)
     cos, sin = _rope_tables(cfg, positions)
     x = jnp.take(weights.embed, tokens, axis=0)
     rows = jnp.arange(b)
-    last = lengths - 1
-    ks, vs = [], []
+    last = q_lens - 1
     for i, w in enumerate(weights.layers):
-        q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, P, Hkv, G, D], [B, P, Hkv, D]
-        kc, vc = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-        ks.append(kc)
-        vs.append(vc)
+        q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, T, Hkv, G, D], [B, T, Hkv, D]
+        cache = _write(cache, i, pages, offsets, k, v)
         if i < cfg.num_layers - 1:
-            attn = kernels.flash_attention(
-                q.reshape(b, p, cfg.num_heads, cfg.head_dim), k, v, q_segment_ids=segment_ids,
-                kv_segment_ids=segment_ids, causal=True, scale=1.0, impl=cfg.attention_impl)
-            x = x + _out(w, attn)
+            x = x + _out(w, _attend_prefill(cfg, q, cache, i, q_start, q_lens, page_table))
             x = x + _mlp(cfg, w, x)
         else:
-            # Only the last prompt token's output is needed past the last layer's K/V: attend
-            # from it alone (it sees its whole prompt) and skip the other tokens' MLP.
-            attn = _attend(cfg, q[rows, last], kc, vc, lengths)
+            # Only the last new token's output is needed past the last layer's K/V: attend from it
+            # alone (it sees the whole sequence) and skip the other tokens' MLP.
+            attn = _attend_decode(cfg, q[rows, last], cache, i, q_start + q_lens, page_table)
             x = x[rows, last] + _out(w, attn)
             x = x + _mlp(cfg, w, x)
-    return _logits(cfg, weights, x), EngineCache(tuple(ks), tuple(vs))
+    return _logits(cfg, weights, x), cache
 
 
-def decode_step(cfg, weights: InferenceWeights, tokens: jax.Array, positions: jax.Array,
-                cache: EngineCache):
-    """One token per row: writes its K/V at ``positions`` and attends over positions + 1 entries.
-    Returns (f32 logits [B, V], cache)."""
-    b = tokens.shape[0]
-    rows = jnp.arange(b)
+def decode_step(cfg, weights: InferenceWeights, tokens: jax.Array, positions: jax.Array, cache: PagedCache,
+                page_table: jax.Array):
+    """One token per row: writes its K/V at ``positions`` (through the row's page table) and
+    attends over positions + 1 entries. Returns (f32 logits [B, V], cache)."""
     cos, sin = _rope_tables(cfg, positions)  # [B, D]
     lengths = positions + 1
+    pages, offsets = _slots_of(page_table, positions, cache.page_size)
     x = jnp.take(weights.embed, tokens, axis=0)  # [B, H]
-    ks, vs = list(cache.k), list(cache.v)
     for i, w in enumerate(weights.layers):
         q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, Hkv, G, D], [B, Hkv, D]
-        # c[rows, :, positions] is [B, Hkv, D] (advanced indices first, then the slice).
-        ks[i] = ks[i].at[rows, :, positions].set(k.astype(ks[i].dtype))
-        vs[i] = vs[i].at[rows, :, positions].set(v.astype(vs[i].dtype))
-        x = x + _out(w, _attend(cfg, q, ks[i], vs[i], lengths))
+        cache = _write(cache, i, pages, offsets, k, v)
+        x = x + _out(w, _attend_decode(cfg, q, cache, i, lengths, page_table))
         x = x + _mlp(cfg, w, x)
-    return _logits(cfg, weights, x), EngineCache(tuple(ks), tuple(vs))
+    return _logits(cfg, weights, x), cache

@@ -82,59 +82,41 @@ def derive_keys(lo: jax.Array, hi: jax.Array, index: jax.Array) -> jax.Array:
     return jax.vmap(one)(lo, hi, index)
 
 
-_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+def _uniform(keys: jax.Array, counter: jax.Array) -> jax.Array:
+    """One uniform in [0, 1) per row: jax.random's, from the row's key folded with its counter."""
+    return jax.vmap(lambda k, c: jax.random.uniform(jax.random.fold_in(k, c)))(keys, counter.astype(jnp.uint32))
 
 
-def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The Threefry-2x32 block cipher (20 rounds, Salmon et al. 2011, as in jax.random), written
-    out in uint32 ops so XLA fuses it into one elementwise kernel (jax.random's CPU lowering is
-    a rolled loop: several small kernels per round trip, per decode step)."""
-    ks = (k0, k1, k0 ^ k1 ^ jnp.uint32(0x1BD11BDA))
-    x0, x1 = x0 + ks[0], x1 + ks[1]
-    for i in range(5):
-        for r in _ROTATIONS[i % 2]:
-            x0 = x0 + x1
-            x1 = (x1 << jnp.uint32(r)) | (x1 >> jnp.uint32(32 - r))
-            x1 = x0 ^ x1
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + jnp.uint32(i + 1)
-    return x0, x1
+def _first_reaching(e: jax.Array, cdf: jax.Array, target: jax.Array) -> jax.Array:
+    """The first entry with mass whose CDF reaches the target [N, 1]. Asking for mass (not just
+    counting CDF entries below the target) keeps a rounding wobble of the CDF from ever landing on
+    a zero-probability entry; the last entry with mass catches u -> 1."""
+    iota = jax.lax.broadcasted_iota(jnp.int32, e.shape, e.ndim - 1)
+    first = jnp.min(jnp.where((e > 0) & (cdf >= target), iota, e.shape[-1]), axis=-1)
+    last = jnp.max(jnp.where(e > 0, iota, 0), axis=-1)
+    return jnp.minimum(first, last)
 
 
-def uniform_from_counter(keys: jax.Array, counter: jax.Array) -> jax.Array:
-    """One uniform in [0, 1) per row from its uint32 [N, 2] key and int [N] counter: a pure
-    function of (key, counter), so a completion's draws do not depend on its batch or slot."""
-    bits, _ = _threefry2x32(keys[:, 0], keys[:, 1], counter.astype(jnp.uint32), jnp.zeros_like(keys[:, 0]))
-    # 23 random mantissa bits under exponent 0: a float in [1, 2), minus 1.
-    return jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000), jnp.float32) - 1.0
+_PICK_BLOCK = 128
 
 
-_CUMSUM_BLOCK = 32
-
-
-def cumsum_last(x: jax.Array) -> jax.Array:
-    """Inclusive cumulative sum over the last axis, as matmuls with a triangular matrix per
-    block of 32 plus (recursively) the block totals. XLA:CPU lowers jnp.cumsum to a reduce-window
-    that cost ~5x more for a [32, 512] batch; the matmul form is also MXU work on TPU (HIGHEST
-    precision: an f32 CDF must not be rounded to bf16)."""
-    v = x.shape[-1]
-    if v <= _CUMSUM_BLOCK:
-        tri = jnp.triu(jnp.ones((v, v), x.dtype))
-        return jnp.matmul(x, tri, precision=jax.lax.Precision.HIGHEST)
-    nb = -(-v // _CUMSUM_BLOCK)
-    xb = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, nb * _CUMSUM_BLOCK - v)])
-    within = cumsum_last(xb.reshape(*x.shape[:-1], nb, _CUMSUM_BLOCK))
-    totals = within[..., -1]
-    offsets = cumsum_last(totals) - totals  # exclusive: the mass of the blocks before
-    return (within + offsets[..., None]).reshape(*x.shape[:-1], nb * _CUMSUM_BLOCK)[..., :v]
-
-
-def _argmax(x: jax.Array, row_max: jax.Array) -> jax.Array:
-    """First index of the row max (``row_max``: [N, 1]), as a plain reduction: XLA:CPU runs
-    jnp.argmax's variadic (value, index) reduce several times slower."""
-    iota = jax.lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
-    hit = x == row_max
-    return jnp.min(jnp.where(hit, iota, x.shape[-1] - 1), axis=-1)
+def _two_level_pick(e: jax.Array, u: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Inverse-CDF pick of one entry per row of unnormalized masses e [N, V] at uniform u [N], in
+    two levels: the CDF of block sums picks a block, then the CDF inside that block picks the
+    entry. Two short cumsums instead of one over the whole vocabulary (a long jnp.cumsum is a
+    slow reduce-window on XLA:CPU; this form is cheap everywhere). Returns (index, total mass)."""
+    n, v = e.shape
+    nb = -(-v // _PICK_BLOCK)
+    blocks = jnp.pad(e, ((0, 0), (0, nb * _PICK_BLOCK - v))).reshape(n, nb, _PICK_BLOCK)
+    mass = jnp.sum(blocks, axis=-1)
+    block_cdf = jnp.cumsum(mass, axis=-1)
+    total = block_cdf[:, -1]
+    target = u * total
+    b = _first_reaching(mass, block_cdf, target[:, None])
+    inside = jnp.take_along_axis(blocks, b[:, None, None], axis=1)[:, 0]  # [N, block]
+    before = jnp.take_along_axis(block_cdf - mass, b[:, None], axis=1)
+    j = _first_reaching(inside, jnp.cumsum(inside, axis=-1), target[:, None] - before)
+    return b * _PICK_BLOCK + j, total
 
 
 def sample(
@@ -170,14 +152,16 @@ def sample(
         ordered = jnp.where(ordered >= kth, ordered, NEG_INF)
         probs = jax.nn.softmax(ordered, axis=-1)
         # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        mass_before = cumsum_last(probs) - probs
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
         kept = mass_before < top_p[:, None]
         threshold = jnp.min(jnp.where(kept, ordered, jnp.inf), axis=-1, keepdims=True)
         return jnp.where(scaled >= jnp.maximum(kth, threshold), scaled, NEG_INF)
 
     needs_truncation = jnp.any((top_k > 0) | (top_p < 1.0))
     masked = jax.lax.cond(needs_truncation, truncate, lambda s: s, scaled)
-    greedy_tokens = _argmax(logits, row_max)
+    # Only computed when some row is greedy (an all-sampled batch skips the reduction).
+    greedy_tokens = jax.lax.cond(jnp.any(greedy), lambda x: jnp.argmax(x, axis=-1).astype(jnp.int32),
+                                 lambda x: jnp.zeros(x.shape[:1], jnp.int32), logits)
 
     def draw(masked):
         # Inverse-CDF sampling: one uniform per row instead of a Gumbel per vocabulary entry (the
@@ -185,15 +169,8 @@ def sample(
         # The CDF's last entry is the softmax normalizer, so no separate log-softmax pass.
         m = jnp.max(masked, axis=-1, keepdims=True)
         e = jnp.exp(masked - m)
-        cdf = cumsum_last(e)
-        target = (uniform_from_counter(keys, step) * cdf[:, -1])[:, None]
-        # The first entry with mass whose CDF reaches the target. Asking for mass (not just
-        # counting CDF entries below the target) keeps a rounding wobble of the CDF from ever
-        # landing on a zero-probability entry; the last entry with mass catches u -> 1.
-        iota = jax.lax.broadcasted_iota(jnp.int32, e.shape, 1)
-        first = jnp.min(jnp.where((e > 0) & (cdf >= target), iota, vocab), axis=-1)
-        last = jnp.max(jnp.where(e > 0, iota, 0), axis=-1)
-        return jnp.minimum(first, last), m[:, 0] + jnp.log(cdf[:, -1])
+        token, total = _two_level_pick(e, _uniform(keys, step))
+        return token, m[:, 0] + jnp.log(total)
 
     sampled, lse = jax.lax.cond(jnp.all(greedy), lambda _: (greedy_tokens, jnp.zeros_like(raw_lse)),
                                 draw, masked)

@@ -1,4 +1,4 @@
-"""The engine's device-side decode state: one row per slot, a KV cache shared by all slots."""
+"""The engine's device-side decode state: one row per slot, and the paged KV cache they share."""
 
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ class DecodeState(NamedTuple):
     """Per-slot decode state. N = number of slots.
 
     A slot holds ``lengths`` tokens in the cache and ``tokens``, the last sampled token, which is
-    fed (and written to the cache) by the next decode step.
+    fed (and written to the cache) by the next decode step. Which pool pages a slot's positions
+    live in is the host's page table, passed to every call (it changes as pages are allocated).
     """
 
-    cache: object  # fast_model.EngineCache: k, v per layer, each [N, Hkv, S, D]
+    cache: object  # fast_model.PagedCache: k, v pools per layer, each [Hkv, num_pages, page_size, D]
     tokens: jax.Array  # [N] int32
     lengths: jax.Array  # [N] int32, tokens already in the cache
     step: jax.Array  # [N] int32, tokens generated so far (also the RNG fold index)
@@ -51,14 +52,15 @@ def init_state(cache, num_slots: int) -> DecodeState:
 
 
 def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_heads: int):
-    """Slots (dim 0 of every field) split over the mesh's batch axes (data parallelism, partitioned
-    by XLA); the cache also over kv heads on the 'tensor' axis when it divides."""
+    """Slots (dim 0 of every field but the cache) split over the mesh's batch axes (data
+    parallelism, partitioned by XLA); the page pools over kv heads on the 'tensor' axis when it
+    divides (pages are shared by all slots, so they are not split over the batch axes)."""
     if mesh is None:
         return None
     slots = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
     tensor = mesh.shape.get("tensor", 1)
     kv_heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
-    kv_sharding = NamedSharding(mesh, PartitionSpec(slots, kv_heads, None, None))
+    kv_sharding = NamedSharding(mesh, PartitionSpec(kv_heads, None, None, None))
     row = NamedSharding(mesh, PartitionSpec(slots))
     return state._replace(
         cache=jax.tree.map(lambda _: kv_sharding, state.cache),

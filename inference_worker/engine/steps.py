@@ -1,4 +1,4 @@
-"""The engine's compiled functions: prefill, insert into slots, and a multi-step decode loop.
+"""The engine's compiled functions: prefill into pages, start samples in slots, a multi-step decode loop.
 
 They are plain functions of (weights, decode state, ...) so weights can be swapped without
 recompiling (the weights are an argument, never a closure constant). The weights are the engine's
@@ -19,23 +19,24 @@ from inference_worker.engine.sampling import derive_keys, sample
 from inference_worker.engine.state import DecodeState
 
 
-def prefill(cfg, weights, tokens: jax.Array, lengths: jax.Array):
-    """Runs the prompts (right-padded to a bucket) and returns last-token logits and their K/V.
+def prefill(cfg, weights, state: DecodeState, tokens: jax.Array, q_start: jax.Array, q_lens: jax.Array,
+            row_pages: jax.Array):
+    """Prefills new tokens into the pages: tokens [B, T] right-padded, of each prefill row, at
+    positions q_start + t (t < q_lens); row_pages: [B, W] the page table of each row's owner
+    sequence. Returns (state, f32 logits [B, V] at each row's last new token)."""
+    logits, cache = fast_model.prefill(cfg, weights, tokens, q_start, q_lens, row_pages, state.cache)
+    return state._replace(cache=cache), logits
 
-    tokens: [B, P] int32; lengths: [B] int32 prompt lengths (>= 1).
-    Returns (logits [B, V] f32 at each prompt's last token, EngineCache of length P).
-    """
-    return fast_model.prefill(cfg, weights, tokens, lengths)
 
-
-def insert(
+def start(
     cfg,
     state: DecodeState,
-    kv,
     logits: jax.Array,
+    cow_src: jax.Array,
+    cow_dst: jax.Array,
     src: jax.Array,
     dst: jax.Array,
-    prompt_lens: jax.Array,
+    context_lens: jax.Array,
     budget: jax.Array,
     seed_lo: jax.Array,
     seed_hi: jax.Array,
@@ -45,32 +46,29 @@ def insert(
     top_p: jax.Array,
     stop_ids: jax.Array,
 ):
-    """Copies prefilled prompts into decode slots and samples each completion's first token.
+    """Starts prefilled requests' samples in decode slots with their first token, sharing each
+    request's prefilled pages (the full ones by page table, the partly filled last one copied).
 
-    src: [K] rows of the prefill batch; dst: [K] slots (== num_slots for padding rows, which
-    are dropped). Several slots may share one src row: the n samples of a prompt share its
-    prefill. budget: [K] tokens this completion may still generate after the first.
-    seed_lo, seed_hi, sample_index: [K] uint32 request seed words and sample index, from which
-    each completion's RNG key is derived here (sampling.derive_keys).
-    Returns (state, first tokens [K], their logp [K], raw logp [K]).
+    logits: [B, V] of the prefill rows. cow_src, cow_dst: [C]
+    pool pages to copy after the prefill (a group's partly filled last page, one copy per extra
+    sample; padding copies the null page onto itself). src: [K] prefill row of each new slot; dst:
+    [K] its slot (== num_slots for padding, dropped). context_lens: [K] tokens in the cache once
+    prefilled. budget: [K] tokens it may still generate after the first. seed_lo, seed_hi,
+    sample_index: [K] uint32 seed words and sample index (each completion's RNG key is derived
+    here, sampling.derive_keys). Returns (state, first tokens [K], their logp [K], raw logp [K]).
     """
+    copy = lambda pool: pool.at[:, cow_dst].set(pool[:, cow_src])
+    cache = state.cache._replace(k=tuple(map(copy, state.cache.k)), v=tuple(map(copy, state.cache.v)))
     keys = derive_keys(seed_lo, seed_hi, sample_index)
-    tokens, logp, raw_logp = sample(
-        logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
-    p = kv.max_len
-
-    def put(cache_arr, new_arr):  # per layer: [N, K, S, D] <- [Bp, K, P, D]
-        return cache_arr.at[dst, :, :p].set(new_arr[src].astype(cache_arr.dtype), mode="drop")
-
-    cache = fast_model.EngineCache(tuple(map(put, state.cache.k, kv.k)), tuple(map(put, state.cache.v, kv.v)))
+    first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
 
     def setrow(arr, values):
         return arr.at[dst].set(values.astype(arr.dtype), mode="drop")
 
     state = state._replace(
         cache=cache,
-        tokens=setrow(state.tokens, tokens),
-        lengths=setrow(state.lengths, prompt_lens),
+        tokens=setrow(state.tokens, first),
+        lengths=setrow(state.lengths, context_lens),
         step=setrow(state.step, jnp.ones_like(src)),
         remaining=setrow(state.remaining, budget),
         active=setrow(state.active, budget > 0),
@@ -81,21 +79,22 @@ def insert(
         stop_ids=setrow(state.stop_ids, stop_ids),
     )
     # A first token that is already a stop id ends the completion before any decode step.
-    first_stops = jnp.any(stop_ids == tokens[:, None], axis=-1)
+    first_stops = jnp.any(stop_ids == first[:, None], axis=-1)
     state = state._replace(active=state.active.at[dst].min(~first_stops, mode="drop"))
-    return state, tokens, logp, raw_logp
+    return state, first, logp, raw_logp
 
 
-def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
+def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Array, num_steps: int):
     """Runs up to ``num_steps`` decode steps for every active slot; stops early once no slot is
     active (so a long chunk costs nothing after the last sequence ends).
 
-    keep: [N] bool; slots the host has released are deactivated first.
+    keep: [N] bool; slots the host has released are deactivated first. page_table: [N, W] each
+    slot's pages, covering every position the chunk writes (free slots: the null page).
     Returns (state, tokens [num_steps, N], logp, raw_logp, valid [num_steps, N], steps run);
     ``valid`` marks the tokens a slot really produced (it stops on a stop id or when its budget
     ends; steps not run are all invalid).
     """
-    max_len = state.cache.max_len
+    max_len = page_table.shape[1] * state.cache.page_size
     n = state.tokens.shape[0]
     state = state._replace(active=state.active & keep)
     outs = (jnp.zeros((num_steps, n), jnp.int32), jnp.zeros((num_steps, n), jnp.float32),
@@ -108,7 +107,8 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
     def body(carry):
         i, state, outs = carry
         positions = jnp.minimum(state.lengths, max_len - 1)
-        logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache)
+        logits, cache = fast_model.decode_step(cfg, weights, state.tokens, positions, state.cache,
+                                               page_table)
         tokens, logp, raw_logp = sample(
             logits, state.keys, state.step, state.temperature, state.top_k, state.top_p)
         act = state.active
@@ -130,14 +130,17 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, num_steps: int):
 
 
 def compile_steps(cfg, state_shardings, donate: bool = True):
-    """jit-compiled prefill / insert / decode for model config ``cfg`` (static); with a mesh, XLA
-    partitions them from the state's shardings (slots over the batch axes, kv heads over
-    'tensor')."""
-    donate_state = (0,) if donate else ()
+    """jit-compiled prefill / start / decode for model config ``cfg`` (static); with a mesh, XLA
+    partitions them from the state's shardings (slots over the batch axes, kv heads over 'tensor')."""
+    donate_state = (1,) if donate else ()
     out = (state_shardings, None, None, None) if state_shardings is not None else None
-    prefill_fn = jax.jit(functools.partial(prefill, cfg))
-    insert_fn = jax.jit(functools.partial(insert, cfg), donate_argnums=donate_state, out_shardings=out)
+    # Prefill (the model, per batch and length bucket) and start (per slot count) compile apart,
+    # so a new number of samples recompiles only the small start program.
+    prefill_fn = jax.jit(functools.partial(prefill, cfg), donate_argnums=donate_state,
+                         out_shardings=(state_shardings, None) if state_shardings is not None else None)
+    start_fn = jax.jit(functools.partial(start, cfg), donate_argnums=(0,) if donate else (),
+                       out_shardings=out)
     decode_fn = jax.jit(
-        functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=(1,) if donate else (),
+        functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=donate_state,
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
-    return prefill_fn, insert_fn, decode_fn
+    return prefill_fn, start_fn, decode_fn

@@ -21,7 +21,8 @@ def hf_qwen2(tmp_path_factory):
 @pytest.fixture(scope="module")
 def engine(hf_qwen2):
     _, model, cfg = hf_qwen2
-    return Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, max_decode_chunk=64)
+    return Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, max_decode_chunk=64,
+                  page_size=16, num_pages=0)
 
 
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 11], [42], [3, 3, 3, 3, 3, 17, 18, 19, 20, 21, 22]]
@@ -113,7 +114,8 @@ def test_stops_eos_sequence_and_cache(engine):
 
 def test_decode_chunk_grows_when_nothing_waits_and_stops_when_all_slots_end(hf_qwen2):
     _, model, cfg = hf_qwen2
-    eng = Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=2, max_decode_chunk=8)
+    eng = Engine(model, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=2, max_decode_chunk=8,
+                 page_size=16, num_pages=0)
     # 3 requests in 4 slots: nothing waits, so chunks of up to 8 cover the 19 tokens after the
     # first in 3 calls (decode_chunk alone: 10); the last chunk (4) stops after 3 steps, when the
     # budgets run out.
@@ -150,17 +152,18 @@ def test_bad_requests_get_errors_and_do_not_kill_the_batch(engine):
 
 def test_weight_swap_changes_outputs_without_recompiling(hf_qwen2):
     _, model, cfg = hf_qwen2
-    engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4, max_decode_chunk=64)
+    engine = Engine(model, cfg, max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4, max_decode_chunk=64,
+                    page_size=16, num_pages=0)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=6)
     before = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
-    sizes = (engine._decode._cache_size(), engine._prefill._cache_size())
+    sizes = (engine._decode._cache_size(), engine._prefill_fn._cache_size())
     other = models.init(cfg, seed=5)
     from flax import nnx
 
     engine.update_params(nnx.to_pure_dict(nnx.state(other)))
     after = engine.generate([PROMPTS[0]], greedy)[0][0].tokens
     assert after != before
-    assert (engine._decode._cache_size(), engine._prefill._cache_size()) == sizes
+    assert (engine._decode._cache_size(), engine._prefill_fn._cache_size()) == sizes
     with pytest.raises(ValueError, match="does not match"):
         engine.update_params(nnx.state(models.init(cfg.replace(intermediate_size=64), seed=0)))
 
@@ -177,7 +180,7 @@ def test_tensor_parallel_engine_on_8_devices_matches_single_device(hf_qwen2, eng
     shardings = sharding.param_shardings(model, mesh, sharding.INFERENCE_RULES)
     sharded = nnx.merge(nnx.graphdef(model), jax.device_put(state, shardings))
     tp = Engine(sharded, cfg, max_batch=4, max_seq_len=48, max_prefill_batch=4, decode_chunk=4, max_decode_chunk=64,
-                mesh=mesh)
+                mesh=mesh, page_size=16, num_pages=0)
     greedy = SamplingParams(temperature=0.0, max_new_tokens=8)
     assert [o[0].tokens for o in tp.generate(PROMPTS, greedy)] == \
         [o[0].tokens for o in engine.generate(PROMPTS, greedy)]
@@ -198,7 +201,7 @@ def test_slots_over_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape
                          devices=jax.devices()[:n_dev])
     placed = jax.device_put(nnx.state(model), sharding.param_shardings(model, mesh, sharding.INFERENCE_RULES))
     dp = Engine(nnx.merge(nnx.graphdef(model), placed), cfg, max_batch=4, max_seq_len=48, max_prefill_batch=3,
-                decode_chunk=4, max_decode_chunk=64, mesh=mesh)
+                decode_chunk=4, max_decode_chunk=64, mesh=mesh, page_size=16, num_pages=0)
     prompts = [PROMPTS[i % 4] for i in range(7)]
     params = [SamplingParams(temperature=0.0, max_new_tokens=n) for n in (9, 2, 5, 1, 7, 3, 4)]
     params[1] = SamplingParams(temperature=1.0, top_k=5, top_p=0.9, max_new_tokens=6, n=3, seed=4)
@@ -215,7 +218,7 @@ def test_slots_over_a_data_mesh_match_single_device(hf_qwen2, engine, mesh_shape
     assert len(dp._state.cache.k[0].sharding.device_set) == n_dev
     with pytest.raises(ValueError, match="max_batch=3 must divide"):
         Engine(model, cfg, max_batch=3, max_seq_len=48, max_prefill_batch=3, decode_chunk=4, max_decode_chunk=64,
-               mesh=mesh)
+               mesh=mesh, page_size=16, num_pages=0)
 
 
 @pytest.mark.parametrize("kind", ["llama3_scaled", "qwen3_untied"])  # Llama-3 rope scaling; Qwen3 q/k norms
@@ -223,7 +226,8 @@ def test_llama_and_qwen3_greedy_and_logprobs_match_transformers(tmp_path, kind):
     hf = make_hf_model(kind, seed=2)
     hf.save_pretrained(tmp_path)
     model, cfg = models.load_hf(str(tmp_path))
-    engine = Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=8, max_decode_chunk=64)
+    engine = Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=8, max_decode_chunk=64,
+                    page_size=16, num_pages=0)
     outs = engine.generate(PROMPTS, SamplingParams(temperature=0.0, max_new_tokens=10))
     for prompt, (c,) in zip(PROMPTS, outs, strict=True):
         assert c.tokens == _hf_greedy(hf, prompt, 10)
@@ -247,7 +251,7 @@ def _reference_stop(tokens, prompt_len, p, max_seq_len):
 
 
 def test_vectorized_stop_rules_match_per_token_rules(engine):
-    from inference_worker.engine.engine import Completion, _Slot
+    from inference_worker.engine.sequences import Completion, Seq, append_tokens
 
     rng = np.random.default_rng(0)
     for _ in range(300):
@@ -259,17 +263,14 @@ def test_vectorized_stop_rules_match_per_token_rules(engine):
         prompt_len = int(rng.integers(1, engine.max_seq_len))
         stream = rng.integers(0, 6, size=60)
         want_tokens, want_reason = _reference_stop(stream.tolist(), prompt_len, p, engine.max_seq_len)
-        engine._slots[0] = _Slot(0, 0, prompt_len, p, Completion([], [], [], ""))
-        try:
-            pos = 0
-            while pos < len(stream):
-                n = int(rng.integers(1, 7))
-                chunk = stream[pos: pos + n]
-                engine._append(0, chunk, chunk.astype(np.float32), -chunk.astype(np.float32))
-                pos += n
-            c = engine._slots[0].completion
-        finally:
-            engine._slots[0] = None
+        seq = Seq(0, 0, [1] * prompt_len, p, [], Completion([], [], [], ""))
+        pos = 0
+        while pos < len(stream):
+            n = int(rng.integers(1, 7))
+            chunk = stream[pos: pos + n]
+            append_tokens(seq, chunk, chunk.astype(np.float32), -chunk.astype(np.float32), engine.max_seq_len)
+            pos += n
+        c = seq.completion
         assert (c.tokens, c.finish_reason) == (want_tokens, want_reason), (p, prompt_len)
         assert c.logprobs == [float(t) for t in want_tokens]
         assert c.raw_logprobs == [-float(t) for t in want_tokens]

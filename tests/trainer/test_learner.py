@@ -126,7 +126,7 @@ def test_engine_logprobs_at_temperature_equal_trainer_recompute_on_policy_f32():
     assert learner.spec.temperature == 0.7
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
     engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
-                    max_prefill_batch=8, decode_chunk=4, max_decode_chunk=64)
+                    max_prefill_batch=8, decode_chunk=4, max_decode_chunk=64, page_size=16, num_pages=0)
     rng = np.random.default_rng(3)
     prompts = [rng.integers(1, VOCAB, n).tolist() for n in (5, 9)]
     outs = engine.generate(prompts, [SamplingParams(temperature=0.7, n=GROUP, max_new_tokens=16, seed=s)
@@ -251,7 +251,7 @@ def test_reused_groups_are_trained_with_their_importance_weights():
     learner, state, model_cfg = _learner(c, _mesh(1, 8, 1))
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
     engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
-                    max_prefill_batch=8, decode_chunk=4, max_decode_chunk=64)
+                    max_prefill_batch=8, decode_chunk=4, max_decode_chunk=64, page_size=16, num_pages=0)
     rng = np.random.default_rng(4)
     prompts = [rng.integers(1, VOCAB, 6).tolist() for _ in range(GROUPS)]
     outs = engine.generate(prompts, [SamplingParams(temperature=1.0, n=GROUP, max_new_tokens=10, seed=s)

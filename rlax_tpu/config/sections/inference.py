@@ -30,6 +30,11 @@ def defaults() -> ml_collections.ConfigDict:
     # With no request waiting for a slot, a decode call may run up to this many steps (the loop
     # exits as soon as every sequence has stopped).
     c.max_decode_chunk = 64
+    # The paged KV cache: positions per page, and pages in the pool (0: enough for every slot at
+    # max_seq_len, i.e. max_batch * ceil(max_seq_len / page_size) plus the reserved null page).
+    # A smaller pool makes requests wait (or preempts the newest sequence) when pages run out.
+    c.page_size = 16
+    c.num_pages = 0
     # How long a worker waits for the trainer's run metadata (model config, tokenizer) and, between
     # log lines, for the first weights.
     c.meta_timeout_s = 600.0
@@ -51,6 +56,12 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     positive(SECTION, c, "top_k", allow_zero=True)
     positive(SECTION, c, "top_p")
     _check_rl_sampling(c)
+    positive(SECTION, c, "page_size")
+    positive(SECTION, c, "num_pages", allow_zero=True)
+    if c.num_pages == 1:
+        from rlax_tpu.config.errors import ConfigError
+
+        raise ConfigError("inference.num_pages", "=1 leaves no usable page (page 0 is reserved): use 0 or >= 2")
     mesh_section.validate(c.mesh, config, section="inference.mesh")
     if c.max_new_tokens >= c.max_seq_len:
         from rlax_tpu.config.errors import ConfigError

@@ -89,7 +89,7 @@ def test_real_greedy_generation_matches_transformers(real):
         expected.append(new[: new.index(EOS) + 1] if EOS in new else new)
     max_seq_len = -(-(max(map(len, prompts)) + NEW_TOKENS) // 16) * 16
     engine = Engine(model, cfg, max_batch=4, max_seq_len=max_seq_len, max_prefill_batch=4,
-                    decode_chunk=NEW_TOKENS, max_decode_chunk=NEW_TOKENS)
+                    decode_chunk=NEW_TOKENS, max_decode_chunk=NEW_TOKENS, page_size=16, num_pages=0)
     outs = engine.generate(prompts, SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, n=1,
                                                    stop_token_ids=(EOS,)))
     got = [o[0].tokens for o in outs]

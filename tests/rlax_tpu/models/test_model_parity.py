@@ -131,18 +131,20 @@ def test_engine_prefill_then_decode_matches_the_training_forward(checkpoints):
 
     model, cfg = models.load_hf(checkpoints["qwen3_untied"][1])
     lengths = np.array([5, 2, 7], np.int32)
-    b, t, steps, max_len = len(lengths), int(lengths.max()), 4, 12
+    b, t, steps = len(lengths), int(lengths.max()), 4  # at most 11 positions: 3 pages of 4 per row
     rng = np.random.default_rng(7)
     prompts = rng.integers(0, VOCAB, size=(b, t)).astype(np.int32)
     prompts = prompts * (np.arange(t)[None] < lengths[:, None])  # right padding
     gdef, state = nnx.split(model)
     weights = jax.jit(lambda s: fast_model.build_weights(gdef, s, cfg))(state)
-    logits, kv = jax.jit(lambda w, x, n: fast_model.prefill(cfg, w, x, n))(weights, prompts, lengths)
-    assert len(kv.k) == cfg.num_layers and kv.k[0].shape == (b, cfg.num_kv_heads, t, cfg.head_dim)
-    cache = fast_model.init_cache(cfg, b, max_len)
-    fill = lambda cs, ps: tuple(c.at[:, :, :t].set(p) for c, p in zip(cs, ps, strict=True))
-    cache = fast_model.EngineCache(fill(cache.k, kv.k), fill(cache.v, kv.v))
-    decode = jax.jit(lambda w, x, pos, c: fast_model.decode_step(cfg, w, x, pos, c))
+    # Pages of 4 positions, each row's 3 pages scattered over the pool (page 0 is the null page).
+    page_size = 4
+    table = jnp.asarray(rng.permutation(np.arange(1, 3 * b + 1)).reshape(b, 3).astype(np.int32))
+    cache = fast_model.init_cache(cfg, 3 * b + 1, page_size)
+    assert len(cache.k) == cfg.num_layers and cache.k[0].shape == (cfg.num_kv_heads, 3 * b + 1, 4, cfg.head_dim)
+    prefill = jax.jit(lambda w, x, q0, n, c: fast_model.prefill(cfg, w, x, q0, n, table, c))
+    logits, cache = prefill(weights, prompts, np.zeros((b,), np.int32), lengths, cache)
+    decode = jax.jit(lambda w, x, pos, c: fast_model.decode_step(cfg, w, x, pos, c, table))
     seqs = [list(prompts[i, : lengths[i]]) for i in range(b)]
     step_logits = [np.asarray(logits)]
     cur = lengths.copy()
