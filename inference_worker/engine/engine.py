@@ -130,7 +130,7 @@ class Engine:
             state = jax.device_put(state, shardings)
         self._state = state
         self._slot_sharding = shardings.tokens if shardings is not None else None
-        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings)
+        self._prefill_fn, self._start, self._decode = steps.compile_steps(model_cfg, shardings, mesh)
         self._slots: list[Seq | None] = [None] * max_batch
         self._table = np.zeros((max_batch, self.pages_per_seq), np.int32)  # slots' page tables (host)
         self._order: list[int] = []  # running slots, oldest admission first (preemption takes the last)
@@ -177,7 +177,7 @@ class Engine:
         check_tokens(prompt, "prompt", self.model_cfg.vocab_size)
         check_fits(len(prompt), params, self.max_seq_len, self.page_size, self.allocator)
 
-    def submit(self, prompt: Sequence[int], params: SamplingParams = SamplingParams(), *,
+    def submit(self, prompt: Sequence[int], params: SamplingParams, *,
                retain: bool = False) -> int:
         """Queues ``params.n`` completions of ``prompt``; returns the request id. With ``retain``
         the finished sequences keep their pages for ``extend`` (see ``retain``). Raises
@@ -185,7 +185,7 @@ class Engine:
         self.check_request(prompt, params)
         return self._enqueue(list(map(int, prompt)), params, None, retain)
 
-    def extend(self, request_id: int, tokens: Sequence[int], params: SamplingParams = SamplingParams(), *,
+    def extend(self, request_id: int, tokens: Sequence[int], params: SamplingParams, *,
                sample: int = 0, retain: bool = False) -> int:
         """Continues a retained, finished sequence (sample ``sample`` of request ``request_id``):
         ``tokens`` are appended to it and prefilled against its pages (only they and the last

@@ -16,8 +16,8 @@ an ``InferenceWeights`` view:
 
 The same math as ``rlax_tpu.models.Transformer`` (tests check token parity with transformers).
 Attention reads a paged KV cache (``PagedCache``: a page pool per layer, rows' page tables) through
-two small functions (``_attend_decode`` / ``_attend_prefill``), today the jnp implementation in
-``paged_ref``.
+two small functions (``_attend_decode`` / ``_attend_prefill``) that call rlax_tpu.kernels' paged
+attention (Pallas on TPU/GPU, its jnp reference on CPU).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from inference_worker.engine import paged_ref
+from rlax_tpu import kernels
 from rlax_tpu.models.layers import inv_rms, rms_norm, rope_cos_sin
 
 
@@ -51,7 +51,7 @@ class InferenceWeights(NamedTuple):
 
 class PagedCache(NamedTuple):
     """Per-layer K and V page pools (RoPE applied), each [Hkv, num_pages, page_size, D] in the
-    compute dtype (the layout of paged_ref and of the Pallas paged kernels).
+    compute dtype (the layout of rlax_tpu.kernels' paged attention).
 
     One buffer per layer, so a step updates each layer's pool in place (slicing a stacked
     [L, ...] array makes XLA copy every layer's pool on every step).
@@ -192,15 +192,15 @@ def _logits(cfg, weights: InferenceWeights, x: jax.Array) -> jax.Array:
     return jnp.einsum("...h,hv->...v", _normed(cfg, x), weights.head, preferred_element_type=jnp.float32)
 
 
-# The one place the engine calls attention: swapping paged_ref for the Pallas kernels (behind the
-# rlax_tpu.kernels dispatcher) changes only these two functions.
+# The one place the engine calls attention: rlax_tpu.kernels' paged kernels (Pallas on TPU/GPU,
+# the jnp reference on CPU), each under shard_map when the step is traced under the engine's mesh.
 def _attend_decode(cfg, q: jax.Array, cache: PagedCache, layer: int, lengths: jax.Array,
                    page_table: jax.Array) -> jax.Array:
     """One (pre-scaled) query per sequence over its first ``lengths`` positions:
     q [B, Hkv, G, D] -> [B, Hq, D]."""
     b, hkv, g, d = q.shape
-    return paged_ref.paged_decode_attention(q.reshape(b, hkv * g, d), cache.k[layer], cache.v[layer], lengths,
-                                            page_table, scale=1.0, impl=_paged_impl(cfg))
+    return kernels.paged_decode_attention(q.reshape(b, hkv * g, d), cache.k[layer], cache.v[layer], lengths,
+                                          page_table, scale=1.0, impl=cfg.attention_impl)
 
 
 def _attend_prefill(cfg, q: jax.Array, cache: PagedCache, layer: int, q_start: jax.Array, q_lens: jax.Array,
@@ -208,14 +208,8 @@ def _attend_prefill(cfg, q: jax.Array, cache: PagedCache, layer: int, q_start: j
     """A chunk of (pre-scaled) queries [B, T, Hkv, G, D] at positions q_start + t against the pages
     (the chunk's K/V already written) -> [B, T, Hq, D]."""
     b, t, hkv, g, d = q.shape
-    return paged_ref.paged_prefill_attention(q.reshape(b, t, hkv * g, d), cache.k[layer], cache.v[layer], q_start,
-                                             q_lens, q_start + q_lens, page_table, scale=1.0,
-                                             impl=_paged_impl(cfg))
-
-
-def _paged_impl(cfg) -> str:
-    # Until the Pallas paged kernels are behind the dispatcher, every impl is served by the jnp one.
-    return "auto" if cfg.attention_impl == "pallas" else cfg.attention_impl
+    return kernels.paged_prefill_attention(q.reshape(b, t, hkv * g, d), cache.k[layer], cache.v[layer], q_start,
+                                           q_lens, q_start + q_lens, page_table, scale=1.0, impl=cfg.attention_impl)
 
 
 def _write(cache: PagedCache, layer: int, pages: jax.Array, offsets: jax.Array, k: jax.Array, v: jax.Array):

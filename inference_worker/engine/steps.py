@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from inference_worker.engine import fast_model
 from inference_worker.engine.sampling import derive_keys, sample
 from inference_worker.engine.state import DecodeState
+from rlax_tpu import kernels
 
 
 def prefill(cfg, weights, state: DecodeState, tokens: jax.Array, q_start: jax.Array, q_lens: jax.Array,
@@ -129,9 +130,10 @@ def decode(cfg, weights, state: DecodeState, keep: jax.Array, page_table: jax.Ar
     return (state, *outs, steps_run)
 
 
-def compile_steps(cfg, state_shardings, donate: bool = True):
+def compile_steps(cfg, state_shardings, mesh: jax.sharding.Mesh | None = None, donate: bool = True):
     """jit-compiled prefill / start / decode for model config ``cfg`` (static); with a mesh, XLA
-    partitions them from the state's shardings (slots over the batch axes, kv heads over 'tensor')."""
+    partitions them from the state's shardings (slots over the batch axes, kv heads over 'tensor')
+    and they are traced under it, so each attention kernel runs under shard_map over that mesh."""
     donate_state = (1,) if donate else ()
     out = (state_shardings, None, None, None) if state_shardings is not None else None
     # Prefill (the model, per batch and length bucket) and start (per slot count) compile apart,
@@ -143,4 +145,4 @@ def compile_steps(cfg, state_shardings, donate: bool = True):
     decode_fn = jax.jit(
         functools.partial(decode, cfg), static_argnames=("num_steps",), donate_argnums=donate_state,
         out_shardings=(state_shardings, None, None, None, None, None) if state_shardings is not None else None)
-    return prefill_fn, start_fn, decode_fn
+    return tuple(kernels.under_mesh(mesh, f) for f in (prefill_fn, start_fn, decode_fn))

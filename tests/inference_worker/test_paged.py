@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 
 from inference_worker.engine import Engine, SamplingParams
-from inference_worker.engine.paged_ref import paged_decode_attention, paged_prefill_attention
 from inference_worker.engine.pages import OutOfPages, PageAllocator
 from rlax_tpu import models
-from rlax_tpu.kernels import reference
+from rlax_tpu.kernels import paged_decode_attention, paged_prefill_attention, reference
 from tests.helpers.hf_models import make_hf_model
 
 
@@ -95,7 +94,7 @@ def one_page(qwen2):
     """Every sequence in one page: nothing is shared, nothing runs short."""
     model, cfg = qwen2
     return Engine(model, cfg, max_batch=4, max_seq_len=32, max_prefill_batch=4, decode_chunk=4,
-                  max_decode_chunk=8, page_size=32)
+                  max_decode_chunk=8, page_size=32, num_pages=0)
 
 
 PROMPT = [7, 1, 2, 8, 4, 6, 11, 9, 3, 5, 13]  # 11 tokens: 2 full pages of 4 and a partial one
@@ -143,7 +142,7 @@ def test_extending_a_retained_sequence_equals_prefilling_the_whole_sequence(smal
     before = eng.stats["prefill_tokens"]
     cont = eng.extend(rid, turn, SamplingParams(temperature=0.0, max_new_tokens=7), sample=1)
     with pytest.raises(ValueError, match="not retained"):
-        eng.extend(rid, turn, sample=1)  # extend consumes the retained sequence
+        eng.extend(rid, turn, greedy, sample=1)  # extend consumes the retained sequence
     while eng.step():
         pass
     ((cont_id, (second,)),) = eng.take_finished()
@@ -176,12 +175,14 @@ def test_out_of_pages_waits_or_preempts_and_gives_the_same_completions(small_pag
 def test_requests_that_never_fit_get_errors_naming_the_pages(small_pages):
     eng = small_pages
     # 20 prompt + 20 new tokens capped at max_seq_len 32: 31 positions need 8 pages; the pool has 16.
-    assert eng.generate([list(range(1, 21))], SamplingParams(max_new_tokens=20))[0][0].finish_reason == "cache"
-    tiny = Engine(*eng_model(eng), max_batch=2, max_seq_len=32, page_size=4, num_pages=5)
-    (c,) = tiny.generate([list(range(1, 21))], SamplingParams(max_new_tokens=4))[0]
+    (c,) = eng.generate([list(range(1, 21))], SamplingParams(temperature=1.0, max_new_tokens=20))[0]
+    assert c.finish_reason == "cache"
+    tiny = Engine(*eng_model(eng), max_batch=2, max_seq_len=32, max_prefill_batch=2, decode_chunk=4,
+                  max_decode_chunk=8, page_size=4, num_pages=5)
+    (c,) = tiny.generate([list(range(1, 21))], SamplingParams(temperature=1.0, max_new_tokens=4))[0]
     assert c.finish_reason == "error" and "needs 6 KV pages of page_size=4" in c.error and "num_pages=5" in c.error
     with pytest.raises(ValueError, match="KV pages"):
-        tiny.submit(list(range(1, 21)), SamplingParams(max_new_tokens=4))
+        tiny.submit(list(range(1, 21)), SamplingParams(temperature=1.0, max_new_tokens=4))
 
 
 def eng_model(eng):
