@@ -12,7 +12,6 @@ it only the NLLs are measured. The masters are f32 in both cases, only the compu
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import json
 import os
@@ -43,10 +42,12 @@ DTYPES = ("float32", "bfloat16")
 
 def _state(config, hf: str, mesh, dtype: str):
     """The train state of the checkpoint (f32 masters) and its layout with ``dtype`` compute."""
-    model, cfg = models.load(hf, dtype="float32", mesh=mesh)
+    # The compute dtype lives in the model's config (its activations) as well as in the layout.
+    model, cfg = models.load(hf, dtype="float32", mesh=mesh, overrides={"dtype": dtype})
     optimizer, _ = make_optimizer(config.trainer)
     state, layout = create_state(model, cfg, mesh, optimizer, seed=0, with_value_head=False)
-    return state, dataclasses.replace(layout, compute_dtype=jnp.dtype(dtype))
+    assert layout.compute_dtype == jnp.dtype(dtype) and cfg.param_dtype == "float32"
+    return state, layout
 
 
 def _groups(store: str, n: int) -> list[Admitted]:

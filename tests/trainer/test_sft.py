@@ -53,9 +53,11 @@ def test_sft_step_is_the_masked_nll_of_the_answer_tokens():
         fresh = nnx.merge(graphdef, jax.tree.map(jnp.copy, params))  # the step donates its state
         state, layout = create_state(fresh, model_cfg, mesh, optimizer, seed=0,
                                      with_value_head=False)
-        spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=16, remat=False, compute_entropy=False)
+        spec = LearnerSpec(micro_batches=micro_batches, logprob_chunk=16, remat=False, compute_entropy=False,
+                           temperature=1.0)
         learner = Learner(mesh, layout, optimizer, spec, loss=None)
         _, metrics = learner.sft_step(state, learner.place(host))
         m = to_host(metrics)
         np.testing.assert_allclose(m["sft/nll"], float(hand), rtol=1e-5, err_msg=f"{micro_batches=}")
         np.testing.assert_allclose(m["grad_norm"], hand_norm, rtol=1e-4, err_msg=f"{micro_batches=}")
+
