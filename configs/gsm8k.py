@@ -61,4 +61,6 @@ def get_config(arg: str = ""):
         c.eval.ks = (1, 2)
         c.eval.every = 0
         c.launch.num_workers = 1
+        # Exact weights to the worker: the CI run checks engine and trainer agree on-policy.
+        c.store.publish_dtype = "float32"
     return c

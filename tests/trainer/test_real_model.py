@@ -38,7 +38,7 @@ def test_gsm8k_two_rl_steps_on_smollm2_then_export_loads_in_transformers(smollm2
     for r in rl:  # real rollouts scored by math-verify, and the engine matching the trainer
         assert np.isfinite(r["loss"]) and r["completion/len_mean"] > 0
         assert "reward/mean" in r
-    assert rl[0]["mismatch/max_abs_ratio_minus_1"] < 0.05
+    assert rl[0]["mismatch/max_abs_ratio_minus_1"] < 1e-3  # f32 weights published: same policy
 
     res = subprocess.run([sys.executable, "-m", "trainer.export", f"--workdir={wd}", f"--out={out}"], cwd=ROOT,
                          env=env, capture_output=True, text=True, timeout=300)
