@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from rlax_tpu.kernels.flash_attention import NEG_INF, _dot, _dot_nt, compiler_params
+from rlax_tpu.kernels.flash_attention import NEG_INF, _dot_nt, compiler_params, online_softmax_step
 
 MIN_ROWS = 16  # q rows per program are padded to this (Triton's dot needs M >= 16)
 
@@ -44,12 +44,7 @@ def _decode_kernel(lengths_ref, q_ref, k_ref, v_ref, o_ref, *, kv_heads: int, he
             row_pos = start + lax.broadcasted_iota(jnp.int32, (block_k, 1), 0)
             v = jnp.where((row_pos >= nominal) & (row_pos < length), v, 0)
             s = jnp.where(mask, _dot_nt(q, k) * scale, NEG_INF)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-            corr = jnp.exp(m - m_new)
-            denom = corr * denom + jnp.sum(p, axis=1, keepdims=True)
-            acc = corr * acc + _dot(p.astype(v.dtype), v)
-            return acc, m_new, denom
+            return online_softmax_step(acc, m, denom, s, mask, v)
 
         rows = q.shape[0]
         init = (jnp.zeros((rows, head_dim), jnp.float32), jnp.full((rows, 1), NEG_INF, jnp.float32),

@@ -36,6 +36,17 @@ def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
+def online_softmax_step(acc, m, denom, s, mask, v):
+    """One kv tile of an online softmax: masked f32 scores ``s`` [rows, k] against ``v`` [k, D]
+    folded into the running (acc, max, denominator); returns the new triple."""
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+    corr = jnp.exp(m - m_new)
+    denom = corr * denom + jnp.sum(p, axis=1, keepdims=True)
+    acc = corr * acc + _dot(p.astype(v.dtype), v)
+    return acc, m_new, denom
+
+
 def _mask(q_pos, kv_pos, q_seg, kv_seg, *, causal: bool, q_len: int, kv_len: int, q_pad: bool,
           kv_pad: bool):
     """[bq, bk] allowed pairs; q_pos [bq, 1], kv_pos [1, bk], segs the same shapes or None."""
@@ -98,13 +109,7 @@ def _fwd_kernel(q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, o_ref, lse_ref, *, hea
             kv_pos = start + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
             kv_seg = None if kvseg_ref is None else kvseg_ref[:, pl.ds(start, block_k)]
             mask = _mask(q_pos, kv_pos, q_seg, kv_seg, causal=causal, **mask_kw)
-            s = jnp.where(mask, s, NEG_INF)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-            corr = jnp.exp(m - m_new)
-            denom = corr * denom + jnp.sum(p, axis=1, keepdims=True)
-            acc = corr * acc + _dot(p.astype(v.dtype), v)
-            return acc, m_new, denom
+            return online_softmax_step(acc, m, denom, jnp.where(mask, s, NEG_INF), mask, v)
 
         init = (jnp.zeros((block_q, head_dim), jnp.float32), jnp.full((block_q, 1), NEG_INF, jnp.float32),
                 jnp.zeros((block_q, 1), jnp.float32))

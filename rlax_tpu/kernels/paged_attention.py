@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from rlax_tpu.kernels.flash_attention import NEG_INF, _dot, _dot_nt, compiler_params
+from rlax_tpu.kernels.flash_attention import NEG_INF, _dot_nt, compiler_params, online_softmax_step
 
 MIN_ROWS = 16  # rows per program (block_q tokens x padded group): Triton's dot and bf16 sublanes
 
@@ -66,12 +66,7 @@ def _update(q, k, v, carry, *, q_pos, q_live, kv_base, kv_len, scale):
     # Zero stale V rows: a reused page past kv_len may hold anything (0 * NaN leaks through p @ v).
     v = jnp.where(kv_base + lax.broadcasted_iota(jnp.int32, (ps, 1), 0) < kv_len, v, 0)
     s = jnp.where(mask, _dot_nt(q, k) * scale, NEG_INF)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
-    corr = jnp.exp(m - m_new)
-    denom = corr * denom + jnp.sum(p, axis=1, keepdims=True)
-    acc = corr * acc + _dot(p.astype(v.dtype), v)
-    return acc, m_new, denom
+    return online_softmax_step(acc, m, denom, s, mask, v)
 
 
 def _finish(acc, denom, dtype):
