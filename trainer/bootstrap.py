@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from typing import Any
@@ -10,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from rlax_tpu import models, run_meta, sharding
 from rlax_tpu import tokenizer as tokenizer_lib
@@ -77,13 +79,26 @@ def sft_pairs(task, tok, n: int, seed: int) -> list[tuple[list[int], list[int]]]
     return pairs
 
 
-def run_sft(config, state: dict, layout: StateLayout, mesh, task, tok, metrics, should_stop) -> dict:
+def sft_layout(config, model_cfg: ModelConfig, layout: StateLayout) -> StateLayout:
+    """The layout SFT computes with: the run's, or (config.sft.dtype set) the same f32 params under
+    another compute dtype. The model's graphdef carries its dtype (activations follow it), so the
+    graphdef is rebuilt from the model config, not only the layout's cast."""
+    if not config.sft.dtype:
+        return layout
+    cfg = model_cfg.replace(dtype=models.resolve_dtype(config.sft.dtype))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=models.init_rngs(0))))
+    return dataclasses.replace(layout, graphdef=graphdef, compute_dtype=cfg.jnp_dtype)
+
+
+def run_sft(config, model_cfg: ModelConfig, state: dict, layout: StateLayout, mesh, task, tok, metrics,
+            should_stop) -> dict:
     """SFT warm start on prompt -> worked-solution traces; prompt tokens carry no loss."""
     c = config.sft
     optimizer, schedule = make_optimizer(sft_section(config), total_steps=c.steps)
     spec = LearnerSpec(micro_batches=config.trainer.micro_batches, logprob_chunk=config.model.logprob_chunk,
                        remat=config.trainer.remat, compute_entropy=False, temperature=1.0,  # the data's NLL
                        ppo_epochs=1, mini_batches=1, pack_len=config.trainer.pack_len)
+    layout = sft_layout(config, model_cfg, layout)
     learner = Learner(mesh, layout, optimizer, spec, loss=None)
     state = reset_optimizer(state, optimizer, layout)
     pairs = sft_pairs(task, tok, c.steps * c.batch_size, config.seed + 17)

@@ -97,7 +97,7 @@ class Trainer:
                                         log_every=max(1, self.config.sft.steps // 20), tensorboard=False,
                                         is_primary=self.primary, console_keys=("sft/nll", "sft/lr"))
             with sft_metrics:
-                state = bootstrap.run_sft(self.config, state, layout, self.mesh, self.task, self.tok,
+                state = bootstrap.run_sft(self.config, self.model_cfg, state, layout, self.mesh, self.task, self.tok,
                                           sft_metrics, lambda: self.stop.requested)
             state = bootstrap.zero_step(state)
         state = reset_optimizer(state, self.optimizer, layout)

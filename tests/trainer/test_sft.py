@@ -60,3 +60,34 @@ def test_sft_step_is_the_masked_nll_of_the_answer_tokens():
         m = to_host(metrics)
         np.testing.assert_allclose(m["sft/nll"], float(hand), rtol=1e-5, err_msg=f"{micro_batches=}")
         np.testing.assert_allclose(m["grad_norm"], hand_norm, rtol=1e-4, err_msg=f"{micro_batches=}")
+
+
+def test_sft_dtype_runs_the_warm_start_in_its_own_compute_dtype():
+    """model.dtype=bfloat16 with sft.dtype=float32: the SFT step's NLL is the float32 model's
+    (the activations follow the rebuilt graphdef, not only the weights' cast), not the bf16 one."""
+    from configs.arith_grpo import get_config
+    from trainer.bootstrap import sft_layout
+
+    c = get_config("smoke")
+    c.model.vocab_size = VOCAB
+    c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
+    mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 1, "fsdp": 1, "tensor": 1}),
+                              devices=jax.devices()[:1])
+    rng = np.random.default_rng(1)
+    host = batching.sft_batch([(rng.integers(1, VOCAB, 4).tolist(), rng.integers(1, VOCAB, 8).tolist())
+                               for _ in range(4)], SEQ)
+    optimizer, _ = make_optimizer(c.trainer)
+    spec = LearnerSpec(micro_batches=1, logprob_chunk=16, remat=False, compute_entropy=False,
+                       temperature=1.0, ppo_epochs=1, mini_batches=1, pack_len=0)
+    nll = {}
+    for dtype, sft_dtype in (("float32", ""), ("bfloat16", ""), ("bfloat16", "float32")):
+        c.model.dtype, c.sft.dtype = dtype, sft_dtype
+        model_cfg = ModelConfig.from_config(c.model)
+        state, layout = create_state(models.init(model_cfg, 0, mesh=mesh), model_cfg, mesh, optimizer, seed=0,
+                                     with_value_head=False)
+        layout = sft_layout(c, model_cfg, layout)
+        assert nnx.merge(layout.graphdef, state["params"]["model"]).cfg.dtype == (sft_dtype or dtype)
+        learner = Learner(mesh, layout, optimizer, spec, loss=None)
+        nll[dtype, sft_dtype] = float(to_host(learner.sft_step(state, learner.place(host))[1])["sft/nll"])
+    assert nll["bfloat16", "float32"] == nll["float32", ""]
+    assert nll["bfloat16", ""] != nll["float32", ""]

@@ -2,7 +2,7 @@
 
 import ml_collections
 
-from rlax_tpu.config.sections._checks import positive
+from rlax_tpu.config.sections._checks import one_of, positive
 
 SECTION = "sft"
 
@@ -16,6 +16,9 @@ def defaults() -> ml_collections.ConfigDict:
     c.warmup_steps = 20
     # Maximum trace length (prompt + answer) in tokens.
     c.max_len = 128
+    # Compute dtype of the SFT warm start ('' = model.dtype): 'float32' keeps a small model's
+    # warm start exact when RL computes in bfloat16 (docs/trainer.md, "Mixed precision").
+    c.dtype = ""
     return c
 
 
@@ -25,3 +28,4 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     positive(SECTION, c, "learning_rate")
     positive(SECTION, c, "warmup_steps", allow_zero=True)
     positive(SECTION, c, "max_len")
+    one_of(SECTION, c, "dtype", ("", "float32", "bfloat16", "auto"))
