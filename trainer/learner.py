@@ -95,12 +95,6 @@ def _accumulate(loss_and_grad, params, batch: dict, shares: jax.Array):
     return grads, per
 
 
-def _token_shares(mask: jax.Array, m: int) -> jax.Array:
-    """Each of m equal row blocks' share of the mask's tokens [m] (0 everywhere for no tokens)."""
-    counts = mask.astype(jnp.float32).reshape(m, -1).sum(axis=1)
-    return counts / jnp.maximum(counts.sum(), 1.0)
-
-
 def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     """Gradients and metrics of the SFT loss (next-token NLL on the answer tokens, batch['mask'];
     prompt tokens masked out), accumulated over spec.micro_batches by token share."""
@@ -117,7 +111,7 @@ def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     if m == 1:
         (_, metrics), grads = vg(params, batch)
         return grads, metrics
-    shares = _token_shares(batch["mask"], m)
+    shares = rl.token_shares(batch["mask"], m)
     grads, per = _accumulate(vg, params, batch, shares)
     return grads, rl.combine_micro_metrics(per, shares, shares)
 

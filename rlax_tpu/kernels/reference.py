@@ -32,6 +32,15 @@ def attention_mask(
     return mask
 
 
+def _masked_gqa(qg: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float,
+                kv_axes: str) -> jax.Array:
+    """Grouped queries qg [B, T, Hkv, G, D] against k, v laid out as ``kv_axes`` (b, s, k = kv
+    head, d) under mask [B, 1, 1, T, S]: f32 softmax, rows with no visible key -> zeros."""
+    logits = jnp.einsum(f"btkgd,{kv_axes}->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1), 0.0)
+    return jnp.einsum(f"bkgts,{kv_axes}->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
 def flash_attention_reference(
     q: jax.Array,
     k: jax.Array,
@@ -47,13 +56,8 @@ def flash_attention_reference(
     _, s, hkv, _ = k.shape
     group = hq // hkv
     scale = d**-0.5 if scale is None else scale
-    qg = q.reshape(b, t, hkv, group, d)
-    logits = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
     mask = attention_mask(t, s, q_segment_ids, kv_segment_ids, causal)[:, None, None]
-    logits = jnp.where(mask, logits, NEG_INF)
-    probs = jax.nn.softmax(logits, axis=-1)
-    probs = jnp.where(mask, probs, 0.0)  # rows with no visible key -> zeros
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = _masked_gqa(q.reshape(b, t, hkv, group, d), k, v, mask, scale, "bskd")
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 
@@ -130,11 +134,7 @@ def paged_prefill_attention_reference(
             & (tok < q_lens[:, None, None]))  # [B, T, S]
     # Stale rows past kv_lens may hold anything (even NaN): keep them out of p @ v.
     v = jnp.where((jnp.arange(s) < kv_lens[:, None])[:, None, :, None], v, 0)
-    qg = q.reshape(b, t, hkv, group, d)
-    logits = jnp.einsum("btkgd,bksd->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
-    mask = mask[:, None, None]
-    probs = jnp.where(mask, jax.nn.softmax(jnp.where(mask, logits, NEG_INF), axis=-1), 0.0)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = _masked_gqa(q.reshape(b, t, hkv, group, d), k, v, mask[:, None, None], scale, "bksd")
     return out.reshape(b, t, hq, d).astype(q.dtype)
 
 

@@ -6,7 +6,7 @@ data side. The parts are selected by config strings through the registries below
 
 from rlax_tpu.rl import aggregation, kl, off_policy, policy_losses  # noqa: F401  (registrations)
 from rlax_tpu.rl.advantages import AdvantageResult, compute_advantages, discounted_returns, gae, with_advantages
-from rlax_tpu.rl.loss import RLLoss, build_loss, combine_micro_metrics
+from rlax_tpu.rl.loss import RLLoss, build_loss, combine_micro_metrics, token_shares
 from rlax_tpu.rl.registry import (
     ADVANTAGES,
     AGGREGATIONS,
@@ -30,5 +30,5 @@ __all__ = [
     "build_loss", "clipped_value_loss", "combine_micro_metrics", "compute_advantages", "discounted_returns",
     "gae", "overlong_filter", "overlong_penalty", "register_advantage",
     "register_aggregation", "register_kl_estimator", "register_off_policy",
-    "register_policy_loss", "with_advantages",
+    "register_policy_loss", "token_shares", "with_advantages",
 ]

@@ -178,8 +178,7 @@ class RLLoss:
             whole = self.aggregate(jnp.where((block == i)[:, None], ones, 0.0), mask)
             part = self.aggregate(ones[i * rows:(i + 1) * rows], mask[i * rows:(i + 1) * rows])
             shares.append(jnp.where(part > 0, whole / jnp.where(part > 0, part, 1.0), 0.0))
-        tokens = mask.astype(_F32).reshape(m, -1).sum(axis=1)
-        return jnp.stack(shares), tokens / jnp.maximum(tokens.sum(), 1.0)
+        return jnp.stack(shares), token_shares(mask, m)
 
     def _policy_metrics(self, logp, old, ratio, flags, mask):
         ratio = sg(ratio)
@@ -193,6 +192,12 @@ class RLLoss:
             "ratio_mean": masked_mean(ratio, mask),
             "ratio_max": masked_max(ratio, mask),
         }
+
+
+def token_shares(mask: jax.Array, m: int) -> jax.Array:
+    """Each of m equal row blocks' share of the mask's tokens [m] (0 everywhere for no tokens)."""
+    counts = mask.astype(_F32).reshape(m, -1).sum(axis=1)
+    return counts / jnp.maximum(counts.sum(), 1.0)
 
 
 def _old_logps(batch):
