@@ -57,7 +57,8 @@ def spec_meta(spec: lora.LoraSpec) -> dict:
 
 
 class AdapterPublisher:
-    """The trainer's side: ``store`` is the adapter tree, ``base_store`` the base tree."""
+    """The trainer's side: ``store`` is the adapter tree, ``base_store`` the base tree. ``root``
+    must hold the run's epoch already (``acquire_epoch``): both trees publish under it."""
 
     def __init__(self, root: ParamStore):
         self.base_store = root.tree(BASE_TREE)
