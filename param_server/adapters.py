@@ -105,15 +105,21 @@ class AdapterReader:
                                              f"this reader {spec_meta(self.spec)} (config.lora)")
         want = meta.get("base_hash")
         if want != self.base_hash:
-            self._load_base(want, version)
-        return self._merge(self.base, adapters), manifest
+            self.load_base(want, version)
+        return self.merge(adapters), manifest
 
-    def _load_base(self, want: str | None, version: int) -> None:
+    def merge(self, adapters: Any) -> Any:
+        """The held base with ``adapters`` merged in (a new tree; the base stays as pulled)."""
+        return self._merge(self.base, adapters)
+
+    def load_base(self, want: str | None, version: int) -> None:
+        """Pulls the base whose content hash is ``want`` (for adapter ``version``) and holds it."""
         for v in reversed(self.base_store.versions()):
-            if self.base_store.read_manifest(v).get("meta", {}).get("content_hash") != want:
+            manifest = self.base_store.read_manifest(v)
+            if manifest.get("meta", {}).get("content_hash") != want:
                 continue
             params, _ = self.base_store.read(self.base_target, v, reader=self.name)
-            got = host_hash(params, self.base_store.options.publish_dtype)
+            got = host_hash(params, manifest["publish_dtype"])
             if got != want:
                 raise CorruptVersionError(v, f"base v{v}: its weights hash to {got[:12]}…, its manifest "
                                              f"says {str(want)[:12]}…")

@@ -30,8 +30,8 @@ from rlax_tpu.models.lora import LoraSpec
 from rlax_tpu.models.transformer import Transformer
 
 __all__ = ["MASTER_DTYPE", "CheckpointError", "LoraSpec", "ModelConfig", "Transformer", "build", "config_from_section",
-           "init", "init_adapters", "init_rngs", "lora_graphdef", "is_gguf", "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config",
-           "resolve_dtype", "save_hf"]
+           "init", "init_adapters", "init_rngs", "is_gguf", "load", "load_gguf", "load_hf", "lora_graphdef",
+           "overrides", "read_config", "read_model_config", "resolve_dtype", "save_hf"]
 
 
 def is_gguf(path: str) -> bool:

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlax_tpu.models.config import ModelConfig
-from rlax_tpu.models.lora import LoraSpec
 from rlax_tpu.models.layers import Block, RMSNorm, param, rope_cos_sin
 from rlax_tpu.models.logprobs import chunked_target_logprobs
+from rlax_tpu.models.lora import LoraSpec
 
 
 class Transformer(nnx.Module):
