@@ -22,7 +22,8 @@ ALL = lora_section.TARGETS
 def _perturbed(adapters: dict, seed: int, std: float = 0.05) -> dict:
     leaves, treedef = jax.tree.flatten(adapters)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys, strict=True)])
+    return jax.tree.unflatten(treedef, [x + std * jax.random.normal(k, x.shape)
+                                        for x, k in zip(leaves, keys, strict=True)])
 
 
 @pytest.fixture(scope="module")
