@@ -178,7 +178,7 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
     return _apply(state, grads, optimizer, count_step), metrics
 
 
-def ref_logprobs(ref_params, batch, *, layout: StateLayout, spec: LearnerSpec, base=None):
+def ref_logprobs(ref_params, batch, base=None, *, layout: StateLayout, spec: LearnerSpec):
     """The frozen reference policy's log-probs (for the KL term); the model alone, no value head.
     With LoRA the reference is the frozen base itself: ``ref_params`` are zero adapters (B = 0
     adds exactly nothing), so no second copy of the weights exists."""
@@ -186,7 +186,7 @@ def ref_logprobs(ref_params, batch, *, layout: StateLayout, spec: LearnerSpec, b
                           parts=spec.micro_batches)[0]
 
 
-def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec, base=None):
+def recompute(params, batch, base=None, *, layout: StateLayout, spec: LearnerSpec):
     """The proximal ("old") policy's log-probs (and values) of a batch, without gradients."""
     logp, _, values = _model_forward(layout.graphdef, model_params(params["model"], base), batch, spec,
                                      layout.compute_dtype, layout.value_graphdef, params.get("value"),

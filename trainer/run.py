@@ -24,6 +24,7 @@ from param_server import ParamStore
 from param_server.adapters import AdapterPublisher
 from rlax_tpu import rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
+from rlax_tpu.config import ConfigError
 from rlax_tpu.config.sections import eval as eval_section
 from rlax_tpu.kvstore import KVStore
 from trainer import batching, bootstrap
@@ -56,6 +57,8 @@ class Trainer:
         self.store = ParamStore.open(self.kv, config=config)
         self.epoch = self.store.acquire_epoch(workdir=workdir, pid=os.getpid()) if self.primary else None
         # LoRA: the base goes to tree "base" once, policy versions (adapters only) to tree "adapter".
+        if config.lora.rank and jax.process_count() > 1:
+            raise ConfigError("lora.rank", "LoRA publishing hashes the base on one host: run it single-host")
         self.adapters = AdapterPublisher(self.store) if config.lora.rank else None
         if self.adapters is not None:
             self.store = self.adapters.store

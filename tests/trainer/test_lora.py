@@ -32,6 +32,8 @@ def _lora_learner(c, mesh):
 def _step(learner, state, host, ref=None):
     batch = learner.place({k: v for k, v in host.items() if k != "weights_steps"})
     batch = learner.prepare(state["params"], batch, ref, state["base"])
+    prox, _ = learner.recompute(state["params"], batch, state["base"])
+    np.testing.assert_array_equal(np.asarray(prox), np.asarray(batch["proximal_logp"]))
     return learner.rl_step(state, batch)
 
 
