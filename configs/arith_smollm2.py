@@ -9,7 +9,9 @@ writes is the answer (task.answer_format='last_number'), whatever its wording. S
 temperature 1 the model gets these right a minority of the time and greedy about half (its
 knowledge is there, its sampling is diffuse), which is where RL has something to sharpen. No
 SFT. 20 RL steps take ~15 minutes on 2 CPU cores (the README's main job: `scripts/demo.sh`).
-Variant 'smoke': a few steps for tests.
+Variant 'smoke': a few steps for tests. Variant 'lora': the same job as LoRA RL (rank 8 on every
+projection, alpha 32, lr 1e-4: ten times the full fine-tuning rate, as "LoRA without regret"
+finds for RL); the base is frozen and each published version holds only the adapters.
 """
 
 from rlax_tpu.config import get_base_config, presets
@@ -17,8 +19,8 @@ from rlax_tpu.models.fetch import cached_path
 
 
 def get_config(arg: str = ""):
-    if arg not in ("", "smoke"):
-        raise ValueError(f"unknown variant {arg!r} (expected '' or 'smoke')")
+    if arg not in ("", "smoke", "lora"):
+        raise ValueError(f"unknown variant {arg!r} (expected '', 'smoke' or 'lora')")
     c = get_base_config()
     c.name = "arith_smollm2"
     c.task.name = "arith"
@@ -47,6 +49,11 @@ def get_config(arg: str = ""):
     c.eval.num_samples = 8
     c.eval.ks = (1, 4, 8)
     c.eval.every = 20  # before and after: each evaluation is ~2.5 min of CPU
+    if arg == "lora":
+        c.name = "arith_smollm2_lora"
+        c.lora.rank = 8
+        c.lora.alpha = 32.0
+        c.trainer.learning_rate = 1e-4
     if arg == "smoke":
         c.trainer.steps = 2
         c.trainer.batch_size = 2

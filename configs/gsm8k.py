@@ -7,7 +7,8 @@ chat template, answers checked by math-verify.
 
 Variants: '' or 'smollm2' (the SmolLM2 GGUF from the fetch cache), 'hf' (any Hugging Face
 Llama / Qwen2 / Qwen3 checkpoint directory given by --config.model.hf_path: its tokenizer.json
-and chat template come with it), 'ci' (SmolLM2 with short lengths and 2 steps: the CI test).
+and chat template come with it), 'ci' (SmolLM2 with short lengths and 2 steps: the CI test), 'lora'
+(SmolLM2 as LoRA RL: rank 8 on every projection, alpha 32, ten times the full fine-tuning lr).
 GSM8K here is the packaged test split divided by a hash of the question into train and
 held-out (task.eval_fraction), not the published train/test split. Compute is bfloat16 on
 TPU/GPU and float32 on CPU (model.dtype='auto'); the trainer's master weights are float32.
@@ -18,8 +19,8 @@ from rlax_tpu.models.fetch import cached_path
 
 
 def get_config(arg: str = ""):
-    if arg not in ("", "smollm2", "hf", "ci"):
-        raise ValueError(f"unknown variant {arg!r} (expected '', 'smollm2', 'hf' or 'ci')")
+    if arg not in ("", "smollm2", "hf", "ci", "lora"):
+        raise ValueError(f"unknown variant {arg!r} (expected '', 'smollm2', 'hf', 'ci' or 'lora')")
     c = get_base_config()
     c.name = "gsm8k"
     c.task.name = "gsm8k"
@@ -44,6 +45,11 @@ def get_config(arg: str = ""):
     c.eval.num_samples = 4
     c.eval.ks = (1, 4)
     c.eval.every = 50
+    if arg == "lora":
+        c.name = "gsm8k_lora"
+        c.lora.rank = 8
+        c.lora.alpha = 32.0
+        c.trainer.learning_rate = 1e-5
     if arg == "ci":
         c.task.num_eval = 4
         c.rl.group_size = 2

@@ -131,7 +131,7 @@ class Evaluator:
 
     def evaluate_version(self, version: int) -> dict:
         """Evaluates one published version; returns its record (not written)."""
-        params, manifest = self.run.store.read(self.run.target, version, reader=EVAL_READER)
+        params, manifest = self.run.read(version, reader=EVAL_READER)
         report = self.evaluate_params(params)
         return {"step": int(manifest["step"]), "version": version, "epoch": int(manifest.get("epoch", 0)),
                 **report}

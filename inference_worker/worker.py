@@ -18,7 +18,6 @@ import numpy as np
 from inference_worker.bootstrap import open_run
 from inference_worker.engine import SamplingParams
 from inference_worker.replay_client import ReplayWorker, install_sigterm_handler
-from param_server import VariableClient
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.replay import Sample
 
@@ -31,7 +30,7 @@ class Worker:
         inf = config.inference
         run = open_run(config, workdir, os.path.join(workdir, "workers", worker_id), wait_s=inf.meta_timeout_s)
         self.kv, self.store, self.tokenizer = run.kv, run.store, run.tokenizer
-        self.client = VariableClient(self.store, run.target, reader=worker_id)
+        self.client = run.client(worker_id)  # merges adapter versions into the base (LoRA)
         log.info("worker %s: waiting for weights in %s", worker_id, self.store.url)
         while not self.client.update_and_wait(timeout=inf.weights_timeout_s):
             log.info("worker %s: no weights yet (%s)", worker_id, self.client.error or "none published")

@@ -4,7 +4,8 @@
     python -m param_server.main --config=... --workdir=DIR --mode=janitor   # gc every interval
 
 It relays no bytes: trainer and workers talk to the store directly. The janitor runs garbage
-collection (``config.store.gc_keep``, pins, orphaned attempts, expired pins) periodically.
+collection (``config.store.gc_keep``, pins, orphaned attempts, expired pins) periodically, of
+the default tree and of a LoRA run's ``adapter`` tree (its ``base`` tree is never collected).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from absl import app, flags
 
 from param_server import status
+from param_server.adapters import ADAPTER_TREE
 from param_server.store import ParamStore
 from rlax_tpu.config import cli
 
@@ -36,6 +38,9 @@ def run(config, workdir: str | None, mode: str = "status", as_json: bool = False
         if mode == "janitor":
             report = store.gc()
             print(json.dumps({"gc": report}), flush=True)
+            adapters = store.tree(ADAPTER_TREE)  # a LoRA run's policy versions (its base stays)
+            if adapters.latest_version() is not None:
+                print(json.dumps({"gc": {ADAPTER_TREE: adapters.gc()}}), flush=True)
         snap = status.collect(store)
         text = json.dumps(snap, default=str) if as_json else \
             status.render(snap, heartbeat_s=float(config.replay.heartbeat_seconds))

@@ -6,7 +6,9 @@ The client pins the version it holds (renewing the pin), refuses corrupt or inco
 and falls back to the newest good one, and survives transient store errors (the last one is in
 ``error``). With ``store.delta`` it keeps a host copy of the weights it holds and applies each
 delta version to it (or reads the nearest keyframe and the deltas after it when it joins late or
-missed a version); every reconstructed leaf is checked against the manifest's crc32c.
+missed a version); every reconstructed leaf is checked against the manifest's crc32c. ``read``
+replaces how a version becomes params (a LoRA reader merges adapters into its base:
+param_server.adapters); a BadVersionError it raises refuses the version like any other.
 """
 
 from __future__ import annotations
@@ -28,8 +30,9 @@ log = logging.getLogger(__name__)
 
 class VariableClient:
     def __init__(self, store: ParamStore, target: Any, reader: str, *, poll_interval_s: float | None = None,
-                 start: bool = True):
+                 start: bool = True, read: Any = None):
         self.store = store
+        self._custom_read = read  # (version, reader) -> (params, manifest), or None
         self.target = target
         self.reader = reader
         self.poll_interval_s = store.options.poll_interval_s if poll_interval_s is None else poll_interval_s
@@ -131,6 +134,8 @@ class VariableClient:
             return
 
     def _read(self, v: int) -> tuple[Any, dict]:
+        if self._custom_read is not None:
+            return self._custom_read(v, self.reader)
         if not self.store.options.delta:
             return self.store.read(self.target, v, reader=self.reader)
         self.store.pin(v, self.reader)

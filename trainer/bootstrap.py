@@ -86,7 +86,8 @@ def sft_layout(config, model_cfg: ModelConfig, layout: StateLayout) -> StateLayo
     if not config.sft.dtype:
         return layout
     cfg = model_cfg.replace(dtype=models.resolve_dtype(config.sft.dtype))
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=models.init_rngs(0))))
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: models.Transformer(cfg, rngs=models.init_rngs(0),
+                                                                      lora=layout.lora)))
     return dataclasses.replace(layout, graphdef=graphdef, compute_dtype=cfg.jnp_dtype)
 
 
@@ -119,7 +120,8 @@ def run_sft(config, model_cfg: ModelConfig, state: dict, layout: StateLayout, me
 def initial_state(config, model_cfg: ModelConfig, mesh, rl_optimizer) -> tuple[dict, StateLayout]:
     model = models.build(config.model, model_cfg, config.seed, mesh=mesh, rules=sharding.TRAIN_RULES)
     with_value = config.rl.advantage == "gae"
-    return create_state(model, model_cfg, mesh, rl_optimizer, seed=config.seed, with_value_head=with_value)
+    return create_state(model, model_cfg, mesh, rl_optimizer, seed=config.seed, with_value_head=with_value,
+                        lora_spec=models.LoraSpec.from_config(config.lora))
 
 
 def zero_step(state: dict) -> dict:
@@ -127,6 +129,9 @@ def zero_step(state: dict) -> dict:
 
 
 def describe(model_cfg: ModelConfig, state: dict) -> dict[str, Any]:
-    n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state["params"]["model"]))
-    return {"params": n, "vocab": model_cfg.vocab_size, "layers": model_cfg.num_layers,
-            "hidden": model_cfg.hidden_size}
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))  # noqa: E731
+    out = {"params": count(state["params"]["model"]), "vocab": model_cfg.vocab_size,
+           "layers": model_cfg.num_layers, "hidden": model_cfg.hidden_size}
+    if "base" in state:  # LoRA: "params" counts the adapters
+        out["frozen_base_params"] = count(state["base"])
+    return out

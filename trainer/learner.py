@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from rlax_tpu import kernels, rl, sharding
+from rlax_tpu.models import lora
 from rlax_tpu.models.logprobs import chunked_target_logprobs
 from trainer import batching
 from trainer.state import StateLayout
@@ -51,6 +52,13 @@ def _compute_params(params, dtype):
     """The f32 master weights in the compute dtype, inside the jitted step: the forward (and an
     FSDP gather) runs in that dtype while the gradient flows back to the f32 masters."""
     return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
+def model_params(params, base):
+    """The model's whole pure dict: ``params`` (the trainable policy leaves) alone, or, with LoRA,
+    the frozen ``base`` with the adapters ``params`` beside it (the base is no argument of any
+    gradient, so no base gradient is ever computed)."""
+    return params if base is None else lora.combine(base, params)
 
 
 def unpack(x: jax.Array, index: jax.Array, parts: int) -> jax.Array:
@@ -95,12 +103,13 @@ def _accumulate(loss_and_grad, params, batch: dict, shares: jax.Array):
     return grads, per
 
 
-def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec):
+def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, base=None):
     """Gradients and metrics of the SFT loss (next-token NLL on the answer tokens, batch['mask'];
     prompt tokens masked out), accumulated over spec.micro_batches by token share."""
 
     def loss_fn(trainable, mb):
-        logp, _, _ = _model_forward(layout.graphdef, trainable["model"], mb, spec, layout.compute_dtype)
+        logp, _, _ = _model_forward(layout.graphdef, model_params(trainable["model"], base), mb, spec,
+                                    layout.compute_dtype)
         mask = mb["mask"].astype(jnp.float32)
         n = jnp.maximum(mask.sum(), 1.0)
         nll = -(logp * mask).sum() / n
@@ -116,7 +125,7 @@ def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec):
     return grads, rl.combine_micro_metrics(per, shares, shares)
 
 
-def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.RLLoss):
+def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.RLLoss, base=None):
     """Gradients and metrics of the RL loss on a batch with its advantages, accumulated over
     spec.micro_batches: each micro-batch weighs by its share of the loss's normalizer, counted on
     the mask the loss uses (after rl.overlong_filter), so the gradient is the whole batch's for
@@ -124,7 +133,8 @@ def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.
     engine/trainer mismatch) taken on the whole batch."""
 
     def loss_fn(trainable, mb):
-        logp, ent, values = _model_forward(layout.graphdef, trainable["model"], mb, spec, layout.compute_dtype,
+        logp, ent, values = _model_forward(layout.graphdef, model_params(trainable["model"], base), mb, spec,
+                                           layout.compute_dtype,
                                            layout.value_graphdef, trainable.get("value"),
                                            return_entropy=spec.compute_entropy)
         return loss(logp, mb, values=values, entropy=ent)
@@ -150,7 +160,7 @@ def _apply(state, grads, optimizer, count_step=1):
 
 def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec):
     """One SFT update (sft_grads)."""
-    grads, metrics = sft_grads(state["params"], batch, layout=layout, spec=spec)
+    grads, metrics = sft_grads(state["params"], batch, layout=layout, spec=spec, base=state.get("base"))
     metrics["grad_norm"] = optax.tree.norm(grads)
     return _apply(state, grads, optimizer), metrics
 
@@ -162,34 +172,37 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
     completes a trainer step; without it, it does."""
     batch = dict(batch)
     count_step = batch.pop("count_step", 1)
-    grads, metrics = rl_grads(state["params"], batch, layout=layout, spec=spec, loss=loss)
+    grads, metrics = rl_grads(state["params"], batch, layout=layout, spec=spec, loss=loss, base=state.get("base"))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["reward_shaped_mean"] = jnp.mean(batch["shaped_rewards"])
     return _apply(state, grads, optimizer, count_step), metrics
 
 
-def ref_logprobs(model_params, batch, *, layout: StateLayout, spec: LearnerSpec):
-    """The frozen reference policy's log-probs (for the KL term); the model alone, no value head."""
-    return _model_forward(layout.graphdef, model_params, batch, spec, layout.compute_dtype,
+def ref_logprobs(ref_params, batch, base=None, *, layout: StateLayout, spec: LearnerSpec):
+    """The frozen reference policy's log-probs (for the KL term); the model alone, no value head.
+    With LoRA the reference is the frozen base itself: ``ref_params`` are zero adapters (B = 0
+    adds exactly nothing), so no second copy of the weights exists."""
+    return _model_forward(layout.graphdef, model_params(ref_params, base), batch, spec, layout.compute_dtype,
                           parts=spec.micro_batches)[0]
 
 
-def recompute(params, batch, *, layout: StateLayout, spec: LearnerSpec):
+def recompute(params, batch, base=None, *, layout: StateLayout, spec: LearnerSpec):
     """The proximal ("old") policy's log-probs (and values) of a batch, without gradients."""
-    logp, _, values = _model_forward(layout.graphdef, params["model"], batch, spec, layout.compute_dtype,
-                                     layout.value_graphdef, params.get("value"), parts=spec.micro_batches)
+    logp, _, values = _model_forward(layout.graphdef, model_params(params["model"], base), batch, spec,
+                                     layout.compute_dtype, layout.value_graphdef, params.get("value"),
+                                     parts=spec.micro_batches)
     return logp, values
 
 
-def prepare(params, ref_params, batch, *, layout: StateLayout, spec: LearnerSpec, settings):
+def prepare(params, ref_params, batch, base=None, *, layout: StateLayout, spec: LearnerSpec, settings):
     """Everything a batch needs before its updates, in one call: the proximal log-probs (and
     old values), the reference's log-probs when there is one, then the advantages."""
     batch = dict(batch)
-    batch["proximal_logp"], values = recompute(params, batch, layout=layout, spec=spec)
+    batch["proximal_logp"], values = recompute(params, batch, layout=layout, spec=spec, base=base)
     if values is not None:
         batch["old_values"] = values
     if ref_params is not None:
-        batch["ref_logp"] = ref_logprobs(ref_params, batch, layout=layout, spec=spec)
+        batch["ref_logp"] = ref_logprobs(ref_params, batch, layout=layout, spec=spec, base=base)
     return rl.with_advantages(settings, batch)
 
 
@@ -234,6 +247,7 @@ class Learner:
         self.row_sharding = sharding.batch_sharding(mesh, 1)
         self.replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         state_sh = layout.shardings
+        base_sh = state_sh.get("base")
         # Traced under the mesh: the attention kernels run under shard_map over it (kernels.sharded).
         jit = lambda *a, **k: kernels.under_mesh(mesh, jax.jit(*a, **k))  # noqa: E731
         self._sft = jit(functools.partial(sft_step, layout=layout, optimizer=optimizer, spec=spec),
@@ -245,16 +259,17 @@ class Learner:
             self._prepare = {with_ref: jit(functools.partial(prepare, layout=layout, spec=spec,
                                                              settings=loss.settings),
                                            in_shardings=(state_sh["params"],
-                                                         state_sh["params"]["model"] if with_ref else None, None))
+                                                         state_sh["params"]["model"] if with_ref else None, None,
+                                                         base_sh))
                              for with_ref in (False, True)}
             self._rl = jit(functools.partial(rl_step, layout=layout, optimizer=optimizer, spec=spec, loss=loss),
                            in_shardings=(state_sh, None), out_shardings=(state_sh, None), donate_argnums=(0,))
         self.row_multiple = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
         self._take = jax.jit(_take_rows)
         self._recompute = jit(functools.partial(recompute, layout=layout, spec=spec),
-                              in_shardings=(state_sh["params"], None))
+                              in_shardings=(state_sh["params"], None, base_sh))
         self._ref = jit(functools.partial(ref_logprobs, layout=layout, spec=spec),
-                        in_shardings=(state_sh["params"]["model"], None))
+                        in_shardings=(state_sh["params"]["model"], None, base_sh))
 
     def pack(self, host: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """A per-sample host batch with its model inputs packed for this learner's steps."""
@@ -282,11 +297,12 @@ class Learner:
         with jax.transfer_guard("disallow"):
             return self._advantages(batch)
 
-    def prepare(self, params, batch, ref=None):
+    def prepare(self, params, batch, ref=None, base=None):
         """The placed batch with its proximal log-probs (old values), reference log-probs (when
-        ``ref``, the frozen reference's model params, is given) and advantages: one jitted call."""
+        ``ref``, the frozen reference's model params, is given) and advantages: one jitted call.
+        ``base``: the frozen base weights of a LoRA policy (``params['model']`` are adapters)."""
         with jax.transfer_guard("disallow"):
-            return self._prepare[ref is not None](params, ref, batch)
+            return self._prepare[ref is not None](params, ref, batch, base)
 
     def rl_update(self, state, batch, *, seed: int, host: dict[str, np.ndarray] | None = None):
         """All of a batch's optimizer updates (spec.ppo_epochs x spec.mini_batches), the
@@ -321,13 +337,13 @@ class Learner:
             per_update.append(m)
         return state, combine_metrics(to_host(per_update))
 
-    def recompute(self, params, batch):
+    def recompute(self, params, batch, base=None):
         with jax.transfer_guard("disallow"):
-            return self._recompute(params, batch)
+            return self._recompute(params, batch, base)
 
-    def ref_logprobs(self, model_params, batch):
+    def ref_logprobs(self, model_params, batch, base=None):
         with jax.transfer_guard("disallow"):
-            return self._ref(model_params, batch)
+            return self._ref(model_params, batch, base)
 
 
 def check_batch_divides_mesh(rows: int, mesh: jax.sharding.Mesh, micro_batches: int, field: str) -> None:

@@ -21,8 +21,10 @@ import jax
 import numpy as np
 
 from param_server import ParamStore
+from param_server.adapters import AdapterPublisher
 from rlax_tpu import rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
+from rlax_tpu.config import ConfigError
 from rlax_tpu.config.sections import eval as eval_section
 from rlax_tpu.kvstore import KVStore
 from trainer import batching, bootstrap
@@ -54,6 +56,12 @@ class Trainer:
         self.kv = KVStore.open(config.store.url, workdir)
         self.store = ParamStore.open(self.kv, config=config)
         self.epoch = self.store.acquire_epoch(workdir=workdir, pid=os.getpid()) if self.primary else None
+        # LoRA: the base goes to tree "base" once, policy versions (adapters only) to tree "adapter".
+        if config.lora.rank and jax.process_count() > 1:
+            raise ConfigError("lora.rank", "LoRA publishing hashes the base on one host: run it single-host")
+        self.adapters = AdapterPublisher(self.store) if config.lora.rank else None
+        if self.adapters is not None:
+            self.store = self.adapters.store
         self.task = tasks_lib.get_task(config.task)
         self.tok = bootstrap.build_tokenizer(config, workdir, self.task, self.kv)
         self.model_cfg = bootstrap.model_config(config, self.tok)
@@ -74,6 +82,7 @@ class Trainer:
         self._pending_acks: dict[int, dict] = {}
         self._saved: set[int] = set()
         self._publish = None
+        self._lora_ref = None  # LoRA with KL: zero adapters over the frozen base
         self.published_step = 0  # the newest step published (or being published): what tasks ask for
 
     def _write_meta(self) -> None:
@@ -84,14 +93,22 @@ class Trainer:
     # ------------------------------------------------------------------ state
     def _init_or_restore(self):
         state, layout = bootstrap.initial_state(self.config, self.model_cfg, self.mesh, self.optimizer)
-        with_ref = self.config.rl.kl_coef > 0
+        # LoRA: the KL reference is the frozen base (zero adapters: B = 0 adds nothing), no copy.
+        with_ref = self.config.rl.kl_coef > 0 and layout.lora is None
+        if self.config.rl.kl_coef > 0 and layout.lora is not None:
+            self._lora_ref = jax.tree.map(jax.numpy.zeros_like, state["params"]["model"])
+        base = state.pop("base", None)  # frozen, rebuilt at start-up: never checkpointed
         latest = self.ckpt.latest_step()
         if latest is not None:
             target = abstract_state({**state, "ref": state["params"]["model"]} if with_ref else state)
             state, items = self.ckpt.restore(latest, target, JSON_ITEMS)
+            if base is not None:
+                state["base"] = base
             items["controller"] = items.get("controller") or None
             log.info("resumed from checkpoint %d in %s", latest, self.workdir)
             return state, layout, items.get("controller"), latest
+        if base is not None:
+            state["base"] = base
         if self.config.sft.steps > 0:
             sft_metrics = MetricsWriter(os.path.join(self.local, "sft"), total_steps=self.config.sft.steps,
                                         log_every=max(1, self.config.sft.steps // 20), tensorboard=False,
@@ -111,7 +128,7 @@ class Trainer:
         # controller, and process 0's state is the one that counts.
         items = {"meta": {"step": step, "epoch": self.epoch, "time": time.time()}, "controller": ctl or {}}
         self._saved.add(step)
-        if self.ckpt.save(step, state, items):
+        if self.ckpt.save(step, {k: v for k, v in state.items() if k != "base"}, items):
             if ctl is not None:
                 self._pending_acks[step] = ctl["replay"]
 
@@ -132,8 +149,12 @@ class Trainer:
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:
             self._publish.result()  # a failed publish surfaces here, in the trainer
-        self._publish = self.store.publish_async(params["model"], step, **self._keep(step))
+        self._publish = self.store.publish_async(params["model"], step, **self._keep(step), **self._meta())
         self.published_step = step
+
+    def _meta(self) -> dict:
+        """A LoRA version's manifest facts: its base's content hash and the adapters' settings."""
+        return {} if self.adapters is None else {"meta": self.adapters.meta(self.layout.lora)}
 
     # ------------------------------------------------------------------ loop
     def run(self) -> int:
@@ -156,8 +177,10 @@ class Trainer:
             return self._finish(state, step, controller)
         if resumed is None and step == 0:
             self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
+        if self.adapters is not None:  # the frozen base, once per base (a collective, like publish)
+            self.adapters.publish_base(state["base"])
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
-        self.store.publish(state["params"]["model"], step, **self._keep(step))
+        self.store.publish(state["params"]["model"], step, **self._keep(step), **self._meta())
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True, temperature=c.inference.temperature,
@@ -178,13 +201,13 @@ class Trainer:
                 # The proximal policy: this step's parameters before its first update (decoupled
                 # PPO's pi_prox; the PPO ratio's denominator for every update of the batch), the
                 # frozen reference (kept out of the donated train state) and the advantages.
-                ref = state.get("ref")
-                batch = learner.prepare(state["params"], batch, ref)
+                ref = state.get("ref", self._lora_ref)
+                batch = learner.prepare(state["params"], batch, ref, state.get("base"))
                 prox = batch["proximal_logp"]
             with timer("train"):
                 train_state, m = learner.rl_update({k: v for k, v in state.items() if k != "ref"}, batch,
                                                    seed=c.seed * 1_000_003 + step, host=host)
-                state = train_state if ref is None else {**train_state, "ref": ref}
+                state = train_state if "ref" not in state else {**train_state, "ref": ref}
             step += 1
             with timer("publish"):
                 if step % c.trainer.publish_every == 0 or step == c.trainer.steps:

@@ -9,6 +9,12 @@ Params are plain nested dicts of arrays (``nnx.to_pure_dict``): optax, orbax and
 all see the same plain pytree, and ``nnx.merge(graphdef, params)`` rebuilds the model inside jit.
 The trainable tree is ``{"model": ...}`` plus ``{"value": ...}`` when the loss needs a value head
 (PPO with GAE); only ``"model"`` is published to workers.
+
+LoRA (config.lora.rank > 0): ``"model"`` holds the adapters only (float32 masters, the only
+leaves the optimizer sees) and ``state["base"]`` the frozen base weights in the compute dtype: a
+weight that never updates needs no float32 master (nothing accumulates into it), so the base
+costs its compute-dtype bytes once and no cast per step. The base is never checkpointed (it is
+the starting checkpoint's weights, rebuilt at start-up) nor donated away (steps return it as is).
 """
 
 from __future__ import annotations
@@ -21,7 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from rlax_tpu import rl, sharding
+from rlax_tpu import models, rl, sharding
 from trainer.optim import opt_state_shardings
 
 
@@ -33,6 +39,7 @@ class StateLayout:
     value_graphdef: Any  # the value head's, or None
     shardings: Any  # pytree of NamedSharding matching the state
     compute_dtype: Any  # the forward's dtype (ModelConfig.dtype); params stay float32
+    lora: Any = None  # the models.LoraSpec of a LoRA policy, or None (full fine-tuning)
 
 
 def _value_head(model_cfg, seed: int):
@@ -49,12 +56,29 @@ def _masters(params: Any) -> Any:
     return jax.tree.map(f32, params)
 
 
+def _frozen(params: Any, dtype) -> Any:
+    """Floating params in the compute dtype, each in its own sharding (the frozen LoRA base)."""
+    def cast(x):
+        if not jnp.issubdtype(x.dtype, jnp.floating) or x.dtype == dtype:
+            return x
+        return jax.jit(lambda a: a.astype(dtype), out_shardings=x.sharding)(x)
+
+    return jax.tree.map(cast, params)
+
+
 def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.GradientTransformation, *,
-                 seed: int, with_value_head: bool) -> tuple[dict, StateLayout]:
+                 seed: int, with_value_head: bool, lora_spec=None) -> tuple[dict, StateLayout]:
     """The initial train state around an already sharded model (see sharding.create_sharded):
-    float32 master weights and optimizer state whatever dtype the model's params are in."""
+    float32 master weights and optimizer state whatever dtype the model's params are in. With
+    ``lora_spec`` the model is the frozen base and the trainable policy its fresh adapters."""
     graphdef, params_state = nnx.split(model)
-    trainable = {"model": _masters(nnx.to_pure_dict(params_state))}
+    base = None
+    if lora_spec is None:
+        trainable = {"model": _masters(nnx.to_pure_dict(params_state))}
+    else:
+        graphdef = models.lora_graphdef(model_cfg, lora_spec)
+        base = _frozen(nnx.to_pure_dict(params_state), model_cfg.jnp_dtype)
+        trainable = {"model": models.init_adapters(model_cfg, lora_spec, seed + 2, mesh=mesh)}
     value_graphdef = None
     if with_value_head:
         head = _value_head(model_cfg, seed + 1)
@@ -75,7 +99,10 @@ def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.Gra
         "opt_state": opt_shardings,
         "step": replicated,
     }
-    return state, StateLayout(graphdef, value_graphdef, shardings, model_cfg.jnp_dtype)
+    if base is not None:
+        state["base"] = base
+        shardings["base"] = jax.tree.map(lambda x: x.sharding, base)
+    return state, StateLayout(graphdef, value_graphdef, shardings, model_cfg.jnp_dtype, lora_spec)
 
 
 def abstract_state(state: dict) -> dict:

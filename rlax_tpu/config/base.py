@@ -7,7 +7,7 @@ import ml_collections
 from rlax_tpu.config import sections
 
 SECTION_NAMES = (
-    "model", "tokenizer", "task", "mesh", "sft", "rl", "trainer", "inference", "store", "eval",
+    "model", "lora", "tokenizer", "task", "mesh", "sft", "rl", "trainer", "inference", "store", "eval",
     "launch", "replay", "sandbox", "env",
 )
 

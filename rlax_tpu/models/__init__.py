@@ -7,6 +7,8 @@
     model, model_cfg = models.load_hf(path, mesh=mesh)                 # HF safetensors + config.json
     model, model_cfg = models.load_gguf(path, mesh=mesh)               # llama.cpp GGUF (dequantized)
     models.save_hf(model, model_cfg, path)
+    spec = models.LoraSpec.from_config(config.lora)                   # None when lora.rank is 0
+    adapters = models.init_adapters(model_cfg, spec, seed, mesh=mesh)  # pure dict of LoRA A/B
     logits = model(tokens, positions, segment_ids)                     # [B, T] -> f32 [B, T, V]
 
 The model is the training forward and log-probs; generation has its own view of the same weights
@@ -24,11 +26,12 @@ from rlax_tpu import sharding
 from rlax_tpu.models.config import MASTER_DTYPE, ModelConfig, resolve_dtype
 from rlax_tpu.models.gguf import load_gguf, read_gguf_config
 from rlax_tpu.models.hf import CheckpointError, load_hf, read_config, save_hf
+from rlax_tpu.models.lora import LoraSpec
 from rlax_tpu.models.transformer import Transformer
 
-__all__ = ["MASTER_DTYPE", "CheckpointError", "ModelConfig", "Transformer", "build", "config_from_section", "init",
-           "init_rngs", "is_gguf", "load", "load_gguf", "load_hf", "overrides", "read_config", "read_model_config",
-           "resolve_dtype", "save_hf"]
+__all__ = ["MASTER_DTYPE", "CheckpointError", "LoraSpec", "ModelConfig", "Transformer", "build", "config_from_section",
+           "init", "init_adapters", "init_rngs", "is_gguf", "load", "load_gguf", "load_hf", "lora_graphdef",
+           "overrides", "read_config", "read_model_config", "resolve_dtype", "save_hf"]
 
 
 def is_gguf(path: str) -> bool:
@@ -102,3 +105,21 @@ def build(section, model_cfg: ModelConfig, seed: int = 0, *, mesh: jax.sharding.
     if loaded != model_cfg:
         raise CheckpointError(f"{section.hf_path}: the checkpoint describes {loaded}, not {model_cfg}")
     return model
+
+
+def lora_graphdef(model_cfg: ModelConfig, spec: LoraSpec):
+    """The graph of the adapted model: ``nnx.merge`` it with ``lora.combine(base, adapters)``."""
+    return nnx.graphdef(nnx.eval_shape(lambda: Transformer(model_cfg, rngs=init_rngs(0), lora=spec)))
+
+
+def init_adapters(model_cfg: ModelConfig, spec: LoraSpec, seed: int = 0, *, mesh: jax.sharding.Mesh | None = None,
+                  rules: sharding.Rules | None = None) -> dict:
+    """The adapters' initial values (A random, B zero; float32) as a pure dict, in one jit (the
+    base weights it would build alongside are never computed: only the adapters are outputs)."""
+    make = lambda: Transformer(model_cfg, rngs=init_rngs(seed), lora=spec)
+    abstract = nnx.eval_shape(make)
+    out = None
+    if mesh is not None:
+        shardings = sharding.param_shardings(abstract, mesh, sharding.TRAIN_RULES if rules is None else rules)
+        out = nnx.to_pure_dict(nnx.state(shardings, nnx.LoRAParam))
+    return jax.jit(lambda: nnx.to_pure_dict(nnx.state(make(), nnx.LoRAParam)), out_shardings=out)()

@@ -16,6 +16,7 @@ import numpy as np
 from flax import nnx
 
 from rlax_tpu import kernels
+from rlax_tpu.models import lora as lora_lib
 from rlax_tpu.models.config import ModelConfig
 
 INIT_STD = 0.02  # transformers' default initializer_range
@@ -89,7 +90,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 # -- attention and MLP -----------------------------------------------------------------------
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: lora_lib.LoraSpec | None = None):
         h, hq, hkv, d, pd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.param_dtype
         self.cfg = cfg
         self.q_proj = param(rngs, (h, hq, d), ("embed", "q_heads", "head_dim"), pd)
@@ -103,24 +104,31 @@ class Attention(nnx.Module):
         if cfg.qk_norm:
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pd, axis="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd, axis="head_dim")
+        self.lora_scale = lora.scale if lora is not None else 0.0
+        lora_lib.add_adapters(self, cfg, lora, rngs, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
     def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE and q/k norm applied)."""
         dt = x.dtype
 
-        def proj(w, name):
-            y = jnp.einsum("bth,hnd->btnd", x, w[...].astype(dt))
+        def proj(name, bias):
+            y = jnp.einsum("bth,hnd->btnd", x, getattr(self, name)[...].astype(dt))
+            extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale)
+            if extra is not None:
+                y = y + extra
             if self.cfg.qkv_bias:
-                y = y + getattr(self, name)[...].astype(dt)
+                y = y + getattr(self, bias)[...].astype(dt)
             return y
 
-        q, k, v = proj(self.q_proj, "q_bias"), proj(self.k_proj, "k_bias"), proj(self.v_proj, "v_bias")
+        q, k, v = proj("q_proj", "q_bias"), proj("k_proj", "k_bias"), proj("v_proj", "v_bias")
         if self.cfg.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def out(self, attn: jax.Array) -> jax.Array:
-        return jnp.einsum("btnd,ndh->bth", attn, self.o_proj[...].astype(attn.dtype))
+        y = jnp.einsum("btnd,ndh->bth", attn, self.o_proj[...].astype(attn.dtype))
+        extra = lora_lib.adapter_term(self, "o_proj", attn, 2, self.lora_scale)
+        return y if extra is None else y + extra
 
     def __call__(self, x, cos, sin, segment_ids):
         q, k, v = self.qkv(x, cos, sin)
@@ -131,27 +139,31 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: lora_lib.LoraSpec | None = None):
         h, i, pd = cfg.hidden_size, cfg.intermediate_size, cfg.param_dtype
         self.gate_proj = param(rngs, (h, i), ("embed", "mlp"), pd)
         self.up_proj = param(rngs, (h, i), ("embed", "mlp"), pd)
         self.down_proj = param(rngs, (i, h), ("mlp", "embed"), pd)
+        self.lora_scale = lora.scale if lora is not None else 0.0
+        lora_lib.add_adapters(self, cfg, lora, rngs, ("gate_proj", "up_proj", "down_proj"))
+
+    def _proj(self, name: str, x: jax.Array) -> jax.Array:
+        y = jnp.einsum("...h,hi->...i", x, getattr(self, name)[...].astype(x.dtype))
+        extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale)
+        return y if extra is None else y + extra
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        dt = x.dtype
-        gate = jnp.einsum("...h,hi->...i", x, self.gate_proj[...].astype(dt))
-        up = jnp.einsum("...h,hi->...i", x, self.up_proj[...].astype(dt))
-        return jnp.einsum("...i,ih->...h", jax.nn.silu(gate) * up, self.down_proj[...].astype(dt))
+        return self._proj("down_proj", jax.nn.silu(self._proj("gate_proj", x)) * self._proj("up_proj", x))
 
 
 class Block(nnx.Module):
     """Pre-norm decoder layer."""
 
-    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs, lora: lora_lib.LoraSpec | None = None):
         self.input_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
-        self.attn = Attention(cfg, rngs)
+        self.attn = Attention(cfg, rngs, lora)
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
-        self.mlp = MLP(cfg, rngs)
+        self.mlp = MLP(cfg, rngs, lora)
 
     def __call__(self, x, cos, sin, segment_ids):
         x = x + self.attn(self.input_norm(x), cos, sin, segment_ids)

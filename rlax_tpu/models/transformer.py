@@ -15,13 +15,14 @@ from flax import nnx
 from rlax_tpu.models.config import ModelConfig
 from rlax_tpu.models.layers import Block, RMSNorm, param, rope_cos_sin
 from rlax_tpu.models.logprobs import chunked_target_logprobs
+from rlax_tpu.models.lora import LoraSpec
 
 
 class Transformer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None):
         self.cfg = cfg
         self.embed = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg.param_dtype)
-        self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.layers = nnx.List([Block(cfg, rngs, lora) for _ in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         if not cfg.tie_embeddings:
             self.lm_head = param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),

@@ -5,6 +5,7 @@ from rlax_tpu.config.sections import (  # noqa: F401
     eval,
     inference,
     launch,
+    lora,
     mesh,
     model,
     replay,
