@@ -83,7 +83,7 @@ def _learner(c, mesh, model):
     return Learner(mesh, layout, optimizer, spec, rl.build_loss(c.rl)), state, model_cfg
 
 
-def _config(vocab, **rl_fields):
+def _config(vocab, seq=SEQ, **rl_fields):
     from configs.arith_grpo import get_config
 
     c = get_config("smoke")
@@ -91,7 +91,7 @@ def _config(vocab, **rl_fields):
     c.model.hidden_size, c.model.intermediate_size, c.model.num_layers = 32, 64, 1
     c.model.num_heads, c.model.num_kv_heads = 4, 2
     c.rl.group_size, c.rl.kl_coef = GROUP, 0.0
-    c.inference.max_seq_len = SEQ
+    c.inference.max_seq_len = seq
     for k, v in rl_fields.items():
         c.rl[k] = v
     return c
@@ -119,7 +119,7 @@ def test_environment_targets_change_no_gradient_of_the_model(micro_batches):
                                       loss=rl.build_loss(c.rl)))
     out = []
     for h in (host, other):
-        batch = learner.with_advantages({**learner.place(h), "proximal_logp": jnp.asarray(h["behavior_logp"])})
+        batch = learner.with_advantages(learner.place({**h, "proximal_logp": h["behavior_logp"]}))
         out.append(to_host(grads(state["params"], batch)[0]))
     for a, b in zip(jax.tree.leaves(out[0]), jax.tree.leaves(out[1]), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -140,13 +140,14 @@ def test_recompute_of_multi_turn_rollouts_equals_the_engines_logprobs_on_model_t
     from tests.helpers.episodes import ScriptedEnv, eos_often
 
     tok = chatml_tokenizer(str(tmp_path))
-    c = _config(tok.vocab_size, off_policy="tis", is_cap=2.0)
+    seq = 128
+    c = _config(tok.vocab_size, seq, off_policy="tis", is_cap=2.0)
     c.inference.temperature = 0.8
     mesh = _mesh()
     model = eos_often(models.init(ModelConfig.from_config(c.model), 0, mesh=mesh), tok.eos_id)
     learner, state, model_cfg = _learner(c, mesh, model)
     params = jax.device_put(to_host(state["params"]["model"]), jax.devices()[0])
-    engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=SEQ,
+    engine = Engine(nnx.merge(learner.layout.graphdef, params), model_cfg, max_batch=8, max_seq_len=seq,
                     max_prefill_batch=8, decode_chunk=4, max_decode_chunk=16, page_size=8, num_pages=0)
     runner = Rollouts(c, engine, tok, make_env=lambda: ScriptedEnv(c, tool_turns=1))
     env = ScriptedEnv(c)
@@ -157,7 +158,9 @@ def test_recompute_of_multi_turn_rollouts_equals_the_engines_logprobs_on_model_t
             temperature=0.8, max_new_tokens=6, n=GROUP, seed=g, stop_token_ids=(tok.eos_id,)))])
         task = Task(f"t{g:04d}", problem.prompt_id, np.asarray(prompt, np.int32), {}, GROUP, g, 0)
         admitted.append(Admitted(task, RolloutGroup(task.task_id, tuple(r.sample(0) for r in rollouts), "w", {}), 0))
-    host = {k: v for k, v in batching.rl_batch(admitted, SEQ).items() if k != "weights_steps"}
+    host = {k: v for k, v in batching.rl_batch(admitted, seq).items() if k != "weights_steps"}
+    assert not any(s.reward_details["masked"] for a in admitted for s in a.group.samples), \
+        [s.reward_details for a in admitted for s in a.group.samples]
     inside = (host["segment_ids"] != 0) & ~host["mask"]
     assert host["mask"].sum() > 20 and any(0 in s.loss_mask for a in admitted for s in a.group.samples)
     assert inside.sum() > sum(len(a.task.prompt_tokens) for a in admitted) * GROUP  # environment turns too
