@@ -109,7 +109,7 @@ class Rollouts:
         self.one_step = make_env is None and config.env.name == ""
         self.limits = envs.EnvLimits.from_config(config)
         self.task = (task or tasks_lib.get_task(config.task)) if self.one_step else None
-        self._pool = pool
+        self._pool, self._owns_pool = pool, pool is None
         self._free: list[envs.Environment] = []
         probe = self._env()
         self.renderer = envs.EnvTurnRenderer(tokenizer, tools=probe.tool_schemas() or None)
@@ -152,7 +152,10 @@ class Rollouts:
             self._free.append(env)
 
     def close(self) -> None:
+        """Stops the environment threads and the sandbox pool this path built."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._pool is not None and self._owns_pool:
+            self._pool.shutdown(wait=False)
 
     # ------------------------------------------------------------------------- the loop
     def run(self, groups: Sequence[EpisodeGroup]) -> list[list[Rollout]]:

@@ -9,6 +9,7 @@ import pytest
 
 from inference_worker.engine import Engine, SamplingParams
 from inference_worker.rollout import EpisodeGroup, Rollouts
+from rlax_tpu import envs
 from rlax_tpu.config import load_config
 from rlax_tpu.envs import EnvTurnRenderer, Episode
 from tests.helpers.chatml import chatml_tokenizer
@@ -159,3 +160,21 @@ def test_one_step_task_rewards_are_batched_and_match_the_task(setup, monkeypatch
             assert r.loss_mask.all() and r.details["turns"] == 1 and r.finish_reason in ("eos", "length")
             want = runner.task.reward(p, tok.decode(r.tokens.tolist()))
             assert (r.reward, r.details["correct"]) == (want.score, want.correct)
+
+
+def test_a_registered_environment_runs_on_the_same_path(setup):
+    config, tok, engine = setup
+    kb = load_config("configs/arith_grpo.py:smoke", {"env.name": "kb_qa"})
+    runner = Rollouts.from_config(kb, engine, tok)
+    assert not runner.one_step and runner.renderer.tools[0]["function"]["name"] == "lookup"
+    problems = runner.problems("train", 2, seed=0)
+    env = envs.make_env(kb, len)
+    # What the controller puts in the task: the environment's first messages, rendered with its tools.
+    assert runner.prompt(problems[0]) == envs.episode_prompt(tok, env.reset(problems[0]), env.tool_schemas())
+    groups = [EpisodeGroup(p.to_dict(), runner.prompt(p), SamplingParams(
+        temperature=1.0, max_new_tokens=8, n=2, seed=i, stop_token_ids=(tok.eos_id,))) for i, p in enumerate(problems)]
+    for r in [r for g in runner.run(groups) for r in g]:
+        # Random text calls no tool: the episode ends at a (wrong) final answer or a cut turn.
+        assert r.details["turns"] >= 1 and r.details["tool_calls"] == 0 and r.reward == 0.0 and not r.masked
+        assert "correct" in r.details and r.details["model_tokens"] > 0
+    runner.close()
