@@ -163,16 +163,25 @@ def test_one_step_task_rewards_are_batched_and_match_the_task(setup, monkeypatch
 
 
 def test_a_registered_environment_runs_on_the_same_path(setup):
-    config, tok, engine = setup
+    config, tok, small = setup
     kb = load_config("configs/arith_grpo.py:smoke", {"env.name": "kb_qa"})
+    # A prompt the engine cannot hold (kb_qa's system message lists the tools and the rules) is an
+    # engine error: masked, never scored.
+    runner = Rollouts.from_config(kb, small, tok)
+    problems = runner.problems("train", 2, seed=0)
+    params = [SamplingParams(temperature=1.0, max_new_tokens=8, n=2, seed=i, stop_token_ids=(tok.eos_id,))
+              for i in range(2)]
+    (too_long, _), = runner.run([EpisodeGroup(problems[0].to_dict(), runner.prompt(problems[0]), params[0])])
+    assert too_long.masked and "does not fit" in too_long.details["infra_error"]
+    model, cfg = eos_often_model(config.model, tok.eos_id)
+    engine = Engine(model, cfg, max_batch=4, max_seq_len=704, max_prefill_batch=4, decode_chunk=4,
+                    max_decode_chunk=16, page_size=16, num_pages=0)
     runner = Rollouts.from_config(kb, engine, tok)
     assert not runner.one_step and runner.renderer.tools[0]["function"]["name"] == "lookup"
-    problems = runner.problems("train", 2, seed=0)
     env = envs.make_env(kb, len)
     # What the controller puts in the task: the environment's first messages, rendered with its tools.
     assert runner.prompt(problems[0]) == envs.episode_prompt(tok, env.reset(problems[0]), env.tool_schemas())
-    groups = [EpisodeGroup(p.to_dict(), runner.prompt(p), SamplingParams(
-        temperature=1.0, max_new_tokens=8, n=2, seed=i, stop_token_ids=(tok.eos_id,))) for i, p in enumerate(problems)]
+    groups = [EpisodeGroup(p.to_dict(), runner.prompt(p), q) for p, q in zip(problems, params, strict=True)]
     for r in [r for g in runner.run(groups) for r in g]:
         # Random text calls no tool: the episode ends at a (wrong) final answer or a cut turn.
         assert r.details["turns"] >= 1 and r.details["tool_calls"] == 0 and r.reward == 0.0 and not r.masked
