@@ -17,8 +17,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from rlax_tpu import envs
 from rlax_tpu import store_layout as keys
 from rlax_tpu import tasks as tasks_lib
+from rlax_tpu.config import ConfigError
+from rlax_tpu.envs.registry import EnvProblems
 from rlax_tpu.kvstore import KVStore
 from trainer.replay_controller import Admitted, ReplayController
 from trainer.reuse import ReuseBuffer
@@ -61,13 +64,30 @@ class DifficultyTracker:
 
 
 def is_zero_variance(admitted: Admitted) -> bool:
-    """Every sample of the group got the same reward: no learning signal (DAPO's filter)."""
-    rewards = admitted.group.rewards
-    return bool(np.ptp(rewards) == 0)
+    """Every sample of the group that trains (not masked out) got the same reward: no learning
+    signal (DAPO's filter)."""
+    rewards = [s.reward for s in admitted.group.samples if np.any(s.loss_mask)]
+    return len(rewards) == 0 or bool(np.ptp(rewards) == 0)
 
 
 def _solved(sample) -> int:
     return int(tasks_lib.is_solved(sample.reward_details))
+
+
+EPISODE_COUNTERS = ("turns", "tool_calls", "malformed_calls", "tool_errors", "token_mismatches", "env_tokens")
+
+
+def episode_metrics(samples) -> dict:
+    """The episodes' counters (reward_details, written by the rollout path) as step metrics:
+    means per sample, the masked fraction (infrastructure failures left out of training) and the
+    model tokens trained on."""
+    out = {f"episode/{k}_mean": float(np.mean([float(s.reward_details.get(k, 0)) for s in samples]))
+           for k in EPISODE_COUNTERS}
+    out["episode/masked_frac"] = float(np.mean([not np.any(s.loss_mask) for s in samples]))
+    out["episode/token_mismatches_total"] = int(sum(int(s.reward_details.get("token_mismatches", 0))
+                                                    for s in samples))
+    out["episode/model_tokens_mean"] = float(np.mean([int(np.sum(s.loss_mask)) for s in samples]))
+    return out
 
 
 class Controller:
@@ -83,6 +103,15 @@ class Controller:
         }
         state = state or {}
         self.replay = ReplayController.from_config(kv, config, epoch=epoch, state=state.get("replay"))
+        # config.env.name: the environment's problems and first messages (rendered as the
+        # rollout path renders them); '' the task's prompts.
+        self.env = None
+        if config.env.name:
+            if tokenizer.chat_template is None:
+                raise ConfigError("env.name", f"environment {config.env.name!r} needs a tokenizer with a chat "
+                                  "template (tokenizer.kind hf / gguf, tokenizer.use_chat_template)")
+            self.env = envs.make_env(config, lambda text: len(tokenizer.encode(text)), problems_only=True)
+            task = EnvProblems(self.env)
         dataset = tasks_lib.prompt_dataset(task, "train", config.seed)
         self._prompts = iter(dataset.to_iter_dataset())
         if state.get("data") is not None:
@@ -104,6 +133,11 @@ class Controller:
         raise RuntimeError("difficulty filter skipped 10000 prompts in a row: every prompt is always or "
                            "never solved (disable rl.difficulty_filter or change the task difficulty)")
 
+    def _prompt(self, problem: dict) -> list[int]:
+        if self.env is None:
+            return self.tokenizer.encode_prompt(problem["prompt"])
+        return envs.episode_prompt(self.tokenizer, self.env.reset(problem), self.env.tool_schemas() or None)
+
     def fill(self, weights_step: int) -> int:
         """Issues tasks for free slots, to be generated with the weights of ``weights_step`` or newer."""
         free = self.replay.free_slots()
@@ -114,7 +148,7 @@ class Controller:
             problem = self._next_prompt()
             requests.append(dict(
                 prompt_id=problem["prompt_id"],
-                prompt_tokens=self.tokenizer.encode_prompt(problem["prompt"]),
+                prompt_tokens=self._prompt(problem),
                 spec={"problem": problem, "sampling": self.sampling},
                 n_samples=self.group_size))
         self.replay.issue_many(requests, weights_step)
@@ -212,6 +246,7 @@ class Controller:
             "completion/len_max": float(lengths.max()),
             "difficulty/skipped_total": self.difficulty.skipped,
             "dynamic_sampling/dropped_total": self.dropped_zero_variance,
+            **episode_metrics([s for a in groups for s in a.group.samples]),
         }
 
     def state_dict(self) -> dict:
