@@ -39,6 +39,7 @@ class Snapshot:
     leaves: list[LeafSnapshot]
     process_index: int
     process_count: int
+    canary: dict | None = None  # the policy-landed check's figures (rlax_tpu/canary.py), in the manifest
 
 
 def _stored_dtype(src: np.dtype, publish_dtype: str) -> np.dtype:
@@ -218,7 +219,7 @@ def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
             "dir": dirname, "created_at": time.time(), "process_count": snap.process_count,
             "publish_dtype": ps.options.publish_dtype, "compression": ps.options.compression,
             "total_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in snap.leaves),
-            "written_bytes": nbytes, **fields,
+            "written_bytes": nbytes, **fields, **({"canary": snap.canary} if snap.canary else {}),
             "leaves": {
                 leaf.name: {**entries[leaf.name], "shape": list(leaf.shape), "dtype": leaf.dtype,
                             "source_dtype": leaf.source_dtype}

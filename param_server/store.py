@@ -208,29 +208,32 @@ class ParamStore:
 
     # ------------------------------------------------------------------------------------ publish
 
-    def publish(self, params: Any, step: int, *, keep_for: str | None = None, keep_s: float = 0.0) -> int:
+    def publish(self, params: Any, step: int, *, keep_for: str | None = None, keep_s: float = 0.0,
+                canary: dict | None = None) -> int:
         """Publishes ``params`` as a new version; returns it once it is visible (LATEST advanced).
         ``keep_for``: a reader name that pins the version for ``keep_s`` seconds (e.g. for the
-        evaluator, which releases it once done)."""
-        return self._submit(params, step, False, keep_for, keep_s).result()
+        evaluator, which releases it once done). ``canary``: the policy-landed check's figures
+        for these weights (rlax_tpu.canary.figures), stored in the manifest."""
+        return self._submit(params, step, False, keep_for, keep_s, canary).result()
 
     def publish_async(self, params: Any, step: int, *, keep_for: str | None = None,
-                      keep_s: float = 0.0) -> concurrent.futures.Future:
+                      keep_s: float = 0.0, canary: dict | None = None) -> concurrent.futures.Future:
         """Copies device to host now; writes and commits in a background thread.
 
         Returns a future whose result is the version. A failed earlier async publish is re-raised
         here (and by ``flush``), so errors surface in the trainer even if nobody waits on futures.
         """
-        return self._submit(params, step, True, keep_for, keep_s)
+        return self._submit(params, step, True, keep_for, keep_s, canary)
 
     def _submit(self, params: Any, step: int, surface_errors: bool, keep_for: str | None,
-                keep_s: float) -> concurrent.futures.Future:
+                keep_s: float, canary: dict | None = None) -> concurrent.futures.Future:
         self._raise_failure()
         while len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
             concurrent.futures.wait(self._inflight[:1])  # back-pressure: storage slower than training
             self._reap()
         snap = publish.snapshot(params, step, self.options.publish_dtype,
                                 int(self.options.chunk_mib * 2**20))
+        snap.canary = canary
         plan = self._plan(snap)
         if keep_for and snap.process_index == 0:  # pinned before it exists: gc can never take it
             self.pin(plan.version, keep_for, keep_s)

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 
 from param_server import ParamStore
-from rlax_tpu import rl, run_meta, sharding, store_layout
+from rlax_tpu import canary, rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config.sections import eval as eval_section
 from rlax_tpu.kvstore import KVStore
@@ -129,10 +129,14 @@ class Trainer:
             return {}
         return {"keep_for": store_layout.eval_keep_reader(step), "keep_s": self.config.eval.keep_s}
 
+    def _publish_args(self, model_params, step: int) -> dict:
+        """Eval pinning and the canary figures workers check each swap against (rlax_tpu.canary)."""
+        return {**self._keep(step), "canary": canary.figures(self.config.store, self.model_cfg, model_params)}
+
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:
             self._publish.result()  # a failed publish surfaces here, in the trainer
-        self._publish = self.store.publish_async(params["model"], step, **self._keep(step))
+        self._publish = self.store.publish_async(params["model"], step, **self._publish_args(params["model"], step))
         self.published_step = step
 
     # ------------------------------------------------------------------ loop
@@ -157,7 +161,7 @@ class Trainer:
         if resumed is None and step == 0:
             self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
-        self.store.publish(state["params"]["model"], step, **self._keep(step))
+        self.store.publish(state["params"]["model"], step, **self._publish_args(state["params"]["model"], step))
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True, temperature=c.inference.temperature,
@@ -200,6 +204,7 @@ class Trainer:
                 record.update({k if "/" in k else f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in weights_steps], prefix="staleness"))
                 record.update(_mismatch(host, prox_host, weights_steps == step - 1))
+                record.update(canary.fleet_metrics(self.kv))  # workers' policy-landed checks
                 self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:

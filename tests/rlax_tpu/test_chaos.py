@@ -37,6 +37,9 @@ BATCH = 2  # the smoke variant's trainer.batch_size
 OVERRIDES = [f"--config.trainer.steps={STEPS}", "--config.trainer.checkpoint_every=2",
              "--config.rl.max_staleness=1", "--config.eval.num_samples=0", "--config.sft.steps=10",
              "--config.replay.lease_seconds=6"]
+# Delta publishing on: each trainer incarnation publishes a keyframe first (it holds no base),
+# then deltas (a keyframe every 3 versions), so kills land in both and workers follow both.
+DELTA = ["--config.store.delta=True", "--config.store.keyframe_every=3"]
 SEED = int(os.environ.get("RLAX_CHAOS_SEED", "0"))
 DEADLINE_S = 1200  # the whole run, on a very slow machine; normally a few minutes
 LOADED_RE = re.compile(r"worker (\S+): weights v(\d+) \(step (\d+)\)")
@@ -119,7 +122,9 @@ def _schedule(rng: random.Random) -> list[tuple[int, str, float, float, int]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(DEADLINE_S + 300)
-def test_chaos_kill9_trainer_and_workers(tmp_path):
+@pytest.mark.parametrize("delta", [False, True], ids=["full", "delta"])
+def test_chaos_kill9_trainer_and_workers(tmp_path, delta):
+    overrides = OVERRIDES + (DELTA if delta else [])
     workdir = str(tmp_path / "run")
     logdir = str(tmp_path / "logs")
     os.makedirs(logdir)
@@ -128,7 +133,7 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                # Restarts reuse compiled programs: keeps each restart to seconds on 2 cores.
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-    common = [f"--config={CONFIG}", f"--workdir={workdir}", *OVERRIDES]
+    common = [f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
     py = sys.executable
     trainer = Role("trainer", [py, "-m", "trainer.main", *common], logdir, env)
     workers = [Role(f"w{i}", [py, "-m", "inference_worker.main", *common, f"--worker_id=w{i}"], logdir, env)
@@ -199,7 +204,7 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
     assert trainer.incarnation == 5
 
     _check_final_checkpoint_and_lineage(workdir)
-    _check_weights(workdir, workers)
+    _check_weights(workdir, workers, overrides)
     resumed = sum("resumed from checkpoint" in open(p).read() for p in trainer.logs)
     assert resumed >= 3, "restarted trainers should resume from checkpoints"
 
@@ -232,7 +237,7 @@ def _check_final_checkpoint_and_lineage(workdir: str) -> None:
     assert replay["counters"]["admitted"] == len(admitted)  # counters restore with the lineage
 
 
-def _check_weights(workdir: str, workers: list[Role]) -> None:
+def _check_weights(workdir: str, workers: list[Role], overrides: list[str]) -> None:
     from inference_worker.bootstrap import abstract_params
     from param_server import ParamStore
     from rlax_tpu import run_meta, sharding
@@ -252,9 +257,12 @@ def _check_weights(workdir: str, workers: list[Role]) -> None:
                         assert v not in refused, f"{path}: loaded version {v} after refusing it"
                         assert loaded.setdefault(v, step) == step
     assert loaded, "no worker logged a loaded weights version"
-    config = load_config(os.path.join(ROOT, CONFIG.split(":")[0]) + ":smoke", OVERRIDES)
+    config = load_config(os.path.join(ROOT, CONFIG.split(":")[0]) + ":smoke", overrides)
     _, target = abstract_params(run_meta.read_model_config(store.kv), sharding.make_mesh(config.inference.mesh))
     for v, step in sorted(loaded.items()):
         info = store.version_info(v)  # raises if v was never committed
         assert info["step"] == step, f"worker loaded v{v} as step {step}, committed as step {info['step']}"
-        store.pull(target, v)  # every chunk's crc32c checks out
+        store.pull(target, v)  # every chunk's crc32c (and a delta's rebuilt leaves' crc32c) checks out
+    if "--config.store.delta=True" in overrides:
+        kinds = {store.read_manifest(v)["kind"] for v in loaded}
+        assert kinds == {"keyframe", "delta"}, f"workers loaded only {kinds} versions"
