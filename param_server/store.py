@@ -57,6 +57,7 @@ class Options:
     delta: bool
     keyframe_every: int
     delta_encoding: str
+    direct_io: bool
 
     @classmethod
     def from_config(cls, c=None, **overrides) -> Options:
@@ -404,7 +405,7 @@ class ParamStore:
     def read_direct(self, manifest: dict, name: str, indices: list[tuple], version: int) -> file_reads.PendingDirect:
         """Reads of one full leaf's slices straight from its chunk files (file:// stores)."""
         if self._direct is None:
-            self._direct = file_reads.DirectReader(int(self.options.io_concurrency))
+            self._direct = file_reads.DirectReader(int(self.options.io_concurrency), bool(self.options.direct_io))
         e = manifest["leaves"][name]
         path = os.path.join(file_reads.root_of(self.url),
                             self.keys.dir_prefix(layout.entry_dir(e, manifest)) + e["key"])

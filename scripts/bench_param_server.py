@@ -5,7 +5,8 @@
     python scripts/bench_param_server.py --updates=10 --model=smollm2|random1b [--dtypes=bfloat16,float32]
     python scripts/bench_param_server.py --from_store=file:///RUN/store/ [--dtypes=bfloat16]
 
-Disk mode. Baseline: a plain file of the same size written with os.write + fsync, then read back.
+Disk mode. Baseline: a plain file of the same size written with os.write + fsync, then read back
+in 64 MiB reads through the page cache and again with O_DIRECT (the disk's own bandwidth).
 Before every read the page cache is evicted with posix_fadvise (``--warm``: never), the same for
 the raw file and the store. Measures publish (device -> host -> zarr3 chunks with crc32c, fsync,
 manifest, CAS), pull into the same layout, and pull into another mesh (fsdp x tensor -> tensor).
@@ -35,6 +36,7 @@ parser.add_argument("--chunk_mib", type=float, default=32)
 parser.add_argument("--io_concurrency", type=int, default=32)
 parser.add_argument("--compression", default="none", choices=["none", "zstd"])
 parser.add_argument("--no_fsync", action="store_true", help="file_io_sync=False for the store")
+parser.add_argument("--buffered", action="store_true", help="direct_io=False: pulls read through the page cache")
 parser.add_argument("--devices", type=int, default=8)
 parser.add_argument("--repeats", type=int, default=2, help="interleaved repeats; best reported")
 parser.add_argument("--warm", action="store_true", help="no page-cache eviction before reads (raw and store)")
@@ -64,7 +66,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from param_server import ParamStore, publish  # noqa: E402
+from param_server import ParamStore, file_reads, publish  # noqa: E402
 
 MB = 1e6
 COLS = 4096
@@ -99,8 +101,19 @@ def raw_disk(path: str, nbytes: int) -> dict:
         while f.read(64 * 2**20):
             pass
     read_s = time.perf_counter() - t
+    evict(path)
+    buf = file_reads._aligned(64 * 2**20)  # O_DIRECT: block-aligned buffer and requests
+    fd = os.open(fname, os.O_RDONLY | os.O_DIRECT)
+    t = time.perf_counter()
+    try:
+        while os.readv(fd, [buf]):
+            pass
+    finally:
+        os.close(fd)
+    direct_s = time.perf_counter() - t
     os.remove(fname)
-    return {"raw_write_fsync_MBps": nbytes / write_s / MB, "raw_read_MBps": nbytes / read_s / MB}
+    return {"raw_write_fsync_MBps": nbytes / write_s / MB, "raw_read_MBps": nbytes / read_s / MB,
+            "raw_read_direct_MBps": nbytes / direct_s / MB}
 
 
 def make_params(mesh, nbytes: int, leaves: int):
@@ -258,7 +271,8 @@ def main() -> None:
         out = {"size_mb": args.size_mb, "leaves": args.leaves, "chunk_mib": args.chunk_mib,
                "cache": "warm" if args.warm else "evicted (posix_fadvise DONTNEED) before each read",
                "io_concurrency": args.io_concurrency, "compression": args.compression,
-               "file_io_sync": not args.no_fsync, "devices": args.devices, "cpus": os.cpu_count()}
+               "file_io_sync": not args.no_fsync, "direct_io": not args.buffered, "devices": args.devices,
+               "cpus": os.cpu_count()}
         n = args.devices
         train = jax.make_mesh((n // 2, 2), ("fsdp", "tensor"), axis_types=(jax.sharding.AxisType.Auto,) * 2)
         infer = jax.make_mesh((n,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -268,7 +282,7 @@ def main() -> None:
         out["published_mb"] = size / MB
         store = ParamStore.open(f"file://{base}/store", chunk_mib=args.chunk_mib,
                                 compression=args.compression, io_concurrency=args.io_concurrency,
-                                file_io_sync=not args.no_fsync)
+                                file_io_sync=not args.no_fsync, direct_io=not args.buffered)
         t = time.perf_counter()
         publish.snapshot(params, 0, "bfloat16", int(args.chunk_mib * 2**20))
         out["snapshot_s"] = time.perf_counter() - t  # the part publish_async blocks the trainer for
@@ -279,7 +293,8 @@ def main() -> None:
 
         targets = (("pull", target(train, P("fsdp", "tensor"))),
                    ("pull_reshard", target(infer, P(None, "tensor"))))
-        runs = {k: [] for k in ("raw_write_fsync_MBps", "raw_read_MBps", "publish_MBps", "pull_MBps",
+        runs = {k: [] for k in ("raw_write_fsync_MBps", "raw_read_MBps", "raw_read_direct_MBps", "publish_MBps",
+                                "pull_MBps",
                                 "pull_reshard_MBps")}
         # Interleaved repeats, best of each: the machine is shared, so single runs are noisy.
         for step in range(args.repeats):
@@ -301,6 +316,10 @@ def main() -> None:
             out[k + "_all"] = [round(v, 1) for v in vals]
         out["publish_vs_raw_write"] = out["publish_MBps"] / out["raw_write_fsync_MBps"]
         out["pull_vs_raw_read"] = out["pull_MBps"] / out["raw_read_MBps"]
+        out["pull_vs_raw_read_direct"] = out["pull_MBps"] / out["raw_read_direct_MBps"]
+        # Per repeat (each pull against the raw reads of the same repeat), not only best vs best.
+        out["pull_vs_raw_read_each"] = [round(p / r, 3) for p, r in zip(runs["pull_MBps"], runs["raw_read_MBps"],
+                                                                       strict=True)]
         out["pull_reshard_vs_raw_read"] = out["pull_reshard_MBps"] / out["raw_read_MBps"]
         out["reshard_pull_extra_cost"] = out["pull_MBps"] / out["pull_reshard_MBps"] - 1.0
         print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}))
