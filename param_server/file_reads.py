@@ -51,8 +51,9 @@ def _bounds(index: tuple, shape: list[int]) -> list[tuple[int, int]]:
 # Evicted reads are latency-bound: a chunk is read as several segments in flight at once (the
 # kernel's readahead alone keeps one request per file in flight). With O_DIRECT (store.direct_io)
 # the device writes straight into our buffer: no page-cache copy, and each segment is one request
-# of its full size. Buffers start on a block boundary (which also lets a CPU device array be made
-# from the buffer itself, without a copy) and span whole blocks, as O_DIRECT needs.
+# of its full size; what the page cache already holds is copied from it instead. Buffers start
+# on a block boundary (which also lets a CPU device array be made from the buffer itself, without
+# a copy) and span whole blocks, as O_DIRECT needs.
 SEGMENT_BYTES = 1 << 20
 BLOCK = 4096
 
@@ -109,6 +110,17 @@ class _Chunk:
             raise self._error("has a chunk of the wrong size")
         return True
 
+    def _read_cached(self, lo: int, hi: int) -> int:
+        """Reads what the page cache already holds of [lo, hi) without waiting for the device
+        (RWF_NOWAIT); returns the bytes read (0 when the first page is not cached)."""
+        fd = self._open(0)
+        try:
+            return max(0, os.preadv(fd, [memoryview(self.buf)[lo:hi]], lo, os.RWF_NOWAIT))
+        except (BlockingIOError, OSError):  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
+            return 0
+        finally:
+            os.close(fd)
+
     def _read_buffered(self, lo: int, hi: int) -> None:
         fd = self._open(0)
         try:
@@ -129,7 +141,14 @@ class _Chunk:
                 size = None
             if size is not None and size != self.size:
                 raise self._error("has a chunk of the wrong size")
-        if not (self.reader.direct and self._read_direct(lo, hi)):
+        if self.reader.direct:
+            # Cached pages are copied (faster than the device); the rest is read with O_DIRECT
+            # from the block the cached part ends in.
+            got = self._read_cached(lo, hi)
+            start = lo + got // BLOCK * BLOCK
+            if got < hi - lo and not self._read_direct(start, hi):
+                self._read_buffered(start, hi)
+        else:
             self._read_buffered(lo, hi)
         with self._lock:
             self._left -= 1

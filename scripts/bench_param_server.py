@@ -4,6 +4,7 @@
     python scripts/bench_param_server.py [--size_mb=1024] [--dir=/tmp/x] [--chunk_mib=32] [--warm]
     python scripts/bench_param_server.py --updates=10 --model=smollm2|random1b [--dtypes=bfloat16,float32]
     python scripts/bench_param_server.py --from_store=file:///RUN/store/ [--dtypes=bfloat16]
+    python scripts/bench_param_server.py --canary_steps=5 [--lr=1e-6]
 
 Disk mode. Baseline: a plain file of the same size written with os.write + fsync, then read back
 in 64 MiB reads through the page cache and again with O_DIRECT (the disk's own bandwidth).
@@ -20,6 +21,10 @@ the new one (seconds); at the end a late joiner reads the newest version from sc
 From-store mode: the versions a training run published (e.g. with store.delta on): each one's
 kind and bytes on disk, and the same weights re-published in each of ``--dtypes`` full and as
 deltas (sparse, xor), bytes per version.
+
+Canary mode: the policy-landed check's figures on the real SmolLM2-135M: a landed policy's
+distance from the trainer's, and how far each Adam-like update moves them (against
+store.canary_tolerance).
 
 Prints one JSON object.
 """
@@ -46,6 +51,8 @@ parser.add_argument("--dtypes", default="bfloat16,float32")
 parser.add_argument("--encodings", default="full,sparse,xor")
 parser.add_argument("--lr", type=float, default=1e-6)
 parser.add_argument("--from_store", default="", help="from-store mode: the store URL of a finished run")
+parser.add_argument("--canary_steps", type=int, default=0,
+                    help="canary mode: how far the policy-landed check's log-probs move per update")
 args = parser.parse_args()
 if args.updates or args.from_store:
     args.devices = 1
@@ -256,7 +263,45 @@ def from_store_mode(base: str) -> dict:
     return out
 
 
+def canary_mode() -> dict:
+    """The canary log-probs (store defaults: 2 x 16 tokens, bf16 publish) of the real model: how
+    far a landed policy's figures are from the trainer's (weights sharded 8 ways over tensor vs
+    one host copy), and how far each of ``--canary_steps`` Adam-like updates moves them."""
+    from flax import nnx
+
+    from rlax_tpu import canary, models
+    from rlax_tpu.config.sections import store as store_section
+    from rlax_tpu.models import fetch
+
+    sc = store_section.defaults()
+    model, cfg = models.load(fetch.fetch("smollm2"), dtype="float32")
+    weights = jax.tree.map(np.array, nnx.to_pure_dict(nnx.split(model)[1]))
+    del model
+    tokens = canary.canary_tokens(sc.canary_prompts, sc.canary_tokens, cfg.vocab_size)
+    mesh = jax.make_mesh((args.devices,), ("tensor",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def sharded(x):  # as a worker holds them: bf16, split over 'tensor' where the rows divide
+        spec = P("tensor") if x.ndim and x.shape[0] % args.devices == 0 else P()
+        return jax.device_put(x.astype(jnp.bfloat16), NamedSharding(mesh, spec))
+
+    ref = canary.logprobs(cfg, weights, tokens, sc.publish_dtype)
+    held = canary.logprobs(cfg, jax.tree.map(sharded, weights), tokens, sc.publish_dtype)
+    out = {"lr": args.lr, "tolerance": sc.canary_tolerance, "tokens": list(tokens.shape),
+           "landed_max_dlogp": float(np.abs(ref - held).max()), "step_max_dlogp": [], "from_start_max_dlogp": []}
+    prev = start = ref
+    for u in range(1, args.canary_steps + 1):
+        adam_like_step(weights, u)
+        now = canary.logprobs(cfg, weights, tokens, sc.publish_dtype)
+        out["step_max_dlogp"].append(round(float(np.abs(now - prev).max()), 6))
+        out["from_start_max_dlogp"].append(round(float(np.abs(now - start).max()), 6))
+        prev = now
+    return out
+
+
 def main() -> None:
+    if args.canary_steps:
+        print(json.dumps(canary_mode()))
+        return
     base = args.dir or tempfile.mkdtemp(prefix="bench_ps_")
     os.makedirs(base, exist_ok=True)
     if args.updates or args.from_store:

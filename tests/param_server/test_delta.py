@@ -273,7 +273,16 @@ def test_segmented_reads_direct_buffered_and_refused_odirect_agree(tmp_path, mon
     target = {"w": jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)}
     url = f"file://{tmp_path}/s"
     ParamStore.open(url, chunk_mib=2**-6).publish({"w": w}, 0)  # 4 chunks of 16 KiB
+
+    def evict():  # out of the page cache: reads go to the device (O_DIRECT where on)
+        for p in glob.glob(f"{tmp_path}/s/**", recursive=True):
+            if os.path.isfile(p):
+                fd = os.open(p, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+
     for direct in (True, False):
+        evict()
         reader = ParamStore.open(url, direct_io=direct)
         np.testing.assert_array_equal(delta.bits(np.asarray(reader.pull(target)[0]["w"])), delta.bits(w))
         assert reader._direct.direct is direct
@@ -285,6 +294,7 @@ def test_segmented_reads_direct_buffered_and_refused_odirect_agree(tmp_path, mon
         return real_open(path, flags, *a)
 
     monkeypatch.setattr(file_reads.os, "open", no_odirect)
+    evict()
     refused = ParamStore.open(url, direct_io=True)
     np.testing.assert_array_equal(delta.bits(np.asarray(refused.pull(target)[0]["w"])), delta.bits(w))
     assert refused._direct.direct is False  # fell back to buffered reads for good
