@@ -12,9 +12,12 @@ tensorstore.
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
+import ctypes.util
 import errno
 import itertools
 import math
+import mmap
 import os
 import threading
 
@@ -56,6 +59,9 @@ def _bounds(index: tuple, shape: list[int]) -> list[tuple[int, int]]:
 # a copy) and span whole blocks, as O_DIRECT needs.
 SEGMENT_BYTES = 1 << 20
 BLOCK = 4096
+PAGE = mmap.PAGESIZE
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.POINTER(ctypes.c_ubyte)]
 
 
 def _aligned(nbytes: int) -> np.ndarray:
@@ -110,15 +116,30 @@ class _Chunk:
             raise self._error("has a chunk of the wrong size")
         return True
 
-    def _read_cached(self, lo: int, hi: int) -> int:
-        """Reads what the page cache already holds of [lo, hi) without waiting for the device
-        (RWF_NOWAIT); returns the bytes read (0 when the first page is not cached)."""
-        fd = self._open(0)
+    def _cached(self, lo: int, hi: int) -> bool:
+        """Whether the page cache holds all of [lo, hi): mincore on a mapping of the file, a
+        probe that (unlike a non-blocking read, which starts readahead) issues no I/O."""
         try:
-            return max(0, os.preadv(fd, [memoryview(self.buf)[lo:hi]], lo, os.RWF_NOWAIT))
-        except (BlockingIOError, OSError):  # EAGAIN: not cached; EOPNOTSUPP: no RWF_NOWAIT here
-            return 0
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            m = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)  # private: ctypes may take its address
+        except (OSError, ValueError):
+            os.close(fd)
+            return False
+        try:
+            start = lo // PAGE * PAGE
+            pages = -(-(min(hi, len(m)) - start) // PAGE)
+            vec = (ctypes.c_ubyte * pages)()
+            anchor = ctypes.c_char.from_buffer(m)
+            try:
+                rc = _libc.mincore(ctypes.addressof(anchor) + start, pages * PAGE, vec)
+            finally:
+                del anchor
+            return rc == 0 and bool((np.frombuffer(vec, np.uint8) & 1).all())
         finally:
+            m.close()
             os.close(fd)
 
     def _read_buffered(self, lo: int, hi: int) -> None:
@@ -142,12 +163,9 @@ class _Chunk:
             if size is not None and size != self.size:
                 raise self._error("has a chunk of the wrong size")
         if self.reader.direct:
-            # Cached pages are copied (faster than the device); the rest is read with O_DIRECT
-            # from the block the cached part ends in.
-            got = self._read_cached(lo, hi)
-            start = lo + got // BLOCK * BLOCK
-            if got < hi - lo and not self._read_direct(start, hi):
-                self._read_buffered(start, hi)
+            # Cached pages are copied (faster than the device); the rest goes to the device.
+            if self._cached(lo, hi) or not self._read_direct(lo, hi):
+                self._read_buffered(lo, hi)
         else:
             self._read_buffered(lo, hi)
         with self._lock:
