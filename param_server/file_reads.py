@@ -84,7 +84,8 @@ class _Chunk:
                         for i, (lo, hi) in enumerate(itertools.pairwise(bounds))]
 
     def _error(self, what: str) -> CorruptVersionError:
-        return CorruptVersionError(self.version, f"version {self.version}: leaf {self.leaf!r} ({self.path}) {what}")
+        return CorruptVersionError(self.version,
+                                   f"version {self.version}: leaf {self.leaf!r} ({self.path}) {what}")
 
     def _open(self, flags: int) -> int:
         try:
@@ -131,6 +132,8 @@ class _Chunk:
         try:
             start = lo // PAGE * PAGE
             pages = -(-(min(hi, len(m)) - start) // PAGE)
+            if pages <= 0:  # a short file: the read reports it
+                return False
             vec = (ctypes.c_ubyte * pages)()
             anchor = ctypes.c_char.from_buffer(m)
             try:
