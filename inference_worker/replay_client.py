@@ -39,7 +39,8 @@ from rlax_tpu.replay.records import (
 log = logging.getLogger(__name__)
 EXPIRY_SCAN = 64  # most lease records read per expiry scan
 COUNTERS = ("leased", "taken_over", "renewed", "lost", "submitted", "late_writes_ignored",
-            "released", "corrupt_tasks", "corrupt_leases", "lease_conflicts")
+            "released", "corrupt_tasks", "corrupt_leases", "lease_conflicts",
+            "canary_checked", "canary_failed")  # the last two: inference_worker.policy_check
 
 
 @dataclasses.dataclass
@@ -100,6 +101,10 @@ class ReplayWorker:
     def _count(self, name: str) -> None:
         with self._lock:
             self.counters[name] += 1
+
+    def count(self, name: str) -> None:
+        """Counts one event of ``name`` (one of COUNTERS), shown in the heartbeat."""
+        self._count(name)
 
     @classmethod
     def from_config(cls, kv: KVStore, config, worker_id: str) -> ReplayWorker:

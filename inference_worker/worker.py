@@ -15,6 +15,7 @@ import time
 
 from inference_worker.bootstrap import open_run
 from inference_worker.engine import SamplingParams
+from inference_worker.policy_check import PolicyCheck
 from inference_worker.replay_client import ReplayWorker, install_sigterm_handler
 from inference_worker.rollout import EpisodeGroup, Rollouts
 
@@ -38,6 +39,8 @@ class Worker:
         self.rollouts = Rollouts.from_config(config, self.engine, self.tokenizer)
         self.replay = ReplayWorker.from_config(self.kv, config, worker_id)
         self.groups_done = 0
+        self.policy = PolicyCheck(config, run.model_cfg, self.replay.count, worker_id)
+        self.policy.after_swap(self.engine, self.engine_version, self.client.manifest)
 
     def _refresh_weights(self) -> None:
         self.client.update()  # swaps in what the background thread fetched (update_and_wait may have)
@@ -47,6 +50,7 @@ class Worker:
             self.weights_step = self.client.step
             self.replay.weights_step = self.weights_step
             log.info("worker %s: weights v%d (step %d)", self.worker_id, self.client.version, self.weights_step)
+            self.policy.after_swap(self.engine, self.engine_version, self.client.manifest)
 
     def _wait_for_step(self, step: int) -> None:
         """Tasks name the trainer step whose weights (or newer) they must be generated with."""

@@ -41,6 +41,7 @@ class Snapshot:
     process_count: int
     # Caller's facts recorded in the manifest's "meta" (an adapter names its base's content hash).
     meta: dict = dataclasses.field(default_factory=dict)
+    canary: dict | None = None  # the policy-landed check's figures (rlax_tpu/canary.py), in the manifest
 
 
 def _stored_dtype(src: np.dtype, publish_dtype: str) -> np.dtype:
@@ -221,6 +222,7 @@ def write_and_commit(ps, snap: Snapshot, plan: Plan) -> int:
             "publish_dtype": ps.options.publish_dtype, "compression": ps.options.compression,
             "total_bytes": sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in snap.leaves),
             "written_bytes": nbytes, **fields, "meta": snap.meta,
+            **({"canary": snap.canary} if snap.canary else {}),
             "leaves": {
                 leaf.name: {**entries[leaf.name], "shape": list(leaf.shape), "dtype": leaf.dtype,
                             "source_dtype": leaf.source_dtype}

@@ -116,7 +116,8 @@ def _render_run(run: dict, now: float) -> str:
     return "run: " + ", ".join(parts) + (f" {json.dumps(extra, sort_keys=True)}" if extra else "")
 
 
-_HB_COUNTERS = ("lost", "taken_over", "late_writes_ignored", "lease_conflicts", "corrupt_tasks", "corrupt_leases")
+_HB_COUNTERS = ("lost", "taken_over", "late_writes_ignored", "lease_conflicts", "corrupt_tasks", "corrupt_leases",
+                "canary_failed")
 
 
 def _render_worker(d: dict, now: float, heartbeat_s: float | None) -> str:

@@ -57,6 +57,7 @@ class Options:
     delta: bool
     keyframe_every: int
     delta_encoding: str
+    direct_io: bool
 
     @classmethod
     def from_config(cls, c=None, **overrides) -> Options:
@@ -209,23 +210,25 @@ class ParamStore:
     # ------------------------------------------------------------------------------------ publish
 
     def publish(self, params: Any, step: int, *, keep_for: str | None = None, keep_s: float = 0.0,
-                meta: dict | None = None) -> int:
+                meta: dict | None = None, canary: dict | None = None) -> int:
         """Publishes ``params`` as a new version; returns it once it is visible (LATEST advanced).
         ``keep_for``: a reader name that pins the version for ``keep_s`` seconds (e.g. for the
-        evaluator, which releases it once done). ``meta``: JSON facts kept in the manifest."""
-        return self._submit(params, step, False, keep_for, keep_s, meta).result()
+        evaluator, which releases it once done). ``meta``: JSON facts kept in the manifest.
+        ``canary``: the policy-landed check's figures for these weights
+        (rlax_tpu.canary.figures), stored in the manifest."""
+        return self._submit(params, step, False, keep_for, keep_s, meta, canary).result()
 
-    def publish_async(self, params: Any, step: int, *, keep_for: str | None = None,
-                      keep_s: float = 0.0, meta: dict | None = None) -> concurrent.futures.Future:
+    def publish_async(self, params: Any, step: int, *, keep_for: str | None = None, keep_s: float = 0.0,
+                      meta: dict | None = None, canary: dict | None = None) -> concurrent.futures.Future:
         """Copies device to host now; writes and commits in a background thread.
 
         Returns a future whose result is the version. A failed earlier async publish is re-raised
         here (and by ``flush``), so errors surface in the trainer even if nobody waits on futures.
         """
-        return self._submit(params, step, True, keep_for, keep_s, meta)
+        return self._submit(params, step, True, keep_for, keep_s, meta, canary)
 
     def _submit(self, params: Any, step: int, surface_errors: bool, keep_for: str | None,
-                keep_s: float, meta: dict | None = None) -> concurrent.futures.Future:
+                keep_s: float, meta: dict | None = None, canary: dict | None = None) -> concurrent.futures.Future:
         self._raise_failure()
         while len(self._inflight) >= MAX_INFLIGHT_PUBLISHES:
             concurrent.futures.wait(self._inflight[:1])  # back-pressure: storage slower than training
@@ -233,6 +236,7 @@ class ParamStore:
         snap = publish.snapshot(params, step, self.options.publish_dtype,
                                 int(self.options.chunk_mib * 2**20))
         snap.meta = dict(meta or {})
+        snap.canary = canary
         plan = self._plan(snap)
         if keep_for and snap.process_index == 0:  # pinned before it exists: gc can never take it
             self.pin(plan.version, keep_for, keep_s)
@@ -403,7 +407,7 @@ class ParamStore:
     def read_direct(self, manifest: dict, name: str, indices: list[tuple], version: int) -> file_reads.PendingDirect:
         """Reads of one full leaf's slices straight from its chunk files (file:// stores)."""
         if self._direct is None:
-            self._direct = file_reads.DirectReader(int(self.options.io_concurrency))
+            self._direct = file_reads.DirectReader(int(self.options.io_concurrency), bool(self.options.direct_io))
         e = manifest["leaves"][name]
         path = os.path.join(file_reads.root_of(self.url),
                             self.keys.dir_prefix(layout.entry_dir(e, manifest)) + e["key"])

@@ -41,7 +41,8 @@ class VariableClient:
         self._params: Any = None
         self._version: int | None = None
         self._step: int | None = None
-        self._pending: tuple[Any, int, int] | None = None
+        self._manifest: dict | None = None
+        self._pending: tuple[Any, int, int, dict] | None = None
         self._host: reconstruct.Held | None = None  # delta mode: host copy of the newest fetched version
         self._fetched: int | None = None  # newest version pulled (or refused) by the thread
         self._cond = threading.Condition()
@@ -64,13 +65,18 @@ class VariableClient:
         """The trainer step whose weights ``params`` are (from the version's manifest)."""
         return self._step
 
+    @property
+    def manifest(self) -> dict | None:
+        """The manifest of the version ``params`` are (its ``canary`` figures, ``step``, ...)."""
+        return self._manifest
+
     def update(self) -> bool:
         """Swaps in newer weights if the thread has them; never blocks. True if they changed."""
         with self._cond:
             pending, self._pending = self._pending, None
         if pending is None:
             return False
-        self._params, self._version, self._step = pending
+        self._params, self._version, self._step, self._manifest = pending
         return True
 
     def update_and_wait(self, timeout: float | None = None, newer_than: int | None = None) -> bool:
@@ -128,7 +134,7 @@ class VariableClient:
             except VersionNotFoundError:
                 continue  # garbage-collected between listing and reading
             with self._cond:
-                self._pending = (params, v, int(manifest["step"]))
+                self._pending = (params, v, int(manifest["step"]), manifest)
                 self._fetched = v
                 self._cond.notify_all()
             return

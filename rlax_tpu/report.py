@@ -56,6 +56,15 @@ def table(evals: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def landed_line(record: dict) -> str:
+    """The policy-landed check at the last step: the workers' canary checks (rlax_tpu.canary)."""
+    failed, checked = int(record["canary/failed"]), int(record["canary/checked"])
+    if failed:
+        return (f"policy-landed check: {failed} of {checked} weight swaps FAILED on "
+                f"{int(record['canary/workers_failing'])} worker(s) (PolicyNotLandedError in their logs)")
+    return f"policy-landed check: all {checked} checked weight swaps landed"
+
+
 def smooth(values: list[float], window: int = 0) -> list[float]:
     """Trailing moving average (window: ~5% of the points, at least 1), so a noisy per-step
     reward reads as a trend; the raw curve is drawn faintly beneath it."""
@@ -120,6 +129,8 @@ def main(argv=None) -> int:
     if title:
         print(f"run {title}")
     print(table(evals))
+    if metrics and "canary/checked" in metrics[-1]:
+        print(landed_line(metrics[-1]))
     path = args.plot or os.path.join(args.workdir, "report.png")
     if metrics and plot(metrics, evals, path, title):
         print(f"plot: {path}")

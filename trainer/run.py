@@ -11,6 +11,7 @@ will evaluate. SIGTERM/SIGINT: stop at the next step boundary, save, exit 0.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -22,11 +23,12 @@ import numpy as np
 
 from param_server import ParamStore
 from param_server.adapters import AdapterPublisher
-from rlax_tpu import rl, run_meta, sharding, store_layout
+from rlax_tpu import canary, rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config import ConfigError
 from rlax_tpu.config.sections import eval as eval_section
 from rlax_tpu.kvstore import KVStore
+from rlax_tpu.models import lora
 from trainer import batching, bootstrap
 from trainer.checkpointing import Checkpointer
 from trainer.controller import Controller
@@ -83,6 +85,7 @@ class Trainer:
         self._saved: set[int] = set()
         self._publish = None
         self._lora_ref = None  # LoRA with KL: zero adapters over the frozen base
+        self._base, self._merge = None, None  # LoRA: the frozen base and the readers' merge (canary)
         self.published_step = 0  # the newest step published (or being published): what tasks ask for
 
     def _write_meta(self) -> None:
@@ -146,10 +149,28 @@ class Trainer:
             return {}
         return {"keep_for": store_layout.eval_keep_reader(step), "keep_s": self.config.eval.keep_s}
 
+    def _publish_args(self, model_params, step: int) -> dict:
+        """Eval pinning, the canary figures workers check each swap against (rlax_tpu.canary) and,
+        with LoRA, the adapter version's manifest facts."""
+        return {**self._keep(step), **self._meta(),
+                "canary": canary.figures(self.config.store, self.model_cfg, self._served(model_params))}
+
+    def _served(self, model_params):
+        """The weights a worker serves for this version: with LoRA, the adapters merged into the base
+        as both are stored (publish dtype), by the same merge the readers run."""
+        if self.adapters is None:
+            return model_params
+        dtype = jax.numpy.dtype(self.config.store.publish_dtype)
+        stored = functools.partial(jax.tree.map, lambda x: x.astype(dtype)
+                                   if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x)
+        if self._merge is None:
+            self._merge = jax.jit(functools.partial(lora.merge, scale=self.layout.lora.scale))
+        return self._merge(stored(self._base), stored(model_params))
+
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:
             self._publish.result()  # a failed publish surfaces here, in the trainer
-        self._publish = self.store.publish_async(params["model"], step, **self._keep(step), **self._meta())
+        self._publish = self.store.publish_async(params["model"], step, **self._publish_args(params["model"], step))
         self.published_step = step
 
     def _meta(self) -> dict:
@@ -179,8 +200,9 @@ class Trainer:
             self._save(0, state, controller)  # the SFT result: a restart never redoes SFT
         if self.adapters is not None:  # the frozen base, once per base (a collective, like publish)
             self.adapters.publish_base(state["base"])
+            self._base = state["base"]
         # Workers may hold weights of a discarded future: publish this step's weights (new epoch).
-        self.store.publish(state["params"]["model"], step, **self._keep(step), **self._meta())
+        self.store.publish(state["params"]["model"], step, **self._publish_args(state["params"]["model"], step))
         self.published_step = step
         spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                            remat=c.trainer.remat, compute_entropy=True, temperature=c.inference.temperature,
@@ -223,6 +245,7 @@ class Trainer:
                 record.update({k if "/" in k else f"collect/{k}": v for k, v in cstats.items()})
                 record.update(histogram_fields([int(step - 1 - v) for v in weights_steps], prefix="staleness"))
                 record.update(_mismatch(host, prox_host, weights_steps == step - 1))
+                record.update(canary.fleet_metrics(self.kv))  # workers' policy-landed checks
                 self._log_batch(step - 1, groups)
             self.metrics.write(step, record, tokens=float(host["mask"].sum()))
             if step % c.trainer.checkpoint_every == 0:

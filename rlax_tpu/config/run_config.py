@@ -30,8 +30,9 @@ MAY_CHANGE = (
     "inference.max_batch", "inference.max_prefill_batch", "inference.decode_chunk",
     "inference.max_decode_chunk", "inference.meta_timeout_s", "inference.weights_timeout_s",
     "store.gc_keep", "store.pin_ttl_s", "store.janitor_interval_s", "store.io_concurrency",
-    "store.file_io_sync", "store.poll_interval_s", "store.commit_timeout_s", "store.chunk_mib",
-    "store.compression", "replay.lease_seconds", "replay.poll_seconds", "replay.heartbeat_seconds",
+    "store.file_io_sync", "store.direct_io", "store.poll_interval_s", "store.commit_timeout_s", "store.chunk_mib",
+    "store.compression", "store.canary_prompts", "store.canary_tokens", "store.canary_tolerance",
+    "replay.lease_seconds", "replay.poll_seconds", "replay.heartbeat_seconds",
     "replay.worker_max_leases", "replay.collect_timeout_s", "task.reward_timeout_s",
     "task.reward_workers", "eval", "launch",
 )

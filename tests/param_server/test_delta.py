@@ -260,3 +260,55 @@ def test_deltas_on_a_memory_store(encoding):
         _publish(store, k)
     late = ParamStore.open(store.kv, **{**DELTA, "delta_encoding": encoding})  # memory:// is per KVStore
     _same_bits(late.pull(_target())[0], ps_child.stepped_values(2))
+
+
+
+def test_segmented_reads_direct_buffered_and_refused_odirect_agree(tmp_path, monkeypatch):
+    import errno
+
+    from param_server import delta, file_reads
+
+    monkeypatch.setattr(file_reads, "SEGMENT_BYTES", 4096)  # 16 KiB chunks: 5 segments each, the last short
+    w = np.random.default_rng(0).standard_normal((64, 512)).astype(jnp.bfloat16)
+    target = {"w": jax.ShapeDtypeStruct(w.shape, jnp.bfloat16)}
+    url = f"file://{tmp_path}/s"
+    ParamStore.open(url, chunk_mib=2**-6).publish({"w": w}, 0)  # 4 chunks of 16 KiB
+
+    def evict():  # out of the page cache: reads go to the device (O_DIRECT where on)
+        for p in glob.glob(f"{tmp_path}/s/**", recursive=True):
+            if os.path.isfile(p):
+                fd = os.open(p, os.O_RDONLY)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                os.close(fd)
+
+    for direct in (True, False):
+        evict()
+        reader = ParamStore.open(url, direct_io=direct)
+        np.testing.assert_array_equal(delta.bits(np.asarray(reader.pull(target)[0]["w"])), delta.bits(w))
+        assert reader._direct.direct is direct
+    real_open = os.open
+
+    def no_odirect(path, flags, *a):  # a file system that refuses O_DIRECT
+        if flags & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_open(path, flags, *a)
+
+    monkeypatch.setattr(file_reads.os, "open", no_odirect)
+    evict()
+    refused = ParamStore.open(url, direct_io=True)
+    np.testing.assert_array_equal(delta.bits(np.asarray(refused.pull(target)[0]["w"])), delta.bits(w))
+    assert refused._direct.direct is False  # fell back to buffered reads for good
+    monkeypatch.setattr(file_reads.os, "open", real_open)
+    chunks = sorted(p for p in glob.glob(f"{tmp_path}/s/params/*/arrays/w/c/**", recursive=True)
+                    if os.path.isfile(p))
+    assert len(chunks) == 4 and all(os.path.getsize(c) == 16 * 1024 + 4 for c in chunks)
+    with open(chunks[2], "r+b") as f:  # a flipped byte in a later segment
+        f.seek(3 * 4096 + 7)
+        b = f.read(1)
+        f.seek(3 * 4096 + 7)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CorruptVersionError, match="version 1: leaf 'w'.*checksum"):
+        ParamStore.open(url, direct_io=True).pull(target)
+    os.truncate(chunks[1], 2 * 4096)  # short in its third segment
+    with pytest.raises(CorruptVersionError, match="version 1: leaf 'w'.*wrong size"):
+        ParamStore.open(url, direct_io=True).pull(target)

@@ -13,7 +13,9 @@ Then it checks, on what survived:
   trained on; none repeats, and with the final controller state every issued id (< next_task_id)
   is either trained on or still outstanding: nothing admitted twice, nothing lost;
 - weights: every version a worker logged as loaded is a committed version with the same step,
-  and its bytes pass the checksums now; no worker loaded a version it had refused.
+  and its bytes pass the checksums now; no worker loaded a version it had refused; with delta
+  publishing (on by default here) workers loaded both keyframes and deltas;
+- the policy-landed check passed after swaps and never failed (workers' logs, trainer metrics).
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ BATCH = 2  # the smoke variant's trainer.batch_size
 OVERRIDES = [f"--config.trainer.steps={STEPS}", "--config.trainer.checkpoint_every=2",
              "--config.rl.max_staleness=1", "--config.eval.num_samples=0", "--config.sft.steps=10",
              "--config.replay.lease_seconds=6"]
+# Delta publishing on (the run's one chaos pass; RLAX_CHAOS_DELTA=0 runs it with full versions):
+# each trainer incarnation publishes a keyframe first (it holds no base), then deltas with a
+# keyframe every 3 versions, so kills land in both and workers follow both, applying deltas to
+# what they hold or rebuilding from a keyframe after a restart.
+if os.environ.get("RLAX_CHAOS_DELTA", "1") == "1":
+    OVERRIDES += ["--config.store.delta=True", "--config.store.keyframe_every=3"]
 SEED = int(os.environ.get("RLAX_CHAOS_SEED", "0"))
 DEADLINE_S = 1200  # the whole run, on a very slow machine; normally a few minutes
+LANDED_RE = re.compile(r"worker (\S+): policy v(\d+) landed")
 LOADED_RE = re.compile(r"worker (\S+): weights v(\d+) \(step (\d+)\)")
 REFUSED_RE = re.compile(r"refuses version (\d+)")
 
@@ -240,11 +249,14 @@ def _check_weights(workdir: str, workers: list[Role]) -> None:
 
     store = ParamStore.open("", workdir)
     loaded: dict[int, int] = {}
+    landed = 0
     for w in workers:
         for path in w.logs:
             refused: set[int] = set()
             with open(path, errors="replace") as f:
                 for line in f:
+                    assert "PolicyNotLandedError" not in line, f"{path}: {line}"
+                    landed += bool(LANDED_RE.search(line))
                     if m := REFUSED_RE.search(line):
                         refused.add(int(m.group(1)))
                     elif m := LOADED_RE.search(line):
@@ -252,9 +264,15 @@ def _check_weights(workdir: str, workers: list[Role]) -> None:
                         assert v not in refused, f"{path}: loaded version {v} after refusing it"
                         assert loaded.setdefault(v, step) == step
     assert loaded, "no worker logged a loaded weights version"
+    assert landed >= len(loaded), f"{landed} policy-landed checks passed for {len(loaded)} loaded versions"
+    final = _rl_records(workdir)[-1]
+    assert final["canary/failed"] == 0 and final["canary/checked"] > 0, final
     config = load_config(os.path.join(ROOT, CONFIG.split(":")[0]) + ":smoke", OVERRIDES)
     _, target = abstract_params(run_meta.read_model_config(store.kv), sharding.make_mesh(config.inference.mesh))
     for v, step in sorted(loaded.items()):
         info = store.version_info(v)  # raises if v was never committed
         assert info["step"] == step, f"worker loaded v{v} as step {step}, committed as step {info['step']}"
-        store.pull(target, v)  # every chunk's crc32c checks out
+        store.pull(target, v)  # every chunk's crc32c (and a delta's rebuilt leaves' crc32c) checks out
+    if "--config.store.delta=True" in OVERRIDES:
+        kinds = {store.read_manifest(v)["kind"] for v in loaded}
+        assert kinds == {"keyframe", "delta"}, f"workers loaded only {kinds} versions"

@@ -32,3 +32,10 @@ def test_the_report_names_the_run_from_its_config(tmp_path, capsys):
     (tmp_path / "eval.jsonl").write_text(json.dumps(record) + "\n")
     assert report.main(["--workdir", str(tmp_path)]) == 0
     assert f"run arith_ppo ({tmp_path})" in capsys.readouterr().out
+
+
+def test_the_report_shows_the_policy_landed_check():
+    ok = {"canary/checked": 12, "canary/failed": 0, "canary/workers_failing": 0}
+    assert report.landed_line(ok) == "policy-landed check: all 12 checked weight swaps landed"
+    bad = {"canary/checked": 12, "canary/failed": 2, "canary/workers_failing": 1}
+    assert "2 of 12 weight swaps FAILED on 1 worker(s)" in report.landed_line(bad)
