@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
+from inference_worker.engine.admission import AdmitArrays
 from inference_worker.engine.pages import PageAllocator, pages_for
-from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
+from inference_worker.engine.sampling import SamplingError, SamplingParams
 from inference_worker.engine.sequences import (
     FINISH_REASONS,
     Completion,
@@ -41,12 +42,11 @@ from inference_worker.engine.sequences import (
     check_same_params,
     check_tokens,
 )
-from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
+from inference_worker.engine.state import init_state, state_shardings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FINISH_REASONS", "Completion", "Engine", "EngineError"]
-
 
 
 class Engine:
@@ -65,10 +65,14 @@ class Engine:
         budget. The loop exits early once every slot has stopped, so a long chunk wastes no steps.
       page_size: positions per KV page.
       num_pages: pages in the pool, the null page included; 0 sizes it for every slot at
-        max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1).
+        max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1). With d = data x fsdp > 1
+        shards of the slots the pool is d equal blocks, one per shard, each with its own null
+        page (num_pages must divide by d; 0 gives d * (max_batch / d * ceil(..) + 1)).
       mesh: optional mesh; the page pools are split over kv heads on its 'tensor' axis and the
-        slots over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params
-        should already be placed (e.g. pulled with the inference sharding rules).
+        slots over its 'data' and 'fsdp' axes (max_batch must divide by their product), the
+        pools' pages with them (a slot's pages come from its shard's block, and a request's
+        samples start in one shard). Params should already be placed (e.g. pulled with the
+        inference sharding rules).
 
     Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``; the
     sizes have no defaults here (config.inference holds them), min_prefill_len (the shortest
@@ -362,37 +366,19 @@ class Engine:
         slots of its shard, sharing its full pages (copy-on-write of the partly filled last one).
         Prefill rows and copies come in one block per shard (each shard computes its own rows)."""
         ps, shards = self.page_size, self._shards
-        per_shard = [sum(d == sh for *_, d in batch) for sh in range(shards)]
-        block = bucket(max(per_shard), self._batch_buckets)
-        nrows = shards * block
+        block = bucket(max(sum(d == sh for *_, d in batch) for sh in range(shards)), self._batch_buckets)
         k = bucket(sum(len(s) for _, s, _ in batch), self._insert_buckets)
         starts = [r.base.cached if r.base is not None else 0 for r, _, _ in batch]
         t = bucket(max(len(r.context) - q for (r, _, _), q in zip(batch, starts, strict=True)), self._len_buckets)
         width = bucket(max(pages_for(len(r.context), ps) for r, _, _ in batch), self._width_buckets)
-        tokens = np.zeros((nrows, t), np.int32)
-        q_start = np.zeros((nrows,), np.int32)
-        q_lens = np.ones((nrows,), np.int32)
-        row_pages = np.zeros((nrows, width), np.int32)
-        cow_src, cow_dst = np.zeros((shards * k,), np.int32), np.zeros((shards * k,), np.int32)
-        src = np.zeros((k,), np.int32)
-        dst = np.full((k,), self.max_batch, np.int32)  # a slot past the end: dropped by the scatter
-        context_lens, budget = np.zeros((k,), np.int32), np.zeros((k,), np.int32)
-        temp, top_k, top_p = np.ones((k,), np.float32), np.zeros((k,), np.int32), np.ones((k,), np.float32)
-        stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
-        seeds, sample_ids = np.zeros((k,), np.int64), np.zeros((k,), np.uint32)
+        arrays = AdmitArrays(shards, block, t, width, k, self.max_batch)
         slots = [iter([i for i in free if self._shard_of(i) == sh]) for sh in range(shards)]
-        rows_used, copies = [0] * shards, [0] * shards
-        j = 0
         for (req, samples, shard), start in zip(batch, starts, strict=True):
-            row, rows_used[shard] = shard * block + rows_used[shard], rows_used[shard] + 1
             length, p = len(req.context), req.params
-            new = req.context[start:]
-            tokens[row, : len(new)] = new
-            q_start[row], q_lens[row] = start, len(new)
             owner = (req.base.pages if req.base is not None else []) + self.allocator.alloc(
                 self._new_pages(req, 1), shard)
             req.base = None  # its pages now belong to the owner; later parts prefill afresh
-            row_pages[row, : min(len(owner), width)] = owner[:width]
+            row = arrays.add_row(shard, req.context[start:], start, owner)
             full = owner[: length // ps]
             for n, sample_idx in enumerate(samples):
                 if n == 0:
@@ -402,35 +388,25 @@ class Engine:
                     pages = list(full)
                     if length % ps:
                         (copy,) = self.allocator.alloc(1, shard)
-                        c = shard * k + copies[shard]
-                        cow_src[c], cow_dst[c] = owner[length // ps], copy
+                        arrays.add_copy(shard, owner[length // ps], copy)
                         pages.append(copy)
-                        copies[shard] += 1
                 slot = next(slots[shard])
-                src[j], dst[j], context_lens[j] = row, slot, length
                 # Tokens after the first: bounded by max_new_tokens and by max_seq_len.
-                budget[j] = min(p.max_new_tokens, self.max_seq_len - length) - 1
-                temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
-                ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
-                stop_ids[j, : len(ids)] = ids
-                seeds[j], sample_ids[j] = p.seed, sample_idx
+                arrays.add_sample(row, slot, length, min(p.max_new_tokens, self.max_seq_len - length) - 1, p,
+                                  sample_idx)
                 if self.stats["slot_uses"] >= self.max_batch:
                     self.stats["slot_refills"] += 1
                 self.stats["slot_uses"] += 1
                 self._slots[slot] = Seq(req.id, sample_idx, req.context, p, pages, Completion([], [], [], ""), slot)
                 self._set_table(slot, pages)
                 self._order.append(slot)
-                j += 1
-        seed_lo, seed_hi = seed_words(seeds)
-        self._state, logits = self._prefill_fn(self._weights, self._state, tokens, q_start, q_lens, row_pages)
-        self._state, first, logp, raw = self._start(
-            self._state, logits, cow_src, cow_dst, src, dst, context_lens, budget, seed_lo, seed_hi, sample_ids,
-            temp, top_k, top_p, stop_ids)
+        self._state, logits = self._prefill_fn(self._weights, self._state, *arrays.prefill_args())
+        self._state, first, logp, raw = self._start(self._state, logits, *arrays.start_args())
         self.stats["prefill_calls"] += 1
         self.stats["prefill_tokens"] += sum(len(r.context) - q for (r, _, _), q in zip(batch, starts, strict=True))
         first, logp, raw = jax.device_get((first, logp, raw))
-        for i in range(j):
-            self._append(int(dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
+        for i in range(arrays.samples):
+            self._append(int(arrays.dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
         self.stats["peak_pages"] = max(self.stats["peak_pages"], self.allocator.used_count)
 
     def _set_table(self, slot: int, pages: list[int]) -> None:
