@@ -101,7 +101,7 @@ def decode_attention(q, k_cache, v_cache, lengths, *, scale=None, impl: str = "a
                 q, k_cache, v_cache, lengths)
 
 
-def _paged_plan(impl: str, batch: int, hq: int, hkv: int, split_pages: bool):
+def _paged_plan(impl: str, batch: int, hq: int, hkv: int, split_pages: bool, pages: int):
     """The plan of a paged call. With ``split_pages`` the pool's page axis is split over every
     free batch axis (each batch shard's rows point only at pages of its own block; ids stay
     global): the rows must divide over those axes, and even the jnp reference runs per shard (on
@@ -113,9 +113,9 @@ def _paged_plan(impl: str, batch: int, hq: int, hkv: int, split_pages: bool):
         return None
     axes = _free_axes(mesh, BATCH_AXES)
     shards = prod(mesh.shape[a] for a in axes)
-    if batch % shards:
-        raise dispatch.KernelError(f"{batch} rows do not divide over the batch axes {axes} ({shards} shards) that "
-                                   "split the page pool")
+    if batch % shards or pages % shards:
+        raise dispatch.KernelError(f"{batch} rows and {pages} pool pages must divide over the batch axes {axes} "
+                                   f"({shards} shards) that split the page pool")
     b = None if not axes else (axes[0] if len(axes) == 1 else axes)
     h = _split(mesh, (HEAD_AXIS,), hkv) if hq % hkv == 0 else None
     return None if b is None and h is None else (mesh, b, h)
@@ -138,7 +138,7 @@ def paged_decode_attention(q, k_pages, v_pages, lengths, page_indices, *, scale=
     ``split_pages``: the pools' page axis is split with the batch (see ``_paged_plan``)."""
     call = functools.partial(dispatch.paged_decode_attention, scale=scale, impl=impl, **kernel_kw)
     plan = None if q.ndim != 3 or k_pages.ndim != 4 else \
-        _paged_plan(impl, q.shape[0], q.shape[1], k_pages.shape[0], split_pages)
+        _paged_plan(impl, q.shape[0], q.shape[1], k_pages.shape[0], split_pages, k_pages.shape[1])
     if plan is None:
         return call(q, k_pages, v_pages, lengths, page_indices)
     _, b, h = plan
@@ -154,7 +154,7 @@ def paged_prefill_attention(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_
     ``split_pages``: as for paged_decode_attention."""
     call = functools.partial(dispatch.paged_prefill_attention, scale=scale, impl=impl, **kernel_kw)
     plan = None if q.ndim != 4 or k_pages.ndim != 4 else \
-        _paged_plan(impl, q.shape[0], q.shape[2], k_pages.shape[0], split_pages)
+        _paged_plan(impl, q.shape[0], q.shape[2], k_pages.shape[0], split_pages, k_pages.shape[1])
     if plan is None:
         return call(q, k_pages, v_pages, q_start, q_lens, kv_lens, page_indices)
     _, b, h = plan
@@ -177,7 +177,7 @@ def write_pages(k_pages, v_pages, pages, offsets, k, v):
     its batch shard's block); returns the two pools. Under a mesh the write runs per shard with
     the pools' heads, so neither the new K/V nor the pages move between devices."""
     hkv = k_pages.shape[0]
-    plan = _paged_plan("reference", k.shape[0], hkv, hkv, True)
+    plan = _paged_plan("reference", k.shape[0], hkv, hkv, True, k_pages.shape[1])
     if plan is None:
         return _scatter(k_pages, v_pages, pages, offsets, k, v)
     _, b, h = plan
@@ -196,7 +196,7 @@ def copy_pages(pools: tuple, src, dst) -> tuple:
         return tuple(p.at[:, dst].set(p[:, src]) for p in pools)
 
     hkv = pools[0].shape[0]
-    plan = _paged_plan("reference", src.shape[0], hkv, hkv, True)
+    plan = _paged_plan("reference", src.shape[0], hkv, hkv, True, pools[0].shape[1])
     if plan is None:
         return body(src, dst, *pools)
     _, b, _ = plan

@@ -201,3 +201,11 @@ def test_sharded_wrappers_match_the_dispatcher():
         out = jax.jit(lambda *a: kernels.paged_decode_attention(*a, impl="pallas"))(q[:, 0], kp, vp, lengths, tables)
     np.testing.assert_allclose(out, reference.paged_decode_attention_reference(q[:, 0], kp, vp, lengths, tables),
                                atol=2e-5)
+
+
+def test_split_pages_needs_rows_and_pages_that_divide_over_the_batch_shards():
+    mesh = _mesh(2, 1)
+    q, pool = jnp.zeros((3, HQ, D)), jnp.zeros((HKV, 8, 16, D))
+    with jax.set_mesh(mesh), pytest.raises(kernels.KernelError, match="3 rows and 8 pool pages must divide"):
+        kernels.paged_decode_attention(q, pool, pool, jnp.ones((3,), jnp.int32), jnp.zeros((3, 2), jnp.int32),
+                                       split_pages=True)
