@@ -210,13 +210,16 @@ def main() -> None:
             sample = mode == "sampled"
             hf_run, threads = hf_runner(hf, prompts, args.new_tokens, sample)
             runners = {"hf": hf_run, "ours": engine_runner(engine, prompts, args.new_tokens, sample)}
+            load_before = os.getloadavg()[0]
             times = time_rounds(runners, args.reps)
             toks = batch * args.new_tokens
             entry[mode] = {"engine_tokens_per_s": toks / times["ours"].min(),
                            "transformers_tokens_per_s": toks / times["hf"].min(),
                            "speedup_vs_transformers": float(times["hf"].min() / times["ours"].min()),
                            "speedup_paired_median": float(np.median(times["hf"] / times["ours"])),
-                           "torch_threads": threads}
+                           "torch_threads": threads,
+                           # 1-minute load average before and after the timed rounds (a shared CPU).
+                           "load_average": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
             if args.per_core:
                 entry[mode]["per_core_engines"] = per_core_engines(path, args, batch, mode)
             print(json.dumps({batch: {mode: entry[mode]}}), file=sys.stderr, flush=True)

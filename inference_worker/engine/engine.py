@@ -26,8 +26,9 @@ import numpy as np
 from flax import nnx
 
 from inference_worker.engine import fast_model, steps
+from inference_worker.engine.admission import AdmitArrays
 from inference_worker.engine.pages import PageAllocator, pages_for
-from inference_worker.engine.sampling import SamplingError, SamplingParams, seed_words
+from inference_worker.engine.sampling import SamplingError, SamplingParams
 from inference_worker.engine.sequences import (
     FINISH_REASONS,
     Completion,
@@ -41,12 +42,11 @@ from inference_worker.engine.sequences import (
     check_same_params,
     check_tokens,
 )
-from inference_worker.engine.state import MAX_STOP_IDS, init_state, state_shardings
+from inference_worker.engine.state import init_state, state_shardings
 
 log = logging.getLogger(__name__)
 
 __all__ = ["FINISH_REASONS", "Completion", "Engine", "EngineError"]
-
 
 
 class Engine:
@@ -65,10 +65,14 @@ class Engine:
         budget. The loop exits early once every slot has stopped, so a long chunk wastes no steps.
       page_size: positions per KV page.
       num_pages: pages in the pool, the null page included; 0 sizes it for every slot at
-        max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1).
+        max_seq_len (max_batch * ceil(max_seq_len / page_size) + 1). With d = data x fsdp > 1
+        shards of the slots the pool is d equal blocks, one per shard, each with its own null
+        page (num_pages must divide by d; 0 gives d * (max_batch / d * ceil(..) + 1)).
       mesh: optional mesh; the page pools are split over kv heads on its 'tensor' axis and the
-        slots over its 'data' and 'fsdp' axes (max_batch must divide by their product). Params
-        should already be placed (e.g. pulled with the inference sharding rules).
+        slots over its 'data' and 'fsdp' axes (max_batch must divide by their product), the
+        pools' pages with them (a slot's pages come from its shard's block, and a request's
+        samples start in one shard). Params should already be placed (e.g. pulled with the
+        inference sharding rules).
 
     Roles build it with ``Engine.from_config(config.inference, model, model_cfg, mesh)``; the
     sizes have no defaults here (config.inference holds them), min_prefill_len (the shortest
@@ -107,10 +111,13 @@ class Engine:
         self.max_prefill_batch = max_prefill_batch
         self.page_size = page_size
         self.pages_per_seq = pages_for(max_seq_len, page_size)
-        num_pages = num_pages or max_batch * self.pages_per_seq + 1
-        if num_pages < 2:
-            raise EngineError(f"num_pages={num_pages}: at least 2 (page 0 is the reserved null page)")
-        self.allocator = PageAllocator(num_pages)
+        # The pool is one block of pages per shard of the slots (a slot's pages live where it does).
+        self._shards, self._shard_slots = shards, max_batch // shards
+        num_pages = num_pages or shards * (self._shard_slots * self.pages_per_seq + 1)
+        if num_pages < 2 * shards or num_pages % shards:
+            raise EngineError(f"num_pages={num_pages}: at least 2 (page 0 is the reserved null page) per shard of "
+                              f"the slots, and a multiple of the mesh's data x fsdp = {shards}")
+        self.allocator = PageAllocator(num_pages, shards)
         self._chunk_buckets = buckets(max(decode_chunk, max_decode_chunk), decode_chunk)
         # Page-table widths (pages read per sequence) repeat in doublings: attention reads only
         # about the pages the longest live sequence uses, at a few compiled shapes.
@@ -125,7 +132,7 @@ class Engine:
             out_shardings=fast_model.weight_shardings(model_cfg, mesh))
         self._weights = self._build_weights(self._params)
         state = init_state(fast_model.init_cache(model_cfg, num_pages, page_size), max_batch)
-        shardings = state_shardings(state, mesh, model_cfg.num_kv_heads)
+        shardings = state_shardings(state, mesh, model_cfg)
         if shardings is not None:
             state = jax.device_put(state, shardings)
         self._state = state
@@ -278,9 +285,9 @@ class Engine:
         rid, self._next_id = self._next_id, self._next_id + 1
         req = Request(rid, context, params, base, retain, [None] * params.n)
         self._requests[rid] = req
-        # Groups larger than the slot count are served in parts; each part shares a prefill.
-        for start in range(0, params.n, self.max_batch):
-            self._queue.append((req, list(range(start, min(params.n, start + self.max_batch)))))
+        # Groups larger than a shard's slots are served in parts; each part shares a prefill.
+        for start in range(0, params.n, self._shard_slots):
+            self._queue.append((req, list(range(start, min(params.n, start + self._shard_slots)))))
         return rid
 
     def _new_pages(self, req: Request, k: int) -> int:
@@ -290,42 +297,62 @@ class Engine:
         length = len(req.context)
         return max(0, pages_for(length, self.page_size) - have) + (k - 1) * bool(length % self.page_size)
 
+    def _shard_of(self, slot: int) -> int:
+        return slot // self._shard_slots
+
+    def _shards_for(self, req: Request) -> range:
+        """The shards a request may start in: its base's (its pages are there), else any."""
+        if req.base is not None:
+            home = self.allocator.shard_of(req.base.pages[0])
+            return range(home, home + 1)
+        return range(self._shards)
+
     def _admit_waiting(self) -> None:
         """Prefills waiting requests into free slots while pages suffice (continuous batching);
-        a request that does not fit waits, in order."""
+        a request that does not fit waits, in order. A part of a request starts in one shard of
+        the slots (its samples share its pages there): the fitting one with the most free slots."""
         while self._queue:
             free = [i for i, s in enumerate(self._slots) if s is None]
-            batch, slots_left, pages_left = [], len(free), self.allocator.free_count
+            slots_left = [0] * self._shards
+            for i in free:
+                slots_left[self._shard_of(i)] += 1
+            pages_left = [self.allocator.free_in(d) for d in range(self._shards)]
+            batch: list[tuple[Request, list[int], int]] = []
             while self._queue and len(batch) < self.max_prefill_batch:
                 req, samples = self._queue[0]
-                if any(r is req for r, _ in batch):
+                if any(r is req for r, _, _ in batch):
                     break  # one part of a request per prefill (a part consumes its base's pages)
                 k = len(samples)
-                if k > slots_left or self._new_pages(req, k) > pages_left:
+                fits = [d for d in self._shards_for(req)
+                        if k <= slots_left[d] and self._new_pages(req, k) <= pages_left[d]]
+                if fits:
+                    shard = max(fits, key=lambda d: (slots_left[d], -d))
+                    self._queue.popleft()
+                else:
                     if batch or len(free) < self.max_batch:
                         if not batch:
-                            self.stats["slot_waits" if k > slots_left else "page_waits"] += 1
+                            short = all(k > slots_left[d] for d in self._shards_for(req))
+                            self.stats["slot_waits" if short else "page_waits"] += 1
                         break  # wait for running sequences to free slots and pages
                     # Nothing runs: serve as many samples of the group as the pages allow.
-                    k = max((j for j in range(1, k + 1) if self._new_pages(req, j) <= pages_left), default=0)
+                    shard = self._shards_for(req)[0]
+                    k = max((j for j in range(1, k + 1) if self._new_pages(req, j) <= pages_left[shard]), default=0)
                     if k == 0:
-                        self._fail_head(req, samples)
+                        self._fail_head(req, samples, shard)
                         continue
                     self._queue[0] = (req, samples[k:])
-                else:
-                    self._queue.popleft()
-                batch.append((req, samples[:k]))
-                slots_left -= k
-                pages_left -= self._new_pages(req, k)
+                batch.append((req, samples[:k], shard))
+                slots_left[shard] -= k
+                pages_left[shard] -= self._new_pages(req, k)
             if not batch:
                 return
             self._prefill(batch, free)
 
-    def _fail_head(self, req: Request, samples: list[int]) -> None:
+    def _fail_head(self, req: Request, samples: list[int], shard: int) -> None:
         """The queue's head cannot start even alone on an idle engine: the pool is held by
         retained sequences. Its samples finish with an error rather than waiting forever."""
         self._queue.popleft()
-        msg = (f"out of KV pages: {self._new_pages(req, 1)} needed, {self.allocator.free_count} free; "
+        msg = (f"out of KV pages: {self._new_pages(req, 1)} needed, {self.allocator.free_in(shard)} free; "
                f"{len(self._retained)} retained sequences hold {self.allocator.used_count} pages (release them)")
         log.warning("request %d: %s", req.id, msg)
         if req.base is not None:
@@ -335,37 +362,24 @@ class Engine:
             req.results[i] = Completion([], [], [], "error", msg)
         self._maybe_done(req)
 
-    def _prefill(self, batch: list[tuple[Request, list[int]]], free: list[int]) -> None:
+    def _prefill(self, batch: list[tuple[Request, list[int], int]], free: list[int]) -> None:
         """One prefill of the batch's new tokens into pages; each request's samples start in free
-        slots, sharing its full pages (copy-on-write of the partly filled last one)."""
-        ps = self.page_size
-        nrows = bucket(len(batch), self._batch_buckets)
-        k = bucket(sum(len(s) for _, s in batch), self._insert_buckets)
-        starts = [r.base.cached if r.base is not None else 0 for r, _ in batch]
-        t = bucket(max(len(r.context) - q for (r, _), q in zip(batch, starts, strict=True)), self._len_buckets)
-        width = bucket(max(pages_for(len(r.context), ps) for r, _ in batch), self._width_buckets)
-        tokens = np.zeros((nrows, t), np.int32)
-        q_start = np.zeros((nrows,), np.int32)
-        q_lens = np.ones((nrows,), np.int32)
-        row_pages = np.zeros((nrows, width), np.int32)
-        cow_src, cow_dst = np.zeros((k,), np.int32), np.zeros((k,), np.int32)
-        src = np.zeros((k,), np.int32)
-        dst = np.full((k,), self.max_batch, np.int32)  # a slot past the end: dropped by the scatter
-        context_lens, budget = np.zeros((k,), np.int32), np.zeros((k,), np.int32)
-        temp, top_k, top_p = np.ones((k,), np.float32), np.zeros((k,), np.int32), np.ones((k,), np.float32)
-        stop_ids = np.full((k, MAX_STOP_IDS), -1, np.int32)
-        seeds, sample_ids = np.zeros((k,), np.int64), np.zeros((k,), np.uint32)
-        slots = iter(free)
-        j = c = 0
-        for row, ((req, samples), start) in enumerate(zip(batch, starts, strict=True)):
+        slots of its shard, sharing its full pages (copy-on-write of the partly filled last one).
+        Prefill rows and copies come in one block per shard (each shard computes its own rows)."""
+        ps, shards = self.page_size, self._shards
+        block = bucket(max(sum(d == sh for *_, d in batch) for sh in range(shards)), self._batch_buckets)
+        k = bucket(sum(len(s) for _, s, _ in batch), self._insert_buckets)
+        starts = [r.base.cached if r.base is not None else 0 for r, _, _ in batch]
+        t = bucket(max(len(r.context) - q for (r, _, _), q in zip(batch, starts, strict=True)), self._len_buckets)
+        width = bucket(max(pages_for(len(r.context), ps) for r, _, _ in batch), self._width_buckets)
+        arrays = AdmitArrays(shards, block, t, width, k, self.max_batch)
+        slots = [iter([i for i in free if self._shard_of(i) == sh]) for sh in range(shards)]
+        for (req, samples, shard), start in zip(batch, starts, strict=True):
             length, p = len(req.context), req.params
-            new = req.context[start:]
-            tokens[row, : len(new)] = new
-            q_start[row], q_lens[row] = start, len(new)
             owner = (req.base.pages if req.base is not None else []) + self.allocator.alloc(
-                self._new_pages(req, 1))
+                self._new_pages(req, 1), shard)
             req.base = None  # its pages now belong to the owner; later parts prefill afresh
-            row_pages[row, : min(len(owner), width)] = owner[:width]
+            row = arrays.add_row(shard, req.context[start:], start, owner)
             full = owner[: length // ps]
             for n, sample_idx in enumerate(samples):
                 if n == 0:
@@ -374,35 +388,26 @@ class Engine:
                     self.allocator.share(full)
                     pages = list(full)
                     if length % ps:
-                        (copy,) = self.allocator.alloc(1)
-                        cow_src[c], cow_dst[c] = owner[length // ps], copy
+                        (copy,) = self.allocator.alloc(1, shard)
+                        arrays.add_copy(shard, owner[length // ps], copy)
                         pages.append(copy)
-                        c += 1
-                slot = next(slots)
-                src[j], dst[j], context_lens[j] = row, slot, length
+                slot = next(slots[shard])
                 # Tokens after the first: bounded by max_new_tokens and by max_seq_len.
-                budget[j] = min(p.max_new_tokens, self.max_seq_len - length) - 1
-                temp[j], top_k[j], top_p[j] = p.temperature, p.top_k, p.top_p
-                ids = list(p.stop_token_ids)[:MAX_STOP_IDS]
-                stop_ids[j, : len(ids)] = ids
-                seeds[j], sample_ids[j] = p.seed, sample_idx
+                arrays.add_sample(row, slot, length, min(p.max_new_tokens, self.max_seq_len - length) - 1, p,
+                                  sample_idx)
                 if self.stats["slot_uses"] >= self.max_batch:
                     self.stats["slot_refills"] += 1
                 self.stats["slot_uses"] += 1
                 self._slots[slot] = Seq(req.id, sample_idx, req.context, p, pages, Completion([], [], [], ""), slot)
                 self._set_table(slot, pages)
                 self._order.append(slot)
-                j += 1
-        seed_lo, seed_hi = seed_words(seeds)
-        self._state, logits = self._prefill_fn(self._weights, self._state, tokens, q_start, q_lens, row_pages)
-        self._state, first, logp, raw = self._start(
-            self._state, logits, cow_src, cow_dst, src, dst, context_lens, budget, seed_lo, seed_hi, sample_ids,
-            temp, top_k, top_p, stop_ids)
+        self._state, logits = self._prefill_fn(self._weights, self._state, *arrays.prefill_args())
+        self._state, first, logp, raw = self._start(self._state, logits, *arrays.start_args())
         self.stats["prefill_calls"] += 1
-        self.stats["prefill_tokens"] += int(q_lens[: len(batch)].sum())
+        self.stats["prefill_tokens"] += sum(len(r.context) - q for (r, _, _), q in zip(batch, starts, strict=True))
         first, logp, raw = jax.device_get((first, logp, raw))
-        for i in range(j):
-            self._append(int(dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
+        for i in range(arrays.samples):
+            self._append(int(arrays.dst[i]), first[i: i + 1], logp[i: i + 1], raw[i: i + 1])
         self.stats["peak_pages"] = max(self.stats["peak_pages"], self.allocator.used_count)
 
     def _set_table(self, slot: int, pages: list[int]) -> None:
@@ -421,29 +426,32 @@ class Engine:
         return bucket(min(max(need, 1), self._chunk_buckets[-1]), self._chunk_buckets)
 
     def _grow(self, num_steps: int) -> None:
-        """Gives each running sequence the pages the next chunk writes; when the pool is short,
-        preempts the newest sequence (its pages freed, its sample requeued first: it restarts
-        with the same key, so it reproduces its tokens) until the rest fit."""
+        """Gives each running sequence the pages the next chunk writes; when a shard's pool is
+        short, preempts its newest sequence (its pages freed, its sample requeued first: it
+        restarts with the same key, so it reproduces its tokens) until the rest fit."""
         while True:
-            need = {}
+            need, short = {}, [0] * self._shards
             for s in self._slots:
                 if s is not None:
                     want = pages_for(s.cached + min(num_steps, self._steps_left(s)), self.page_size) - len(s.pages)
                     if want > 0:
                         need[s.slot] = want
-            if sum(need.values()) <= self.allocator.free_count:
+                        short[self._shard_of(s.slot)] += want
+            shard = next((d for d in range(self._shards) if short[d] > self.allocator.free_in(d)), None)
+            if shard is None:
                 break
-            if len(self._order) == 1:  # alone and still short: retained sequences hold the pool
-                s = self._slots[self._order[0]]
+            order = [slot for slot in self._order if self._shard_of(slot) == shard]
+            if len(order) == 1:  # alone and still short: retained sequences hold the pool
+                s = self._slots[order[0]]
                 s.completion.finish_reason = "error"
                 s.completion.error = (f"out of KV pages: {len(self._retained)} retained sequences hold "
                                       f"{self.allocator.used_count - len(s.pages)} pages (release them)")
                 self._finish_done()
-                return
-            self._preempt(self._order[-1])
+                continue
+            self._preempt(order[-1])
         for slot, want in need.items():
             s = self._slots[slot]
-            s.pages.extend(self.allocator.alloc(want))
+            s.pages.extend(self.allocator.alloc(want, self._shard_of(slot)))
             self._set_table(slot, s.pages)
         self.stats["peak_pages"] = max(self.stats["peak_pages"], self.allocator.used_count)
 

@@ -31,6 +31,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from rlax_tpu import kernels
 from rlax_tpu.models.layers import inv_rms, rms_norm, rope_cos_sin
+from rlax_tpu.sharding import BATCH_AXES
 
 
 class LayerWeights(NamedTuple):
@@ -69,6 +70,20 @@ def init_cache(cfg, num_pages: int, page_size: int) -> PagedCache:
     shape = (cfg.num_kv_heads, num_pages, page_size, cfg.head_dim)
     zeros = lambda: tuple(jnp.zeros(shape, cfg.jnp_dtype) for _ in range(cfg.num_layers))
     return PagedCache(zeros(), zeros())
+
+
+def cache_shardings(cfg, cache: PagedCache, mesh: jax.sharding.Mesh | None):
+    """The pools' layout on a mesh: kv heads over 'tensor' (where they divide) and the page axis
+    over the batch axes, one block of pages per shard of the slots (``kernels`` ``split_pages``:
+    a slot's pages come from its shard's block, so its K/V are written and read where its slot
+    lives and no pages or new K/V cross devices). None without a mesh."""
+    if mesh is None:
+        return None
+    slots = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
+    t = mesh.shape.get("tensor", 1)
+    heads = "tensor" if t > 1 and cfg.num_kv_heads % t == 0 else None
+    pool = NamedSharding(mesh, PartitionSpec(heads, slots, None, None))
+    return jax.tree.map(lambda _: pool, cache)
 
 
 # -------------------------------------------------------------------------------- weights
@@ -200,7 +215,7 @@ def _attend_decode(cfg, q: jax.Array, cache: PagedCache, layer: int, lengths: ja
     q [B, Hkv, G, D] -> [B, Hq, D]."""
     b, hkv, g, d = q.shape
     return kernels.paged_decode_attention(q.reshape(b, hkv * g, d), cache.k[layer], cache.v[layer], lengths,
-                                          page_table, scale=1.0, impl=cfg.attention_impl)
+                                          page_table, scale=1.0, impl=cfg.attention_impl, split_pages=True)
 
 
 def _attend_prefill(cfg, q: jax.Array, cache: PagedCache, layer: int, q_start: jax.Array, q_lens: jax.Array,
@@ -209,15 +224,14 @@ def _attend_prefill(cfg, q: jax.Array, cache: PagedCache, layer: int, q_start: j
     (the chunk's K/V already written) -> [B, T, Hq, D]."""
     b, t, hkv, g, d = q.shape
     return kernels.paged_prefill_attention(q.reshape(b, t, hkv * g, d), cache.k[layer], cache.v[layer], q_start,
-                                           q_lens, q_start + q_lens, page_table, scale=1.0, impl=cfg.attention_impl)
+                                           q_lens, q_start + q_lens, page_table, scale=1.0, impl=cfg.attention_impl,
+                                           split_pages=True)
 
 
 def _write(cache: PagedCache, layer: int, pages: jax.Array, offsets: jax.Array, k: jax.Array, v: jax.Array):
-    """Scatters new K/V [..., Hkv, D] at pool (pages, offsets) [...] of one layer."""
-    lead = tuple(range(k.ndim - 2))
-    perm = (k.ndim - 2, *lead, k.ndim - 1)  # [..., Hkv, D] -> [Hkv, ..., D]
-    kp = cache.k[layer].at[:, pages, offsets].set(k.transpose(perm).astype(cache.k[layer].dtype))
-    vp = cache.v[layer].at[:, pages, offsets].set(v.transpose(perm).astype(cache.v[layer].dtype))
+    """Scatters new K/V [..., Hkv, D] at pool (pages, offsets) [...] of one layer, on the shard
+    that holds those pages and heads (kernels.write_pages)."""
+    kp, vp = kernels.write_pages(cache.k[layer], cache.v[layer], pages, offsets, k, v)
     return cache._replace(k=cache.k[:layer] + (kp,) + cache.k[layer + 1:],
                           v=cache.v[:layer] + (vp,) + cache.v[layer + 1:])
 
@@ -233,6 +247,13 @@ def _slots_of(page_table: jax.Array, positions: jax.Array, page_size: int, valid
     return pages, positions % page_size
 
 
+def _at_rows(x: jax.Array, index: jax.Array) -> jax.Array:
+    """x[b, index[b]] for x [B, T, ...]: a per-row gather (batched over B, so a split of the rows
+    over devices stays split; x[arange(B), index] would be gathered onto every device)."""
+    idx = index.reshape(-1, *(1,) * (x.ndim - 1))
+    return jnp.take_along_axis(x, idx, axis=1)[:, 0]
+
+
 # -------------------------------------------------------------------------------- entry points
 def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, q_start: jax.Array, q_lens: jax.Array,
             page_table: jax.Array, cache: PagedCache):
@@ -246,7 +267,6 @@ def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, q_start: jax.Arra
     pages, offsets = _slots_of(page_table, positions, cache.page_size, valid)
     cos, sin = _rope_tables(cfg, positions)
     x = jnp.take(weights.embed, tokens, axis=0)
-    rows = jnp.arange(b)
     last = q_lens - 1
     for i, w in enumerate(weights.layers):
         q, k, v = _qkv(cfg, w, x, cos, sin)  # [B, T, Hkv, G, D], [B, T, Hkv, D]
@@ -257,8 +277,8 @@ def prefill(cfg, weights: InferenceWeights, tokens: jax.Array, q_start: jax.Arra
         else:
             # Only the last new token's output is needed past the last layer's K/V: attend from it
             # alone (it sees the whole sequence) and skip the other tokens' MLP.
-            attn = _attend_decode(cfg, q[rows, last], cache, i, q_start + q_lens, page_table)
-            x = x[rows, last] + _out(w, attn)
+            attn = _attend_decode(cfg, _at_rows(q, last), cache, i, q_start + q_lens, page_table)
+            x = _at_rows(x, last) + _out(w, attn)
             x = x + _mlp(cfg, w, x)
     return _logits(cfg, weights, x), cache
 

@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
 
+from inference_worker.engine import fast_model
 from rlax_tpu.sharding import BATCH_AXES
 
 MAX_STOP_IDS = 8  # stop token ids checked on device per slot; more are checked on the host
@@ -51,18 +52,15 @@ def init_state(cache, num_slots: int) -> DecodeState:
     )
 
 
-def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, num_kv_heads: int):
+def state_shardings(state: DecodeState, mesh: jax.sharding.Mesh | None, cfg):
     """Slots (dim 0 of every field but the cache) split over the mesh's batch axes (data
-    parallelism, partitioned by XLA); the page pools over kv heads on the 'tensor' axis when it
-    divides (pages are shared by all slots, so they are not split over the batch axes)."""
+    parallelism, partitioned by XLA); the page pools over kv heads on 'tensor' and over the
+    batch axes by blocks of pages, one per shard of the slots (fast_model.cache_shardings)."""
     if mesh is None:
         return None
     slots = tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1) or None
-    tensor = mesh.shape.get("tensor", 1)
-    kv_heads = "tensor" if tensor > 1 and num_kv_heads % tensor == 0 else None
-    kv_sharding = NamedSharding(mesh, PartitionSpec(kv_heads, None, None, None))
     row = NamedSharding(mesh, PartitionSpec(slots))
     return state._replace(
-        cache=jax.tree.map(lambda _: kv_sharding, state.cache),
+        cache=fast_model.cache_shardings(cfg, state.cache, mesh),
         **{f: row for f in DecodeState._fields if f != "cache"},
     )

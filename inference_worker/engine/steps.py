@@ -52,14 +52,16 @@ def start(
 
     logits: [B, V] of the prefill rows. cow_src, cow_dst: [C]
     pool pages to copy after the prefill (a group's partly filled last page, one copy per extra
-    sample; padding copies the null page onto itself). src: [K] prefill row of each new slot; dst:
+    sample; padding copies the null page onto itself), in one block per shard of the slots
+    (kernels.copy_pages). src: [K] prefill row of each new slot; dst:
     [K] its slot (== num_slots for padding, dropped). context_lens: [K] tokens in the cache once
     prefilled. budget: [K] tokens it may still generate after the first. seed_lo, seed_hi,
     sample_index: [K] uint32 seed words and sample index (each completion's RNG key is derived
     here, sampling.derive_keys). Returns (state, first tokens [K], their logp [K], raw logp [K]).
     """
-    copy = lambda pool: pool.at[:, cow_dst].set(pool[:, cow_src])
-    cache = state.cache._replace(k=tuple(map(copy, state.cache.k)), v=tuple(map(copy, state.cache.v)))
+    pools = kernels.copy_pages(state.cache.k + state.cache.v, cow_src, cow_dst)  # on each pages' shard
+    layers = len(state.cache.k)
+    cache = state.cache._replace(k=pools[:layers], v=pools[layers:])
     keys = derive_keys(seed_lo, seed_hi, sample_index)
     first, logp, raw_logp = sample(logits[src], keys, jnp.zeros_like(src), temperature, top_k, top_p)
 

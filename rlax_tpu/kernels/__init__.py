@@ -8,12 +8,14 @@ exported here run every Pallas call under ``jax.shard_map`` over the mesh the ca
 
 from rlax_tpu.kernels.dispatch import KernelError
 from rlax_tpu.kernels.sharded import (
+    copy_pages,
     decode_attention,
     flash_attention,
     paged_decode_attention,
     paged_prefill_attention,
     under_mesh,
+    write_pages,
 )
 
 __all__ = ["KernelError", "decode_attention", "flash_attention", "paged_decode_attention",
-           "paged_prefill_attention", "under_mesh"]
+           "paged_prefill_attention", "under_mesh", "write_pages", "copy_pages"]

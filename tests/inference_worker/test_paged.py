@@ -33,6 +33,23 @@ def test_allocator_refcounts_and_free_list():
         a.share([4])
 
 
+def test_allocator_blocks_per_shard():
+    """With shards, each shard of the slots allocates from its own block (global ids), whose first
+    page is its null page; a page freed goes back to its block."""
+    a = PageAllocator(8, shards=2)
+    assert (a.block, a.usable, a.free_count) == (4, 3, 6)
+    assert a.alloc(2, 1) == [5, 6] and a.alloc(1, 0) == [1]
+    assert (a.free_in(0), a.free_in(1), a.shard_of(6)) == (2, 1, 1)
+    with pytest.raises(OutOfPages):
+        a.alloc(2, 1)
+    a.free([6])
+    assert a.alloc(1, 1) == [6] and a.used_count == 3
+    with pytest.raises(ValueError, match="not allocated"):
+        a.free([4])  # shard 1's null page
+    with pytest.raises(ValueError, match="equal blocks"):
+        PageAllocator(7, shards=2)
+
+
 def _paged(dense, page_size, table, rng):
     """[B, Hkv, S, D] -> pool [Hkv, P, page_size, D] holding each sequence's pages at the pool
     pages its row of ``table`` names (the other pages, page 0 included, are garbage)."""

@@ -33,6 +33,8 @@ def defaults() -> ml_collections.ConfigDict:
     # The paged KV cache: positions per page, and pages in the pool (0: enough for every slot at
     # max_seq_len, i.e. max_batch * ceil(max_seq_len / page_size) plus the reserved null page).
     # A smaller pool makes requests wait (or preempts the newest sequence) when pages run out.
+    # With mesh data x fsdp = d > 1 the pool is d equal blocks, one per shard of the slots, each
+    # with its own null page: num_pages must divide by d (0 sizes each block for its slots).
     c.page_size = 16
     c.num_pages = 0
     # How long a worker waits for the trainer's run metadata (model config, tokenizer) and, between

@@ -91,9 +91,10 @@ def test_paged_prefill_kernel_matches_reference(group):
     _close(out, want, F32_TOL)
 
 
-def test_paged_tpu_kernel_matches_reference_in_tpu_interpret_mode():
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_paged_tpu_kernel_matches_reference_in_tpu_interpret_mode(group):
     """Our TPU kernel (scalar-prefetched tables, one page per grid step), decode and prefill."""
-    hq, t = 4, 4
+    hq, t = 2 * group, 4
     q, kp, vp, dk, dv = _cache(hq, 2)
     lengths, tables = jnp.asarray(LENGTHS), jnp.asarray(TABLES)
     qt = jnp.asarray(np.random.default_rng(3).standard_normal((4, t, hq, D)), jnp.float32)

@@ -27,6 +27,8 @@ CFG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_layer
                   num_kv_heads=HKV, head_dim=D, arch="qwen2", qkv_bias=False, qk_norm=False, tie_embeddings=False,
                   rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, max_position_embeddings=2048,
                   param_dtype="float32", dtype="float32", attention_impl="pallas", logprob_chunk=1024)
+COLLECTIVE = re.compile(r"=\s*\w+\[([\d,]*)\][^=]*\b(all-gather|all-reduce|all-to-all|collective-permute|"
+                        r"reduce-scatter)(?:-start)?\(")
 GATHER = re.compile(r"=\s*\w+\[([\d,]*)\][^=]*\ball-gather(?:-start)?\(")
 
 
@@ -111,32 +113,62 @@ def test_paged_decode_without_shard_map_gathers(no_shard_map):
     assert _gathered_attention_operands(_paged_decode_hlo(_mesh(2, 4)), PAGED_DIMS)
 
 
-@pytest.mark.xfail(strict=True, reason="the paged engine's decode step still all-gathers a [B/2, 4, 16] "
-                   "attention operand over 'tensor' (its K/V write into the head-split pools); open work")
-def test_engine_decode_step_hlo_has_no_gather_of_cache():
-    """The engine's decode step (fast_model.decode_step over the paged cache) on a data=2,
-    tensor=2 mesh, traced under it as the engine traces it: q stays split over slots and heads,
-    the page pools over kv heads."""
+ENGINE_PAGES = 14  # two blocks of 7 pages, one per data shard of the slots
+
+
+def _engine_step_hlo(step: str) -> str:
+    """The engine's decode step (fast_model.decode_step) or prefill (fast_model.prefill, a
+    chunk of T = 24 tokens per row) over the paged cache on a data=2, tensor=2 mesh, with the
+    engine's shardings (slots over data; pools over kv heads and, by blocks of pages, over data)
+    and traced under the mesh as the engine traces it."""
     mesh = jax.make_mesh((2, 1, 2), sharding.AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3,
                          devices=jax.devices()[:4])
     cfg = CFG.replace(attention_impl="pallas")
-    model = models.init(cfg, 0)
-    gdef, params = nnx.split(model)
-    w_sh = fast_model.weight_shardings(cfg, mesh)
+    gdef, params = nnx.split(models.init(cfg, 0))
     weights = jax.eval_shape(lambda p: fast_model.build_weights(gdef, p, cfg), params)
     cache = jax.eval_shape(lambda: fast_model.init_cache(cfg, ENGINE_PAGES, 16))
-    c_sh = jax.tree.map(lambda _: NamedSharding(mesh, P("tensor", None, None, None)), cache)
-    row = NamedSharding(mesh, P(sharding.BATCH_AXES))
-    tok = jax.ShapeDtypeStruct((B,), jnp.int32)
-    table = jax.ShapeDtypeStruct((B, 3), jnp.int32)
-    step = jax.jit(lambda w, t, p, c, pt: fast_model.decode_step(cfg, w, t, p, c, pt),
-                   in_shardings=(w_sh, row, row, c_sh, NamedSharding(mesh, P(sharding.BATCH_AXES, None))))
-    hlo = kernels.under_mesh(mesh, step.lower)(weights, tok, tok, cache, table).compile().as_text()
+    row, rows2 = NamedSharding(mesh, P(sharding.BATCH_AXES)), NamedSharding(mesh, P(sharding.BATCH_AXES, None))
+    shardings = (fast_model.weight_shardings(cfg, mesh), fast_model.cache_shardings(cfg, cache, mesh))
+    vec, table = jax.ShapeDtypeStruct((B,), jnp.int32), jax.ShapeDtypeStruct((B, 3), jnp.int32)
+    if step == "decode":
+        fn = jax.jit(lambda w, c, t, p, pt: fast_model.decode_step(cfg, w, t, p, c, pt),
+                     in_shardings=(*shardings, row, row, rows2))
+        args = (vec, vec, table)
+    else:
+        fn = jax.jit(lambda w, c, t, s, n, pt: fast_model.prefill(cfg, w, t, s, n, pt, c),
+                     in_shardings=(*shardings, rows2, row, row, rows2))
+        args = (jax.ShapeDtypeStruct((B, T), jnp.int32), vec, vec, table)
+    return kernels.under_mesh(mesh, fn.lower)(weights, cache, *args).compile().as_text()
+
+
+# A pool (whole or one kv head's), q [.., Hq, D] over any slots, the new K/V as written
+# ([Hkv, B, (T,) D], [B, (T,) Hkv, D]) and q/k/v of a prefill chunk ([.., T, heads, (G,) D]).
+ENGINE_DIMS = ({(ENGINE_PAGES, 16, D), (HQ, D), (HQ // 2, D)} | {(b, T, D) for b in (B // 2, B)}
+               | {(T, h, D) for h in (1, 2, 4, 8)} | {(T, h, 2, D) for h in (1, 2, 4)})
+
+
+@pytest.mark.parametrize("step", ["decode", "prefill"])
+def test_engine_steps_hlo_have_no_gather_of_cache_or_qkv(step):
+    """Neither the new K/V (written into the shard's own pages and heads), nor q/k/v, nor the
+    pages move between devices in the engine's decode step or its prefill."""
+    hlo = _engine_step_hlo(step)
     assert not _gathered_attention_operands(hlo, ENGINE_DIMS)
+    # Stricter: the only collectives left are tensor parallelism's all-reduces of hidden-sized
+    # activations [.., H] (row-parallel projections, the vocab-split embedding).
+    collectives = COLLECTIVE.findall(hlo)
+    assert collectives and all(op == "all-reduce" and dims.split(",")[-1] == str(CFG.hidden_size)
+                               for dims, op in collectives), collectives
 
 
-ENGINE_PAGES = 13
-ENGINE_DIMS = {(ENGINE_PAGES, 16, D), (HQ, D), (HQ // 2, D)}  # a pool (any kv heads), q (any batch split)
+@pytest.fixture
+def no_engine_shard_map(monkeypatch):
+    """The paged calls and the K/V write on GSPMD-sharded operands, as without shard_map."""
+    monkeypatch.setattr(sharded_mod, "_plan", lambda *a: None)
+    monkeypatch.setattr(sharded_mod, "_paged_plan", lambda *a: None)
+
+
+def test_engine_decode_step_without_shard_map_gathers(no_engine_shard_map):
+    assert _gathered_attention_operands(_engine_step_hlo("decode"), ENGINE_DIMS)
 
 
 def test_sharded_wrappers_match_the_dispatcher():
@@ -169,3 +201,11 @@ def test_sharded_wrappers_match_the_dispatcher():
         out = jax.jit(lambda *a: kernels.paged_decode_attention(*a, impl="pallas"))(q[:, 0], kp, vp, lengths, tables)
     np.testing.assert_allclose(out, reference.paged_decode_attention_reference(q[:, 0], kp, vp, lengths, tables),
                                atol=2e-5)
+
+
+def test_split_pages_needs_rows_and_pages_that_divide_over_the_batch_shards():
+    mesh = _mesh(2, 1)
+    q, pool = jnp.zeros((3, HQ, D)), jnp.zeros((HKV, 8, 16, D))
+    with jax.set_mesh(mesh), pytest.raises(kernels.KernelError, match="3 rows and 8 pool pages must divide"):
+        kernels.paged_decode_attention(q, pool, pool, jnp.ones((3,), jnp.int32), jnp.zeros((3, 2), jnp.int32),
+                                       split_pages=True)

@@ -1,6 +1,7 @@
 """load_gguf: a real llama.cpp checkpoint (SmolLM2-135M-Instruct, Q4_1) against transformers' own
-GGUF loader (logits and greedy generation through our Engine), and tiny GGUF files written here
-for every supported tensor type, for Qwen2/Qwen3, Llama 3 rope scaling, sharding and bad files."""
+GGUF loader (logits, and greedy tokens and raw log-probs through our Engine), and tiny GGUF files
+written here for every supported tensor type, for Qwen2/Qwen3, Llama 3 rope scaling, sharding and
+bad files."""
 
 from __future__ import annotations
 
@@ -97,6 +98,13 @@ def test_real_greedy_generation_matches_transformers(real):
         print(repr(tok.decode(g)))
         assert g == e
     assert sum(map(len, got)) > 2 * len(prompts)  # real continuations, not an immediate eos
+    # The engine's raw log-probs (paged cache, fused view) against transformers' forward over the
+    # whole sequence: log_softmax at each position before a generated token.
+    for p, (c,) in zip(prompts, outs, strict=True):
+        with torch.no_grad():
+            logits = hf(torch.tensor([p + c.tokens])).logits[0, len(p) - 1: -1].double()
+        want = torch.log_softmax(logits, -1).gather(1, torch.tensor(c.tokens)[:, None])[:, 0].numpy()
+        np.testing.assert_allclose(c.raw_logprobs, want, atol=2e-3)
 
 
 # -- tiny synthetic files ---------------------------------------------------------------------------
