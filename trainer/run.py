@@ -233,6 +233,7 @@ class Trainer:
             step += 1
             with timer("publish"):
                 if step % c.trainer.publish_every == 0 or step == c.trainer.steps:
+                    self._base = state.get("base")  # the train step donates and returns it
                     self._publish_async(state["params"], step)
             prox_host = to_host(prox)  # a collective on several hosts: every process calls it
             record = {**m, **timer.pop(), "lr": float(self.schedule(step * self.updates_per_step - 1))}

@@ -39,12 +39,16 @@ BATCH = 2  # the smoke variant's trainer.batch_size
 OVERRIDES = [f"--config.trainer.steps={STEPS}", "--config.trainer.checkpoint_every=2",
              "--config.rl.max_staleness=1", "--config.eval.num_samples=0", "--config.sft.steps=10",
              "--config.replay.lease_seconds=6"]
-# Delta publishing on (the run's one chaos pass; RLAX_CHAOS_DELTA=0 runs it with full versions):
-# each trainer incarnation publishes a keyframe first (it holds no base), then deltas with a
-# keyframe every 3 versions, so kills land in both and workers follow both, applying deltas to
-# what they hold or rebuilding from a keyframe after a restart.
-if os.environ.get("RLAX_CHAOS_DELTA", "1") == "1":
-    OVERRIDES += ["--config.store.delta=True", "--config.store.keyframe_every=3"]
+# Two passes. "delta": delta publishing on: each trainer incarnation publishes a keyframe first
+# (it holds no base), then deltas with a keyframe every 3 versions, so kills land in both and
+# workers follow both, applying deltas to what they hold or rebuilding from a keyframe after a
+# restart. "lora": LoRA RL, the base published once to tree "base" and adapter-only versions to
+# tree "adapter", which workers merge into their pristine base copy. (Full versions under kill -9:
+# tests/trainer/test_procs.py.)
+MODES = {
+    "delta": ["--config.store.delta=True", "--config.store.keyframe_every=3"],
+    "lora": ["--config.lora.rank=2", "--config.lora.alpha=4.0"],
+}
 SEED = int(os.environ.get("RLAX_CHAOS_SEED", "0"))
 DEADLINE_S = 1200  # the whole run, on a very slow machine; normally a few minutes
 LANDED_RE = re.compile(r"worker (\S+): policy v(\d+) landed")
@@ -128,7 +132,9 @@ def _schedule(rng: random.Random) -> list[tuple[int, str, float, float, int]]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(DEADLINE_S + 300)
-def test_chaos_kill9_trainer_and_workers(tmp_path):
+@pytest.mark.parametrize("mode", sorted(MODES))
+def test_chaos_kill9_trainer_and_workers(tmp_path, mode):
+    overrides = [*OVERRIDES, *MODES[mode]]
     workdir = str(tmp_path / "run")
     logdir = str(tmp_path / "logs")
     os.makedirs(logdir)
@@ -137,7 +143,7 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
                XLA_FLAGS="--xla_force_host_platform_device_count=2",
                # Restarts reuse compiled programs: keeps each restart to seconds on 2 cores.
                JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
-    common = [f"--config={CONFIG}", f"--workdir={workdir}", *OVERRIDES]
+    common = [f"--config={CONFIG}", f"--workdir={workdir}", *overrides]
     py = sys.executable
     trainer = Role("trainer", [py, "-m", "trainer.main", *common], logdir, env)
     workers = [Role(f"w{i}", [py, "-m", "inference_worker.main", *common, f"--worker_id=w{i}"], logdir, env)
@@ -202,13 +208,13 @@ def test_chaos_kill9_trainer_and_workers(tmp_path):
                 except subprocess.TimeoutExpired:
                     role.kill9()
     elapsed = time.monotonic() - t0
-    print(json.dumps({"seed": SEED, "elapsed_s": round(elapsed, 1), "kills": fired}, indent=1))
+    print(json.dumps({"mode": mode, "seed": SEED, "elapsed_s": round(elapsed, 1), "kills": fired}, indent=1))
     assert sum(f["kind"].startswith("trainer") for f in fired) == 4
     assert sum(f["kind"].startswith("worker") for f in fired) == 3
     assert trainer.incarnation == 5
 
     _check_final_checkpoint_and_lineage(workdir)
-    _check_weights(workdir, workers)
+    _check_weights(workdir, workers, overrides, mode)
     resumed = sum("resumed from checkpoint" in open(p).read() for p in trainer.logs)
     assert resumed >= 3, "restarted trainers should resume from checkpoints"
 
@@ -241,13 +247,13 @@ def _check_final_checkpoint_and_lineage(workdir: str) -> None:
     assert replay["counters"]["admitted"] == len(admitted)  # counters restore with the lineage
 
 
-def _check_weights(workdir: str, workers: list[Role]) -> None:
-    from inference_worker.bootstrap import abstract_params
-    from param_server import ParamStore
-    from rlax_tpu import run_meta, sharding
+def _check_weights(workdir: str, workers: list[Role], overrides: list[str], mode: str) -> None:
+    from inference_worker.bootstrap import open_run
     from rlax_tpu.config import load_config
 
-    store = ParamStore.open("", workdir)
+    config = load_config(os.path.join(ROOT, CONFIG.split(":")[0]) + ":smoke", overrides)
+    run = open_run(config, workdir, os.path.join(workdir, "check"), wait_s=10)
+    store = run.store  # LoRA: the adapter tree
     loaded: dict[int, int] = {}
     landed = 0
     for w in workers:
@@ -267,12 +273,15 @@ def _check_weights(workdir: str, workers: list[Role]) -> None:
     assert landed >= len(loaded), f"{landed} policy-landed checks passed for {len(loaded)} loaded versions"
     final = _rl_records(workdir)[-1]
     assert final["canary/failed"] == 0 and final["canary/checked"] > 0, final
-    config = load_config(os.path.join(ROOT, CONFIG.split(":")[0]) + ":smoke", OVERRIDES)
-    _, target = abstract_params(run_meta.read_model_config(store.kv), sharding.make_mesh(config.inference.mesh))
     for v, step in sorted(loaded.items()):
         info = store.version_info(v)  # raises if v was never committed
         assert info["step"] == step, f"worker loaded v{v} as step {step}, committed as step {info['step']}"
-        store.pull(target, v)  # every chunk's crc32c (and a delta's rebuilt leaves' crc32c) checks out
-    if "--config.store.delta=True" in OVERRIDES:
+        # every chunk's crc32c (a delta's rebuilt leaves' too) checks out; LoRA: merged onto its base
+        _, manifest = run.read(v)
+        if mode == "lora":
+            assert manifest["meta"]["base_hash"] == run.adapters.base_hash
+    if mode == "delta":
         kinds = {store.read_manifest(v)["kind"] for v in loaded}
         assert kinds == {"keyframe", "delta"}, f"workers loaded only {kinds} versions"
+    if mode == "lora":  # five trainer incarnations, one base
+        assert run.adapters.base_store.versions() == [1], run.adapters.base_store.versions()
