@@ -83,11 +83,8 @@ def sft_episodes(config, tok, n: int) -> list[tuple[list[int], list[int]]]:
     """(tokens, loss mask) of config.sft.traces_path's first n episodes, in the episode layout."""
     from rlax_tpu.envs import traces
 
-    out = []
-    for trace in traces.read_traces(config.sft.traces_path, config.env.name, n):
-        ep = traces.episode_tokens(tok, trace)
-        out.append((ep.tokens, ep.loss_mask))
-    return out
+    return [traces.sft_row(traces.episode_tokens(tok, t))
+            for t in traces.read_traces(config.sft.traces_path, config.env.name, n)]
 
 
 def sft_layout(config, model_cfg: ModelConfig, layout: StateLayout) -> StateLayout:

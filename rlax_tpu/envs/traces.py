@@ -1,6 +1,6 @@
 """SFT traces from an environment's solved episodes: the reference model turns (data, not model
 samples) with the environment's actual replies (its tools really run, in the sandbox), laid out
-as EpisodeTokens, the token layout RL samples in.
+by envs.Episode, the same builder the rollouts use, so SFT trains on the token layout RL samples.
 
 Tools run where episodes run, never in the trainer: traces are written to a JSONL file first,
 
@@ -19,7 +19,7 @@ from typing import Any
 
 from rlax_tpu.config.errors import ConfigError
 from rlax_tpu.envs.base import Environment
-from rlax_tpu.envs.episode_tokens import EpisodeTokens
+from rlax_tpu.envs.episode import EnvTurnRenderer, Episode, episode_prompt
 from rlax_tpu.tasks.base import Problem
 from rlax_tpu.tokenizer.base import Tokenizer
 
@@ -46,15 +46,22 @@ def reference_episode(env: Environment, problem: Problem) -> dict[str, Any] | No
             "tools": env.tool_schemas(), "info": counters}
 
 
-def episode_tokens(tok: Tokenizer, trace: dict[str, Any]) -> EpisodeTokens:
-    """The trace as one token sequence: model turns encoded once (plus end-of-turn), each
+def episode_tokens(tok: Tokenizer, trace: dict[str, Any]) -> Episode:
+    """The trace as an Episode: model turns encoded once (plus end-of-turn, loss mask 1), each
     environment turn the chat template's delta (loss mask 0)."""
-    ep = EpisodeTokens(tok, trace["prompt"], tools=trace.get("tools") or None)
+    tools = trace.get("tools") or None
+    ep = Episode(EnvTurnRenderer(tok, tools=tools), episode_prompt(tok, trace["prompt"], tools=tools),
+                 trace["prompt"])
     for turn in trace["turns"]:
-        ep.add_model_text(turn["model"])
+        ep.add_model_turn(text=turn["model"])
         if turn["env"]:
-            ep.add_env(turn["env"])
+            ep.add_env_turn(turn["env"])
     return ep
+
+
+def sft_row(ep: Episode) -> tuple[list[int], list[int]]:
+    """(prompt + episode tokens, loss mask over them: prompt tokens 0)."""
+    return ep.prompt + ep.tokens, [0] * len(ep.prompt) + ep.loss_mask
 
 
 def write_traces(env: Environment, n: int, seed: int, path: str) -> int:
@@ -118,7 +125,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         written = write_traces(env, n, config.seed + SFT_SEED_OFFSET, out)
     finally:
         pool.shutdown()
-    lengths = [len(episode_tokens(tok, t).tokens) for t in read_traces(out, config.env.name, written)]
+    lengths = [len(sft_row(episode_tokens(tok, t))[0]) for t in read_traces(out, config.env.name, written)]
     print(json.dumps({"out": out, "traces": written, "problems": n, "max_tokens": max(lengths, default=0),
                       "mean_tokens": sum(lengths) / max(len(lengths), 1)}))
     return 0 if written else 1

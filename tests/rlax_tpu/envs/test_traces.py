@@ -12,7 +12,6 @@ from rlax_tpu import envs
 from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import ConfigError, get_base_config, validate
 from rlax_tpu.envs import traces
-from rlax_tpu.envs.episode_tokens import EpisodeError, EpisodeTokens
 from rlax_tpu.sandbox import SandboxPool
 from tests.helpers.checkpoints import smollm2_or_skip
 from tests.rlax_tpu.sandbox.usable import needs_bwrap
@@ -36,10 +35,10 @@ def env(tok):
         yield envs.make_env(c, lambda s: len(tok.encode(s)), pool)
 
 
-def segments(ep: EpisodeTokens) -> list[tuple[int, list[int]]]:
+def segments(tokens: list[int], mask: list[int]) -> list[tuple[int, list[int]]]:
     """Runs of equal loss mask: [(mask, ids), ...]."""
     out: list[tuple[int, list[int]]] = []
-    for t, m in zip(ep.tokens, ep.loss_mask, strict=True):
+    for t, m in zip(tokens, mask, strict=True):
         if out and out[-1][0] == m:
             out[-1][1].append(t)
         else:
@@ -54,8 +53,9 @@ def test_tool_arith_trace_masks_the_tool_reply_and_decodes_to_the_reference_conv
     value = str(eval(problem.meta["expression"]))  # noqa: S307 - the expression the env generated
     assert trace["turns"][0]["env"] == [{"role": "tool", "content": value}]  # the tool really ran
     ep = traces.episode_tokens(tok, trace)
+    tokens, mask = traces.sft_row(ep)
     end = "<|im_end|>"
-    kinds = [(m, tok.decode(ids, skip_special=False)) for m, ids in segments(ep)]
+    kinds = [(m, tok.decode(ids, skip_special=False)) for m, ids in segments(tokens, mask)]
     assert [m for m, _ in kinds] == [0, 1, 0, 1]
     prompt, call, reply, answer = (text for _, text in kinds)
     assert prompt.endswith(f"{problem.prompt}{end}\n<|im_start|>assistant\n")
@@ -66,33 +66,12 @@ def test_tool_arith_trace_masks_the_tool_reply_and_decodes_to_the_reference_conv
                                   *trace["turns"][0]["env"],
                                   {"role": "assistant", "content": trace["turns"][1]["model"]}]
     rendered = tok.apply_chat_template(messages, add_generation_prompt=False)
-    assert tok.decode(ep.tokens, skip_special=False) + "\n" == rendered
-    assert ep.mismatches() == 0
+    assert tok.decode(tokens, skip_special=False) + "\n" == rendered
+    assert ep.mismatches() == 0 and ep.delta_fallbacks == 0
     # The trainer's row: position t is trained when token t + 1 is the model's.
-    row = batching.sft_episode_batch([(ep.tokens, ep.loss_mask)], len(ep.tokens) + 4)
-    assert row["mask"][0].sum() == sum(ep.loss_mask)
-    assert (row["targets"][0][row["mask"][0]] == [t for t, m in zip(ep.tokens, ep.loss_mask, strict=True) if m]).all()
-
-
-def test_a_template_that_rewrites_history_has_no_delta(tok):
-    from rlax_tpu.tokenizer.chat import ChatTemplate
-
-    class Forgetful:  # renders only the last message: the conversation before it is rewritten
-        def __getattr__(self, name):
-            return getattr(tok, name)
-
-        def apply_chat_template(self, messages, add_generation_prompt=False, tools=None):
-            t = ChatTemplate("{% for m in messages[-1:] %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n"
-                             "{% endfor %}", "forgetful")
-            return t.render(messages, add_generation_prompt=add_generation_prompt)
-
-        def encode_prompt(self, messages, tools=None):
-            return tok.encode(self.apply_chat_template(messages))
-
-    ep = EpisodeTokens(Forgetful(), [{"role": "user", "content": "hi"}])
-    ep.add_model_text("call")
-    with pytest.raises(EpisodeError, match="rewrites"):
-        ep.add_env([{"role": "tool", "content": "42"}])
+    row = batching.sft_episode_batch([(tokens, mask)], len(tokens) + 4)
+    assert row["mask"][0].sum() == sum(mask) == ep.num_model_tokens
+    assert (row["targets"][0][row["mask"][0]] == [t for t, m in zip(tokens, mask, strict=True) if m]).all()
 
 
 def test_trace_file_and_config_are_checked(tmp_path):
