@@ -32,6 +32,7 @@ import numpy as np
 
 from inference_worker.bootstrap import open_run
 from inference_worker.engine import Engine, SamplingParams
+from inference_worker.rollout import EpisodeGroup, Rollouts
 from param_server import BadVersionError, VersionNotFoundError
 from rlax_tpu import run_meta
 from rlax_tpu import tasks as tasks_lib
@@ -42,30 +43,35 @@ from rlax_tpu.tasks.metrics import pass_at_k
 log = logging.getLogger(__name__)
 
 
-def evaluate(engine: Engine, tokenizer, task, problems, *, num_samples: int, ks, temperature: float,
-             max_new_tokens: int, seed: int) -> dict:
-    """Samples ``num_samples`` completions per problem; returns pass@k for each k and details."""
-    prompts = [tokenizer.encode_prompt(p.prompt) for p in problems]
-    params = [SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=num_samples,
-                             seed=seed + i, stop_token_ids=(tokenizer.eos_id,)) for i in range(len(problems))]
+def evaluate(rollouts: Rollouts, problems, *, num_samples: int, ks, temperature: float, max_new_tokens: int,
+             seed: int) -> dict:
+    """Runs ``num_samples`` episodes per problem on the rollout path; returns pass@k for each k,
+    the mean reward and the episodes' counters (turns, tool calls, token mismatches, masked)."""
+    tokenizer = rollouts.tokenizer
+    groups = [EpisodeGroup(p.to_dict(), rollouts.prompt(p),
+                           SamplingParams(temperature=temperature, max_new_tokens=max_new_tokens, n=num_samples,
+                                          seed=seed + i, stop_token_ids=(tokenizer.eos_id,)))
+              for i, p in enumerate(problems)]
     t0 = time.perf_counter()
-    outs = engine.generate(prompts, params)
+    outs = rollouts.run(groups)
     gen_s = time.perf_counter() - t0
-    # All completions in one call: a math task checks them in its process pool together.
-    flat = [(problem, tokenizer.decode(c.tokens)) for problem, completions in zip(problems, outs, strict=True)
-            for c in completions]
-    results = iter(task.rewards([p for p, _ in flat], [text for _, text in flat]))
-    correct, rewards, tokens = [], [], 0
-    for completions in outs:
-        group = [next(results) for _ in completions]
-        correct.append(sum(tasks_lib.is_solved(r.details) for r in group))
-        rewards.extend(r.score for r in group)
-        tokens += sum(len(c.tokens) for c in completions)
+    flat = [r for group in outs for r in group]
+    correct = [sum(tasks_lib.is_solved(r.details) for r in group) for group in outs]
+    tokens = sum(int(r.details["model_tokens"]) for r in flat)
     report = {f"pass@{k}": float(np.mean([pass_at_k(num_samples, c, k) for c in correct])) for k in ks}
     report.update(num_problems=len(problems), num_samples=num_samples, temperature=temperature,
-                  mean_reward=float(np.mean(rewards)) if rewards else 0.0, generated_tokens=tokens,
+                  mean_reward=float(np.mean([r.reward for r in flat])) if flat else 0.0, generated_tokens=tokens,
                   tokens_per_s=tokens / max(gen_s, 1e-9))
+    report.update(episode_metrics(flat))
     return report
+
+
+def episode_metrics(flat: list) -> dict:
+    """Means of the episodes' counters over rollouts, plus the masked count."""
+    out = {f"{k}_mean": float(np.mean([float(r.details.get(k, 0)) for r in flat])) if flat else 0.0
+           for k in ("turns", "tool_calls", "malformed_calls", "tool_errors", "token_mismatches")}
+    out["masked"] = sum(r.masked for r in flat)
+    return out
 
 
 class Evaluator:
@@ -75,22 +81,24 @@ class Evaluator:
         self.config, self.workdir = config, workdir
         self.run = open_run(config, workdir, os.path.join(workdir, "evaluator"),
                             wait_s=config.inference.meta_timeout_s)
-        self.task = tasks_lib.get_task(config.task)
-        self.problems = self.task.eval_problems(config.task.num_eval, config.seed)
         self.engine: Engine | None = None
+        self.rollouts: Rollouts | None = None
         self.finishing = False  # set by SIGUSR1: exit once nothing published is left
 
-    def _engine(self, params) -> Engine:
+    def _rollouts(self, params) -> Rollouts:
         if self.engine is None:
             self.engine = self.run.engine(self.config, params)
+            self.rollouts = Rollouts.from_config(self.config, self.engine, self.run.tokenizer)
+            self.problems = self.rollouts.problems("eval", self.config.task.num_eval, self.config.seed)
         else:
             self.engine.update_params(params)
-        return self.engine
+        return self.rollouts
 
     def evaluate_params(self, params) -> dict:
         c = self.config
         t0 = time.time()
-        report = evaluate(self._engine(params), self.run.tokenizer, self.task, self.problems,
+        rollouts = self._rollouts(params)
+        report = evaluate(rollouts, self.problems,
                           num_samples=c.eval.num_samples, ks=c.eval.ks, temperature=c.eval.temperature,
                           max_new_tokens=c.inference.max_new_tokens, seed=c.seed + eval_section.SEED_OFFSET)
         return {**report, "eval_s": time.time() - t0}
@@ -162,6 +170,8 @@ class Evaluator:
             time.sleep(self.config.store.poll_interval_s)
 
     def close(self) -> None:
+        if self.rollouts is not None:
+            self.rollouts.close()
         self.run.store.unpin(EVAL_READER)
 
 
@@ -192,13 +202,14 @@ def evaluate_checkpoint(config, path: str, workdir: str) -> dict:
     model, model_cfg = models.load(path, dtype=models.resolve_dtype(config.model.dtype), mesh=mesh,
                                    rules=sharding.INFERENCE_RULES, overrides=models.overrides(config.model))
     tok = checkpoint_tokenizer(config, path, os.path.join(run_meta.local_dir(workdir), "evaluator"))
-    task = tasks_lib.get_task(config.task)
-    problems = task.eval_problems(config.task.num_eval, config.seed)
-    engine = Engine.from_config(config.inference, model, model_cfg, mesh)
+    rollouts = Rollouts.from_config(config, Engine.from_config(config.inference, model, model_cfg, mesh), tok)
     c = config
-    return evaluate(engine, tok, task, problems, num_samples=c.eval.num_samples, ks=c.eval.ks,
-                    temperature=c.eval.temperature, max_new_tokens=c.inference.max_new_tokens,
-                    seed=c.seed + eval_section.SEED_OFFSET)
+    try:
+        return evaluate(rollouts, rollouts.problems("eval", c.task.num_eval, c.seed), num_samples=c.eval.num_samples,
+                        ks=c.eval.ks, temperature=c.eval.temperature, max_new_tokens=c.inference.max_new_tokens,
+                        seed=c.seed + eval_section.SEED_OFFSET)
+    finally:
+        rollouts.close()
 
 
 def main(argv) -> None:

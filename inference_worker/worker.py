@@ -1,4 +1,4 @@
-"""The inference worker loop: pull weights, lease tasks, generate, score, write rollout groups.
+"""The inference worker loop: pull weights, lease tasks, run their episodes, write rollout groups.
 
 A worker holds no state of its own: the model config and tokenizer come from the run's store
 (written by the trainer), weights from the param server through a VariableClient, work from the
@@ -13,14 +13,11 @@ import logging
 import os
 import time
 
-import numpy as np
-
 from inference_worker.bootstrap import open_run
 from inference_worker.engine import SamplingParams
 from inference_worker.replay_client import ReplayWorker, install_sigterm_handler
+from inference_worker.rollout import EpisodeGroup, Rollouts
 from param_server import VariableClient
-from rlax_tpu import tasks as tasks_lib
-from rlax_tpu.replay import Sample
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ class Worker:
         self.engine_version = self.client.version
         self.weights_step = self.client.step
         log.info("worker %s: weights v%d (step %d)", worker_id, self.client.version, self.weights_step)
-        self.task = tasks_lib.get_task(config.task)
+        self.rollouts = Rollouts.from_config(config, self.engine, self.tokenizer)
         self.replay = ReplayWorker.from_config(self.kv, config, worker_id)
         self.groups_done = 0
 
@@ -68,35 +65,22 @@ class Worker:
                               n=task.n_samples, seed=task.seed, stop_token_ids=(self.tokenizer.eos_id,))
 
     def step(self) -> int:
-        """One round: lease up to worker_max_leases tasks, generate them together, submit."""
+        """One round: lease up to worker_max_leases tasks, run their episodes together, submit."""
         self._refresh_weights()
         leases = self.replay.lease(max_tasks=self.config.replay.worker_max_leases)
         if not leases:
             return 0
         self._wait_for_step(max(lease.task.weights_step for lease in leases))
         t0 = time.time()
-        outs = self.engine.generate([lease.task.prompt_tokens.tolist() for lease in leases],
-                                    [self._sampling(lease.task) for lease in leases])
+        rollouts = self.rollouts.run([EpisodeGroup(lease.task.spec.get("problem", {}),
+                                                   lease.task.prompt_tokens.tolist(), self._sampling(lease.task))
+                                      for lease in leases])
         gen_s = time.time() - t0
-        # Every completion of every leased group scored in one call (a math task's process pool).
-        rewards = iter(self.task.rewards(
-            [lease.task.spec.get("problem", {}) for lease, cs in zip(leases, outs, strict=True) for _ in cs],
-            [self.tokenizer.decode(c.tokens) for cs in outs for c in cs]))
-        results = []
-        for lease, completions in zip(leases, outs, strict=True):
-            samples = []
-            for c in completions:
-                reward = next(rewards)
-                details = dict(reward.details)
-                if c.error:
-                    details["engine_error"] = c.error
-                # Behavior log-probs under the sampling distribution (logits / temperature; RL
-                # refuses truncation): what the trainer recomputes at the same temperature.
-                samples.append(Sample(tokens=np.asarray(c.tokens, np.int32),
-                                      logprobs=np.asarray(c.logprobs, np.float32),
-                                      weights_step=self.weights_step, reward=float(reward.score),
-                                      reward_details=details, finish_reason=c.finish_reason))
-            results.append((lease, samples, {"generate_s": gen_s, "worker_weights_version": self.client.version}))
+        # Behavior log-probs under the sampling distribution (logits / temperature; RL refuses
+        # truncation): what the trainer recomputes at the same temperature.
+        results = [(lease, [r.sample(self.weights_step) for r in group],
+                    {"generate_s": gen_s, "worker_weights_version": self.client.version})
+                   for lease, group in zip(leases, rollouts, strict=True)]
         self.replay.submit_many(results)
         self.groups_done += len(results)
         return len(results)
@@ -112,6 +96,7 @@ class Worker:
                     time.sleep(self.config.replay.poll_seconds)
         finally:
             self.replay.stop(release=True)
+            self.rollouts.close()
             self.client.close()
 
 

@@ -1,9 +1,10 @@
 """Host-side batch building: rollout groups and SFT traces -> numpy arrays.
 
 The per-sample view is one row per sample, [samples, seq_len] (seq_len =
-config.inference.max_seq_len): the prompt then the completion, right-padded;
-``targets[t] = tokens[t + 1]``; ``mask`` marks the positions whose target is a completion token
-(RL) or an answer token (SFT), so prompt tokens never carry loss. The loss, advantages and
+config.inference.max_seq_len): the prompt then the episode (a completion, or model and
+environment turns), right-padded; ``targets[t] = tokens[t + 1]``; ``mask`` marks the positions
+whose target is a model token (RL: the sample's loss mask, so environment turns carry no loss) or
+an answer token (SFT), so prompt tokens never carry loss. The loss, advantages and
 metrics work on that view. The model's inputs (MODEL_KEYS) go through ``pack``: several samples
 per row of config.trainer.pack_len tokens, each its own segment with positions from 0, and a
 ``pack_index`` that maps the packed rows' outputs back to the per-sample view.
@@ -36,7 +37,8 @@ def _empty(rows: int, seq_len: int) -> dict[str, np.ndarray]:
     }
 
 
-def _put_row(b: dict, i: int, prompt: Sequence[int], answer: Sequence[int], where: str) -> tuple[int, int]:
+def _put_row(b: dict, i: int, prompt: Sequence[int], answer: Sequence[int], where: str,
+             loss_mask: np.ndarray | None = None) -> tuple[int, int]:
     seq_len = b["tokens"].shape[1]
     p, n = len(prompt), len(answer)
     if p + n > seq_len:
@@ -48,20 +50,27 @@ def _put_row(b: dict, i: int, prompt: Sequence[int], answer: Sequence[int], wher
     b["tokens"][i, : p + n] = seq
     b["targets"][i, : p + n - 1] = seq[1:]
     b["segment_ids"][i, : p + n] = 1
-    b["mask"][i, p - 1 : p + n - 1] = True
+    b["mask"][i, p - 1 : p + n - 1] = True if loss_mask is None else np.asarray(loss_mask, bool)
     return p, n
 
 
 def rl_batch(groups: Sequence[Admitted], seq_len: int) -> dict[str, np.ndarray]:
-    """One row per sample, groups contiguous and in the given order."""
+    """One row per sample, groups contiguous and in the given order. A row holds the prompt and
+    the whole episode (sized by its length); the loss, advantages and metrics see only the
+    model's tokens (``mask`` = the sample's loss mask). A sample with no model token to train on
+    (masked for an infrastructure failure) is no valid row (``sample_mask``): it is left out of
+    its group's statistics."""
     b = empty_rl_batch(sum(len(a.group.samples) for a in groups), seq_len)
     i = 0
     for g, a in enumerate(groups):
         for j, s in enumerate(a.group.samples):
             where = f"rollout {a.task.task_id} sample {j}"
-            p, n = _put_row(b, i, a.task.prompt_tokens, s.tokens, where)
+            if len(s.loss_mask) != len(s.tokens):
+                raise BatchError(f"{where}: a loss mask of {len(s.loss_mask)} for {len(s.tokens)} tokens")
+            p, n = _put_row(b, i, a.task.prompt_tokens, s.tokens, where, s.loss_mask)
             if len(s.logprobs) != n:
                 raise BatchError(f"{where}: {len(s.logprobs)} log-probs for {n} tokens")
+            b["sample_mask"][i] = bool(np.any(s.loss_mask))
             b["behavior_logp"][i, p - 1 : p + n - 1] = s.logprobs
             b["rewards"][i] = s.reward
             b["group_ids"][i] = g

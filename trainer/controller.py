@@ -61,13 +61,30 @@ class DifficultyTracker:
 
 
 def is_zero_variance(admitted: Admitted) -> bool:
-    """Every sample of the group got the same reward: no learning signal (DAPO's filter)."""
-    rewards = admitted.group.rewards
-    return bool(np.ptp(rewards) == 0)
+    """Every sample of the group that trains (not masked out) got the same reward: no learning
+    signal (DAPO's filter)."""
+    rewards = [s.reward for s in admitted.group.samples if np.any(s.loss_mask)]
+    return len(rewards) == 0 or bool(np.ptp(rewards) == 0)
 
 
 def _solved(sample) -> int:
     return int(tasks_lib.is_solved(sample.reward_details))
+
+
+EPISODE_COUNTERS = ("turns", "tool_calls", "malformed_calls", "tool_errors", "token_mismatches", "env_tokens")
+
+
+def episode_metrics(samples) -> dict:
+    """The episodes' counters (reward_details, written by the rollout path) as step metrics:
+    means per sample, the masked fraction (infrastructure failures left out of training) and the
+    model tokens trained on."""
+    out = {f"episode/{k}_mean": float(np.mean([float(s.reward_details.get(k, 0)) for s in samples]))
+           for k in EPISODE_COUNTERS}
+    out["episode/masked_frac"] = float(np.mean([not np.any(s.loss_mask) for s in samples]))
+    out["episode/token_mismatches_total"] = int(sum(int(s.reward_details.get("token_mismatches", 0))
+                                                    for s in samples))
+    out["episode/model_tokens_mean"] = float(np.mean([int(np.sum(s.loss_mask)) for s in samples]))
+    return out
 
 
 class Controller:
@@ -212,6 +229,7 @@ class Controller:
             "completion/len_max": float(lengths.max()),
             "difficulty/skipped_total": self.difficulty.skipped,
             "dynamic_sampling/dropped_total": self.dropped_zero_variance,
+            **episode_metrics([s for a in groups for s in a.group.samples]),
         }
 
     def state_dict(self) -> dict:

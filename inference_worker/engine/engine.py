@@ -209,11 +209,12 @@ class Engine:
             raise EngineError(f"request {request_id} is not running (retain before it finishes)")
         self._requests[request_id].retain = True
 
-    def release(self, request_id: int) -> None:
-        """Frees the pages of the request's retained sequences (and retains no more of them)."""
-        if request_id in self._requests:
+    def release(self, request_id: int, sample: int | None = None) -> None:
+        """Frees the pages of the request's retained sequences (and retains no more of them);
+        with ``sample``, of that sequence only (the group's other episodes go on)."""
+        if request_id in self._requests and sample is None:
             self._requests[request_id].retain = False
-        for key in [k for k in self._retained if k[0] == request_id]:
+        for key in [k for k in self._retained if k[0] == request_id and sample in (None, k[1])]:
             self.allocator.free(self._retained.pop(key).pages)
 
     def step(self) -> bool:

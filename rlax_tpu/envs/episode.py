@@ -54,10 +54,18 @@ class EpisodeError(ValueError):
     """An episode cannot be rendered as asked (no chat template, a template that keeps no prefix)."""
 
 
+def prompt_messages(tokenizer: Tokenizer, messages: Sequence[Message]) -> list[Message]:
+    """An episode's first messages as the prompt renders them: a lone user message is a task
+    prompt (config.tokenizer.system_prompt added, as tokenizer.encode_prompt does)."""
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return tokenizer.prompt_messages(str(messages[0]["content"]))
+    return [dict(m) for m in messages]
+
+
 def episode_prompt(tokenizer: Tokenizer, messages: Sequence[Message], tools: Sequence[dict] | None = None
                    ) -> list[int]:
-    """The prompt ids of an episode's first messages (env.reset): a one-message user conversation
-    is rendered as every task prompt is (tokenizer.encode_prompt of its text: system prompt and
+    """The prompt ids of an episode's first messages (env.reset): a lone user message is rendered
+    as every task prompt is (tokenizer.encode_prompt of its text: system prompt and
     prompt_template included), anything else with the chat template and its generation prompt."""
     if len(messages) == 1 and messages[0].get("role") == "user" and not tools:
         return tokenizer.encode_prompt(str(messages[0]["content"]))
@@ -129,9 +137,11 @@ class Episode:
     tokens 1, environment tokens 0), and the conversation as messages."""
 
     def __init__(self, renderer: EnvTurnRenderer, prompt: Sequence[int], messages: Sequence[Message]):
+        """``prompt``: the prompt's ids (episode_prompt); ``messages``: the conversation they
+        render (the environment's reset messages)."""
         self.renderer = renderer
         self.prompt = [int(t) for t in prompt]
-        self.messages: list[Message] = [dict(m) for m in messages]
+        self.messages: list[Message] = prompt_messages(renderer.tokenizer, messages)
         self.tokens: list[int] = []
         self.logprobs: list[float] = []
         self.loss_mask: list[int] = []
@@ -147,6 +157,11 @@ class Episode:
     def last_turn_text(self) -> str:
         """The last model turn as text (special tokens dropped): what the environment reads."""
         return self.messages[-1]["content"] if self.messages and self.messages[-1]["role"] == "assistant" else ""
+
+    @property
+    def last_turn_tokens(self) -> int:
+        """How many tokens the last model turn has."""
+        return self.model_turns[-1][1] - self.model_turns[-1][0] if self.model_turns else 0
 
     @property
     def num_model_tokens(self) -> int:
@@ -194,11 +209,17 @@ class Episode:
 
     def fresh_tokens(self) -> list[int]:
         """The whole conversation rendered and encoded afresh (what re-tokenizing each turn
-        gives), cut after the last model turn: with the chat template when there is one, else
-        the kept tokens decoded and encoded again."""
+        gives), cut after the last model turn. Without a chat template (one-step episodes): the
+        prompt, then each model turn decoded and encoded again (its stop token kept)."""
         tok = self.tokenizer
         if self.renderer.template is None:
-            return tok.encode(tok.decode(self.prompt + self.tokens, skip_special=False))
+            fresh, at = list(self.prompt), 0
+            for start, end in self.model_turns:
+                turn = self.tokens[start:end]
+                stop = turn[-1:] if turn and turn[-1] in tok.special_ids else []
+                fresh += self.tokens[at:start] + tok.encode(tok.decode(turn[: len(turn) - len(stop)])) + stop
+                at = end
+            return fresh + self.tokens[at:]
         text = self.renderer.render(self.messages, False)
         if self._end_of_turn and text.rfind(self._end_of_turn) >= 0:
             text = text[: text.rfind(self._end_of_turn) + len(self._end_of_turn)]

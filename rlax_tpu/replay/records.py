@@ -15,11 +15,16 @@ from typing import Any
 import msgpack
 import numpy as np
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+# Older versions still decoded (an old run resumed): schema 2 samples have no loss mask (all ones).
+READABLE_SCHEMAS = (2, 3)
+# Task digests are taken over the task as schema 2 encoded it (tasks did not change in 3), so a
+# run resumed across the upgrade still recognizes the tasks it issued.
+_DIGEST_SCHEMA = 2
 TASK_KIND = "rlax.task"
 ROLLOUT_KIND = "rlax.rollout_group"
 # Only these dtypes cross the wire (tokens and log-probs); anything else is a foreign record.
-_DTYPES = ("int32", "int64", "float32", "float64", "bfloat16", "float16")
+_DTYPES = ("int32", "int64", "float32", "float64", "bfloat16", "float16", "uint8")
 
 
 class RecordError(ValueError):
@@ -41,14 +46,25 @@ class Task:
 
 @dataclasses.dataclass(frozen=True)
 class Sample:
-    """One completion of a task."""
+    """One episode of a task (a single completion for a one-step task).
 
-    tokens: np.ndarray  # [T] int32, generated tokens only (the prompt is in the Task)
-    logprobs: np.ndarray  # [T] float32 behavior log-probs from the engine
+    tokens, logprobs and loss_mask are aligned over everything after the task's prompt: the
+    model's tokens (loss mask 1, behavior log-probs) and the environment's turns between them
+    (loss mask 0, log-prob 0). loss_mask None means every token is the model's (a completion);
+    an all-zero mask leaves the sample out of training (an infrastructure failure).
+    """
+
+    tokens: np.ndarray  # [T] int32, the episode after the prompt (the prompt is in the Task)
+    logprobs: np.ndarray  # [T] float32 behavior log-probs from the engine (0 on environment tokens)
     weights_step: int  # trainer step of the weights that generated this sample
     reward: float
-    reward_details: dict  # plain JSON-able data (e.g. {"format": 1.0, "correct": 0.0})
+    reward_details: dict  # plain JSON-able data (e.g. {"format": 1.0, "correct": 0.0}, episode counters)
     finish_reason: str  # "stop" | "length" | ...
+    loss_mask: np.ndarray | None = None  # [T] uint8: 1 model token, 0 environment token
+
+    def __post_init__(self):
+        if self.loss_mask is None:
+            object.__setattr__(self, "loss_mask", np.ones(np.shape(self.tokens), np.uint8))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +93,7 @@ def task_digest(task: Task) -> str:
     The weights step is left out: a task re-issued after a restart with the same prompt, spec
     and seed but a newer weights step is the same work, and its rollout stays valid.
     """
-    raw = encode_task(dataclasses.replace(task, weights_step=0))
+    raw = _encode_task(dataclasses.replace(task, weights_step=0), _DIGEST_SCHEMA)
     return hashlib.blake2b(raw, digest_size=8).hexdigest()
 
 
@@ -138,8 +154,8 @@ def _header(raw: bytes, kind: str) -> dict:
         raise RecordError(f"{kind}: top level is {type(d).__name__}, not a map")
     if d.get("kind") != kind:
         raise RecordError(f"{kind}: foreign record of kind {d.get('kind')!r}")
-    if d.get("schema") != SCHEMA_VERSION:
-        raise RecordError(f"{kind}: schema version {d.get('schema')!r}, expected {SCHEMA_VERSION}")
+    if d.get("schema") not in READABLE_SCHEMAS:
+        raise RecordError(f"{kind}: schema version {d.get('schema')!r}, expected one of {READABLE_SCHEMAS}")
     return d
 
 
@@ -152,8 +168,12 @@ def _pack(d: dict) -> bytes:
 
 def encode_task(t: Task) -> bytes:
     """Deterministic bytes: the same task always encodes (and digests) the same."""
+    return _encode_task(t, SCHEMA_VERSION)
+
+
+def _encode_task(t: Task, schema: int) -> bytes:
     return _pack({
-        "kind": TASK_KIND, "schema": SCHEMA_VERSION, "task_id": t.task_id, "prompt_id": t.prompt_id,
+        "kind": TASK_KIND, "schema": schema, "task_id": t.task_id, "prompt_id": t.prompt_id,
         "prompt_tokens": _pack_array(np.asarray(t.prompt_tokens, np.int32)),
         "spec": t.spec, "n_samples": int(t.n_samples), "seed": int(t.seed),
         "weights_step": int(t.weights_step),
@@ -179,14 +199,24 @@ def decode_task(raw: bytes) -> Task:
 # ----------------------------------------------------------------------------- RolloutGroup
 
 
+def _check_mask(mask: np.ndarray, tokens: np.ndarray, where: str) -> np.ndarray:
+    if mask.shape != tokens.shape:
+        raise RecordError(f"{where}: loss_mask {mask.shape} and tokens {tokens.shape} differ")
+    if mask.dtype.kind not in "iub" or (mask.size and not np.isin(mask, (0, 1)).all()):
+        raise RecordError(f"{where}: loss_mask must hold 0 (environment) and 1 (model) only, "
+                          f"got dtype {mask.dtype} with values {np.unique(mask)[:8].tolist()}")
+    return mask.astype(np.uint8, copy=False)
+
+
 def encode_rollout(g: RolloutGroup) -> bytes:
     samples = []
-    for s in g.samples:
+    for i, s in enumerate(g.samples):
         tokens, logprobs = np.asarray(s.tokens), np.asarray(s.logprobs)
         if tokens.shape != logprobs.shape or tokens.ndim != 1:
             raise RecordError(f"rollout {g.task_id}: tokens {tokens.shape} vs logprobs {logprobs.shape}")
+        mask = _check_mask(np.asarray(s.loss_mask), tokens, f"rollout {g.task_id}.samples[{i}]")
         samples.append({
-            "tokens": _pack_array(tokens.astype(np.int32, copy=False)),
+            "tokens": _pack_array(tokens.astype(np.int32, copy=False)), "loss_mask": _pack_array(mask),
             "logprobs": _pack_array(logprobs), "weights_step": int(s.weights_step),
             "reward": float(s.reward), "reward_details": s.reward_details,
             "finish_reason": s.finish_reason,
@@ -216,10 +246,16 @@ def decode_rollout(raw: bytes) -> RolloutGroup:
         if tokens.dtype.kind != "i" or logprobs.dtype.kind != "f" and logprobs.dtype.name != "bfloat16":
             raise RecordError(f"{ws}: tokens {tokens.dtype} / logprobs {logprobs.dtype} have wrong kinds")
         reward = _field(s, "reward", (int, float), ws)
+        if d["schema"] == 2:  # completions only: every token the model's
+            mask = np.ones(tokens.shape, np.uint8)
+        else:
+            if "loss_mask" not in s:
+                raise RecordError(f"{ws}: field 'loss_mask' is missing")
+            mask = _check_mask(_unpack_array(s["loss_mask"], f"{ws}.loss_mask", 1), tokens, ws)
         samples.append(Sample(
             tokens=tokens, logprobs=logprobs, weights_step=_field(s, "weights_step", int, ws),
             reward=float(reward), reward_details=_field(s, "reward_details", dict, ws),
-            finish_reason=_field(s, "finish_reason", str, ws),
+            finish_reason=_field(s, "finish_reason", str, ws), loss_mask=mask,
         ))
     return RolloutGroup(
         task_id=tid, samples=tuple(samples), worker_id=_field(d, "worker_id", str, w),

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from inference_worker.evaluator import Evaluator, evaluate
+from inference_worker.rollout import Rollouts
 from param_server import ParamStore
 from rlax_tpu import models, run_meta, store_layout
 from rlax_tpu import tasks as tasks_lib
@@ -72,7 +73,7 @@ def test_due_steps_are_evaluated_once_with_the_same_record_as_the_function(run):
     assert json.loads(store.kv.get(store_layout.eval_record_key(2))) == records[1]
     # The record is what evaluate() gives for the same weights and seed, on a fresh engine.
     engine = ev.run.engine(config, nnx.to_pure_dict(weights[2]))
-    want = evaluate(engine, tok, task, task.eval_problems(config.task.num_eval, config.seed),
+    want = evaluate(Rollouts(config, engine, tok, task), task.eval_problems(config.task.num_eval, config.seed),
                     num_samples=4, ks=(1, 2, 4), temperature=config.eval.temperature,
                     max_new_tokens=config.inference.max_new_tokens, seed=config.seed + eval_section.SEED_OFFSET)
     for k in ("pass@1", "pass@2", "pass@4", "mean_reward", "generated_tokens", "num_problems"):

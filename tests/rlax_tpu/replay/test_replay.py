@@ -1,5 +1,6 @@
 """Replay queue, in process: records, admission, staleness, acks, corrupt input."""
 
+import dataclasses
 import logging
 import time
 
@@ -22,6 +23,7 @@ from rlax_tpu.replay import (
     decode_task,
     encode_rollout,
     encode_task,
+    task_digest,
 )
 from tests.helpers.fake_worker import fake_samples
 from trainer.replay_controller import QueueFull, ReplayController
@@ -75,11 +77,54 @@ def test_records_round_trip():
     for a, b in zip(g.samples, g2.samples, strict=True):
         assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.logprobs, b.logprobs)
         assert b.logprobs.dtype == np.float32 and (a.weights_step, a.finish_reason) == (b.weights_step, b.finish_reason)
-    # compact: raw bytes, not lists (8 samples x 1k tokens is ~64 KiB, not ~100s of KiB)
+    # compact: raw bytes, not lists (8 samples x 1k tokens is ~72 KiB, not ~100s of KiB)
     big = RolloutGroup("000000000001", tuple(
         Sample(np.zeros(1024, np.int32), np.zeros(1024, np.float32), 0, 0.0, {}, "stop")
         for _ in range(8)), "w", {})
-    assert len(encode_rollout(big)) < 8 * 1024 * 8 + 2000
+    assert len(encode_rollout(big)) < 8 * 1024 * 9 + 2000
+
+
+def _episode_group():
+    mask = np.array([1, 1, 0, 0, 0, 1, 1], np.uint8)  # model, environment, model tokens
+    logp = np.where(mask == 1, -0.5, 0.0).astype(np.float32)
+    s = Sample(np.arange(7, dtype=np.int32), logp, 2, 1.0, {"turns": 2, "tool_calls": 1}, "eos", mask)
+    return RolloutGroup("000000000009", (s,), "w0", {}, "abcd")
+
+
+def test_schema_3_round_trips_the_loss_mask():
+    g = _episode_group()
+    (s,) = decode_rollout(encode_rollout(g)).samples
+    assert s.loss_mask.dtype == np.uint8 and s.loss_mask.tolist() == [1, 1, 0, 0, 0, 1, 1]
+    assert s.reward_details == {"turns": 2, "tool_calls": 1}
+    assert msgpack.unpackb(encode_rollout(g), raw=False)["schema"] == SCHEMA_VERSION == 3
+    # a completion (no mask given) is every token the model's
+    assert _group().samples[0].loss_mask.tolist() == [1] * 6
+
+
+def test_schema_2_records_of_a_resumed_run_decode_with_an_all_ones_mask():
+    d = msgpack.unpackb(encode_rollout(_episode_group()), raw=False)
+    d["schema"] = 2
+    del d["samples"][0]["loss_mask"]
+    (s,) = decode_rollout(msgpack.packb(d, use_bin_type=True)).samples
+    assert s.loss_mask.tolist() == [1] * 7
+    t = decode_task(_mutate(encode_task(_task()), schema=2))
+    assert task_digest(t) == task_digest(_task())  # digests do not change with the schema
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda s: s.pop("loss_mask"), "'loss_mask' is missing"),
+    (lambda s: s["loss_mask"].update(shape=[6], data=b"\x01" * 6), "loss_mask .* differ"),
+    (lambda s: s["loss_mask"].update(data=b"\x02" * 7), "loss_mask must hold 0"),
+    (lambda s: s.update(loss_mask=[1] * 7), "loss_mask: expected an encoded array"),
+])
+def test_bad_loss_masks_raise_record_error_naming_the_field(change, match):
+    d = msgpack.unpackb(encode_rollout(_episode_group()), raw=False)
+    change(d["samples"][0])
+    with pytest.raises(RecordError, match=match):
+        decode_rollout(msgpack.packb(d, use_bin_type=True))
+    bad = dataclasses.replace(_episode_group().samples[0], loss_mask=np.array([1, 0, 2, 0, 0, 1, 1]))
+    with pytest.raises(RecordError, match="loss_mask"):
+        encode_rollout(RolloutGroup("000000000009", (bad,), "w0", {}))
 
 
 def _mutate(raw, **fields):
