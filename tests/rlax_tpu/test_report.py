@@ -32,3 +32,14 @@ def test_the_report_names_the_run_from_its_config(tmp_path, capsys):
     (tmp_path / "eval.jsonl").write_text(json.dumps(record) + "\n")
     assert report.main(["--workdir", str(tmp_path)]) == 0
     assert f"run arith_ppo ({tmp_path})" in capsys.readouterr().out
+
+
+def test_the_table_shows_episode_counters_when_the_records_have_them():
+    base = {"pass@1": 0.25, "num_problems": 4, "num_samples": 2}
+    plain = report.table([{"step": 0, **base}, {"step": 4, **base}])
+    assert "tool calls" not in plain
+    evals = [{"step": 0, **base, "turns_mean": 1.5, "tool_calls_mean": 0.5, "masked": 0},
+             {"step": 4, **base, "turns_mean": 2.0, "tool_calls_mean": 1.0, "masked": 1}]
+    rows = {line.split("  ")[0]: line.split() for line in report.table(evals).splitlines()}
+    assert rows["tool calls"][-3:] == ["0.50", "1.00", "+0.50"]
+    assert rows["turns"][-3:] == ["1.50", "2.00", "+0.50"] and rows["masked"][-1] == "+1.00"
