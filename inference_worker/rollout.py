@@ -230,12 +230,13 @@ class Rollouts:
         if done or cut:
             self._end(ep, out, float(reward), info, "length" if cut else ep.last_finish)
             return
-        delta = ep.episode.add_env_turn(check_messages(new_messages))
-        used = len(ep.episode.tokens)
-        room = self.engine.max_seq_len - len(ep.episode.prompt) - used
-        if used >= self.limits.max_total_tokens or room < 1:
+        # Room for the reply and one more sampled token, in the episode's budget and the engine.
+        max_len = min(self.limits.max_total_tokens, self.engine.max_seq_len - len(ep.episode.prompt)) - 1
+        delta = ep.episode.add_env_turn(check_messages(new_messages), max_len=max_len)
+        if delta is None:
             self._end(ep, out, 0.0, {**info, "truncated": True}, "length")
             return
+        used = len(ep.episode.tokens)
         p = ep.params
         params = SamplingParams(temperature=p.temperature, top_k=p.top_k, top_p=p.top_p,
                                 max_new_tokens=max(1, min(p.max_new_tokens, self.limits.max_total_tokens - used)),
@@ -243,7 +244,7 @@ class Rollouts:
                                 stop_sequences=p.stop_sequences)
         try:
             rid = self.engine.extend(ep.key[0], delta, params, sample=ep.key[1], retain=True)
-        except EngineError as e:  # no room for one more token: the episode is as long as it gets
+        except EngineError as e:  # the pages cannot hold it: the episode is as long as it gets
             log.info("episode cut: %s", e)
             self._end(ep, out, 0.0, {**info, "truncated": True}, "length")
             return

@@ -17,8 +17,11 @@ from collections.abc import Callable
 
 import numpy as np
 
+from rlax_tpu import envs
 from rlax_tpu import store_layout as keys
 from rlax_tpu import tasks as tasks_lib
+from rlax_tpu.config import ConfigError
+from rlax_tpu.envs.registry import EnvProblems
 from rlax_tpu.kvstore import KVStore
 from trainer.replay_controller import Admitted, ReplayController
 from trainer.reuse import ReuseBuffer
@@ -100,6 +103,15 @@ class Controller:
         }
         state = state or {}
         self.replay = ReplayController.from_config(kv, config, epoch=epoch, state=state.get("replay"))
+        # config.env.name: the environment's problems and first messages (rendered as the
+        # rollout path renders them); '' the task's prompts.
+        self.env = None
+        if config.env.name:
+            if tokenizer.chat_template is None:
+                raise ConfigError("env.name", f"environment {config.env.name!r} needs a tokenizer with a chat "
+                                  "template (tokenizer.kind hf / gguf, tokenizer.use_chat_template)")
+            self.env = envs.make_env(config, lambda text: len(tokenizer.encode(text)), problems_only=True)
+            task = EnvProblems(self.env)
         dataset = tasks_lib.prompt_dataset(task, "train", config.seed)
         self._prompts = iter(dataset.to_iter_dataset())
         if state.get("data") is not None:
@@ -121,6 +133,11 @@ class Controller:
         raise RuntimeError("difficulty filter skipped 10000 prompts in a row: every prompt is always or "
                            "never solved (disable rl.difficulty_filter or change the task difficulty)")
 
+    def _prompt(self, problem: dict) -> list[int]:
+        if self.env is None:
+            return self.tokenizer.encode_prompt(problem["prompt"])
+        return envs.episode_prompt(self.tokenizer, self.env.reset(problem), self.env.tool_schemas() or None)
+
     def fill(self, weights_step: int) -> int:
         """Issues tasks for free slots, to be generated with the weights of ``weights_step`` or newer."""
         free = self.replay.free_slots()
@@ -131,7 +148,7 @@ class Controller:
             problem = self._next_prompt()
             requests.append(dict(
                 prompt_id=problem["prompt_id"],
-                prompt_tokens=self.tokenizer.encode_prompt(problem["prompt"]),
+                prompt_tokens=self._prompt(problem),
                 spec={"problem": problem, "sampling": self.sampling},
                 n_samples=self.group_size))
         self.replay.issue_many(requests, weights_step)

@@ -86,7 +86,15 @@ class EnvTurnRenderer:
         self.tokenizer = tokenizer
         self.tools = list(tools) if tools else None
         self.template = tokenizer.chat_template
-        self.keeps_prefix = self.template is not None and self._prefix_property()
+        self._keeps_prefix: bool | None = None
+
+    @property
+    def keeps_prefix(self) -> bool:
+        """Whether the template keeps the prefix property (probed at the first environment turn,
+        so one-step episodes never render a probe)."""
+        if self._keeps_prefix is None:
+            self._keeps_prefix = self.template is not None and self._prefix_property()
+        return self._keeps_prefix
 
     def render(self, messages: Sequence[Message], add_generation_prompt: bool) -> str:
         if self.template is None:
@@ -192,15 +200,18 @@ class Episode:
         self.messages.append({"role": "assistant", "content": content})
         return tokens
 
-    def add_env_turn(self, new_messages: Sequence[Message]) -> list[int]:
+    def add_env_turn(self, new_messages: Sequence[Message], max_len: int | None = None) -> list[int] | None:
         """Appends the environment's messages rendered once as the template's delta after the
         model's last turn (through the next generation prompt); loss mask 0, log-prob 0. Returns
-        the delta's tokens (what the engine prefills for the next turn)."""
+        the delta's tokens (what the engine prefills for the next turn), or None, appending
+        nothing, when the episode would then be longer than ``max_len`` tokens."""
         if not self.messages or self.messages[-1]["role"] != "assistant":
             raise EpisodeError("an environment turn follows a model turn")
         text, stub = self.renderer.delta_text(self.messages, new_messages, self._end_of_turn)
-        self.delta_fallbacks += int(stub and self.renderer.keeps_prefix)
         delta = self.tokenizer.encode(text)
+        if max_len is not None and len(self.tokens) + len(delta) > max_len:
+            return None
+        self.delta_fallbacks += int(stub and self.renderer.keeps_prefix)
         self.tokens += delta
         self.logprobs += [0.0] * len(delta)
         self.loss_mask += [0] * len(delta)

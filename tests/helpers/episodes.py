@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import jax
 import numpy as np
 from flax import nnx
 
@@ -50,21 +51,27 @@ class ScriptedEnv(Environment):
         return [], 1.0, True, info
 
 
-def eos_often_model(section, eos: int, seed: int = 0):
-    """A random f32 model whose final norm keeps one feature and whose tied embedding reads it for
-    EOS only: EOS is almost certain or almost impossible at each step (about half the steps), the
-    other tokens near uniform, so turns are short and end on EOS (and decode to odd text).
-    ``section``: config.model (its vocab_size the tokenizer's, f32)."""
-    cfg = ModelConfig.from_config(section)
-    hidden = cfg.hidden_size
-    model = models.init(cfg, seed)
-    state = nnx.to_pure_dict(nnx.state(model))
-    state["norm"]["scale"] = np.eye(hidden, dtype=np.float32)[0]
-    embed = np.array(state["embed"])
-    embed[:, 0] = 0.0
-    embed[eos, 0] = 30.0
-    state["embed"] = embed
+def eos_often(model, eos: int):
+    """Makes a random model (in place, each weight keeping its sharding) one whose final norm keeps
+    one feature and whose tied embedding reads it for EOS only: EOS is almost certain or almost
+    impossible at each step (about half the steps), the other tokens near uniform, so turns are
+    short and end on EOS (and decode to odd text). Returns the model."""
     params = nnx.state(model)
+    state = nnx.to_pure_dict(params)
+    scale, emb = state["norm"]["scale"], state["embed"]
+    one = np.zeros(scale.shape, np.float32)
+    one[0] = 1.0
+    embed = np.array(emb)
+    embed[:, 0] = 0.0
+    embed[eos, 0] = 500.0  # the residual stream is small in feature 0 (no embedding writes it)
+    state["norm"]["scale"] = jax.device_put(one.astype(scale.dtype), scale.sharding)
+    state["embed"] = jax.device_put(embed.astype(emb.dtype), emb.sharding)
     nnx.replace_by_pure_dict(params, state)
     nnx.update(model, params)
-    return model, cfg
+    return model
+
+
+def eos_often_model(section, eos: int, seed: int = 0):
+    """eos_often of a random model of ``section`` (config.model: its vocab_size the tokenizer's)."""
+    cfg = ModelConfig.from_config(section)
+    return eos_often(models.init(cfg, seed), eos), cfg

@@ -54,7 +54,8 @@ def _signal(config) -> bool:
     groups = rewards.reshape(g, n)
     kept = [i for i in range(g) if not (r.dynamic_sampling and
                                         is_zero_variance(types.SimpleNamespace(group=types.SimpleNamespace(
-                                            rewards=groups[i]))))]
+                                            samples=[types.SimpleNamespace(reward=x, loss_mask=[1])
+                                                     for x in groups[i]]))))]
     if not kept:
         return False
     rows = np.concatenate([np.arange(i * n, (i + 1) * n) for i in kept])
