@@ -29,7 +29,7 @@ def get_config(arg: str = ""):
     c.task.operators = "+-*"
     c.task.min_difficulty = c.task.difficulty = 1
     c.task.eval_fraction = 0.2
-    c.task.num_eval = 16
+    c.task.num_eval = 12
     presets.pretrained(c, cached_path("smollm2"), "gguf")
     c.model.logprob_chunk = 8192
     # A short warm start (6 x 4 episodes, SFT NLL ~1.2 -> ~0.3): the tool-call format, not yet
@@ -43,11 +43,11 @@ def get_config(arg: str = ""):
     c.rl.group_size = 4
     # No dynamic sampling: after SFT many groups agree, and refilling them would stall a CPU run.
     c.rl.dynamic_sampling = False
-    c.trainer.steps = 8
+    c.trainer.steps = 4
     c.trainer.batch_size = 2
-    c.trainer.learning_rate = 1e-5
+    c.trainer.learning_rate = 2e-5
     c.trainer.warmup_steps = 1
-    c.trainer.checkpoint_every = 4
+    c.trainer.checkpoint_every = 2
     c.inference.max_seq_len = 448  # the prompt + env.max_total_tokens + one turn's room
     c.inference.max_new_tokens = 64  # per model turn
     c.inference.max_batch = 16
@@ -57,7 +57,7 @@ def get_config(arg: str = ""):
     c.store.publish_dtype = "float32"  # f32 on CPU: the engine samples exactly the trainer's policy
     c.eval.num_samples = 2
     c.eval.ks = (1, 2)
-    c.eval.every = 8  # step 0 (after SFT) and the last step; before SFT: evaluator --checkpoint
+    c.eval.every = 4  # step 0 (after SFT) and the last step; before SFT: evaluator --checkpoint
     if arg == "smoke":
         c.sft.steps = 2
         c.sft.batch_size = 2
