@@ -1,13 +1,17 @@
 """The tool-use demo's pipeline on a tiny model: configs/tool_arith_smollm2.py:smoke with SmolLM2's
 tokenizer and chat template but a tiny randomly initialized model; the traces CLI runs the
 tool in the sandbox and writes the episodes, the trainer's SFT warm start trains on them with
-loss on the model's tokens only."""
+loss on the model's tokens only, and the SFT'd model's held-out episodes run on the rollout path
+with the demo's sizes."""
 
 from __future__ import annotations
 
 import jax
 import numpy as np
+from flax import nnx
 
+from inference_worker.engine import Engine, SamplingParams
+from inference_worker.rollout import EpisodeGroup, Rollouts
 from rlax_tpu import sharding
 from rlax_tpu import tokenizer as tokenizer_lib
 from rlax_tpu.config import load_config
@@ -66,3 +70,24 @@ def test_traces_cli_then_sft_warm_start_on_tool_arith_episodes(tmp_path, capsys)
     assert sum(tokens for _, _, tokens in metrics.rows) == sum(model_tokens)
     assert all(np.isfinite(float(r["sft/nll"])) and float(r["sft/nll"]) > 0 for _, r, _ in metrics.rows)
     assert not np.array_equal(before, np.asarray(jax.tree.leaves(state["params"]["model"])[0]))
+
+    # The SFT'd weights in the engine, one held-out problem's group on the rollout path.
+    engine = Engine.from_config(config.inference, nnx.merge(layout.graphdef, state["params"]["model"]), model_cfg,
+                                mesh)
+    rollouts = Rollouts.from_config(config, engine, tok)
+    try:
+        # The rollouts' prompt of the first SFT problem is the SFT episode's first tokens.
+        first = rollouts.problems("train", 1, config.seed + traces.SFT_SEED_OFFSET)[0]
+        start = rollouts.prompt(first)
+        assert rows[0][0][:len(start)] == start and not any(rows[0][1][:len(start)])
+        problem = rollouts.problems("eval", 1, config.seed)[0]
+        prompt = rollouts.prompt(problem)
+        params = SamplingParams(temperature=1.0, max_new_tokens=8, n=config.rl.group_size, seed=0,
+                                stop_token_ids=(tok.eos_id,))
+        (group,) = rollouts.run([EpisodeGroup(problem.to_dict(), prompt, params)])
+    finally:
+        rollouts.close()
+    assert len(group) == config.rl.group_size
+    for r in group:
+        assert {"turns", "tool_calls", "malformed_calls", "token_mismatches"} <= set(r.details)
+        assert not r.masked and len(r.tokens) == len(r.loss_mask) == len(r.logprobs) and r.loss_mask[0] == 1
