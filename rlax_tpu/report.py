@@ -41,6 +41,11 @@ def latest_by_step(records: list[dict]) -> list[dict]:
     return [by_step[s] for s in sorted(by_step)]
 
 
+# Episode counters of the evaluator's records (means over episodes) shown under pass@k.
+EPISODE_ROWS = (("turns_mean", "turns"), ("tool_calls_mean", "tool calls"), ("malformed_calls_mean", "malformed"),
+                ("tool_errors_mean", "tool errors"), ("token_mismatches_mean", "mismatches"), ("masked", "masked"))
+
+
 def table(evals: list[dict]) -> str:
     if not evals:
         return "no evaluation recorded (eval.jsonl is missing or empty)"
@@ -51,6 +56,10 @@ def table(evals: list[dict]) -> str:
     for k in keys:
         b, a = 100 * first[k], 100 * last.get(k, float("nan"))
         rows.append(f"{k:<12}{b:>21.1f}%{a:>21.1f}%{a - b:>+9.1f}")
+    for k, label in EPISODE_ROWS:  # multi-turn environments' counters, per episode
+        if k in first:
+            b, a = first[k], last.get(k, float("nan"))
+            rows.append(f"{label:<12}{b:>22.2f}{a:>22.2f}{a - b:>+10.2f}")
     rows.append(f"{'problems':<12}{first['num_problems']:>22}{last['num_problems']:>22}")
     rows.append(f"{'samples':<12}{first['num_samples']:>22}{last['num_samples']:>22}")
     return "\n".join(rows)

@@ -103,6 +103,25 @@ def sft_batch(pairs: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int
     return b
 
 
+def sft_episode_batch(episodes: Sequence[tuple[Sequence[int], Sequence[int]]], seq_len: int
+                      ) -> dict[str, np.ndarray]:
+    """(episode tokens, per-token loss mask: 1 on model tokens) pairs, one row each; an episode
+    longer than the row is cut at seq_len."""
+    b = _empty(len(episodes), seq_len)
+    for i, (tokens, loss_mask) in enumerate(episodes):
+        if len(tokens) != len(loss_mask):
+            raise BatchError(f"SFT episode {i}: {len(tokens)} tokens, {len(loss_mask)} mask entries")
+        if not tokens or loss_mask[0]:
+            raise BatchError(f"SFT episode {i}: must start with a prompt token (loss mask 0)")
+        seq = np.asarray(tokens[:seq_len], np.int32)
+        n = len(seq)
+        b["tokens"][i, :n] = seq
+        b["targets"][i, : n - 1] = seq[1:]
+        b["segment_ids"][i, :n] = 1
+        b["mask"][i, : n - 1] = np.asarray(loss_mask[1:n], bool)  # position t predicts token t + 1
+    return b
+
+
 def _bins(lengths: np.ndarray, row_len: int, one_per_row: bool) -> list[list[int]]:
     """Sample indices per row: first-fit decreasing (or one sample per row)."""
     if one_per_row:

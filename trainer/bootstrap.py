@@ -79,6 +79,14 @@ def sft_pairs(task, tok, n: int, seed: int) -> list[tuple[list[int], list[int]]]
     return pairs
 
 
+def sft_episodes(config, tok, n: int) -> list[tuple[list[int], list[int]]]:
+    """(tokens, loss mask) of config.sft.traces_path's first n episodes, in the episode layout."""
+    from rlax_tpu.envs import traces
+
+    return [traces.sft_row(traces.episode_tokens(tok, t))
+            for t in traces.read_traces(config.sft.traces_path, config.env.name, n)]
+
+
 def sft_layout(config, model_cfg: ModelConfig, layout: StateLayout) -> StateLayout:
     """The layout SFT computes with: the run's, or (config.sft.dtype set) the same f32 params under
     another compute dtype. The model's graphdef carries its dtype (activations follow it), so the
@@ -93,7 +101,8 @@ def sft_layout(config, model_cfg: ModelConfig, layout: StateLayout) -> StateLayo
 
 def run_sft(config, model_cfg: ModelConfig, state: dict, layout: StateLayout, mesh, task, tok, metrics,
             should_stop) -> dict:
-    """SFT warm start on prompt -> worked-solution traces; prompt tokens carry no loss."""
+    """SFT warm start on prompt -> worked-solution traces (prompt tokens carry no loss), or on an
+    environment's solved episodes (config.sft.traces_path: loss on model tokens only)."""
     c = config.sft
     optimizer, schedule = make_optimizer(sft_section(config), total_steps=c.steps)
     spec = LearnerSpec(micro_batches=config.trainer.micro_batches, logprob_chunk=config.model.logprob_chunk,
@@ -102,15 +111,18 @@ def run_sft(config, model_cfg: ModelConfig, state: dict, layout: StateLayout, me
     layout = sft_layout(config, model_cfg, layout)
     learner = Learner(mesh, layout, optimizer, spec, loss=None)
     state = reset_optimizer(state, optimizer, layout)
-    pairs = sft_pairs(task, tok, c.steps * c.batch_size, config.seed + 17)
+    if c.traces_path:
+        pairs, make_batch = sft_episodes(config, tok, c.steps * c.batch_size), batching.sft_episode_batch
+    else:
+        pairs, make_batch = sft_pairs(task, tok, c.steps * c.batch_size, config.seed + 17), batching.sft_batch
     rng = np.random.default_rng(config.seed)
     rng.shuffle(pairs)
-    log.info("SFT: %d steps of %d traces", c.steps, c.batch_size)
+    log.info("SFT: %d steps of %d traces%s", c.steps, c.batch_size, f" from {c.traces_path}" * bool(c.traces_path))
     for i in range(c.steps):
         if should_stop():
             raise StoppedDuringSFT(f"stopped after {i} of {c.steps} SFT steps (SFT is redone on resume)")
         chunk = pairs[i * c.batch_size:(i + 1) * c.batch_size]
-        host = batching.sft_batch(chunk, c.max_len)
+        host = make_batch(chunk, c.max_len)
         state, m = learner.sft_step(state, learner.place(host))
         metrics.write(i + 1, {**to_host(m), "sft/lr": float(schedule(i))},
                       tokens=float(host["mask"].sum()))

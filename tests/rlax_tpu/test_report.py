@@ -39,3 +39,14 @@ def test_the_report_shows_the_policy_landed_check():
     assert report.landed_line(ok) == "policy-landed check: all 12 checked weight swaps landed"
     bad = {"canary/checked": 12, "canary/failed": 2, "canary/workers_failing": 1}
     assert "2 of 12 weight swaps FAILED on 1 worker(s)" in report.landed_line(bad)
+
+
+def test_the_table_shows_episode_counters_when_the_records_have_them():
+    base = {"pass@1": 0.25, "num_problems": 4, "num_samples": 2}
+    plain = report.table([{"step": 0, **base}, {"step": 4, **base}])
+    assert "tool calls" not in plain
+    evals = [{"step": 0, **base, "turns_mean": 1.5, "tool_calls_mean": 0.5, "masked": 0},
+             {"step": 4, **base, "turns_mean": 2.0, "tool_calls_mean": 1.0, "masked": 1}]
+    rows = {line.split("  ")[0]: line.split() for line in report.table(evals).splitlines()}
+    assert rows["tool calls"][-3:] == ["0.50", "1.00", "+0.50"]
+    assert rows["turns"][-3:] == ["1.50", "2.00", "+0.50"] and rows["masked"][-1] == "+1.00"
