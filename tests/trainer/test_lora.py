@@ -15,7 +15,7 @@ from trainer.learner import Learner, LearnerSpec
 from trainer.optim import make_optimizer
 from trainer.state import abstract_state, create_state
 
-SPEC = LoraSpec(2, 4.0, ("q", "k", "v", "o", "gate", "up", "down"))
+SPEC = LoraSpec(2, 4.0, ("q", "k", "v", "o", "gate", "up", "down"), 0.0)
 
 
 def _lora_learner(c, mesh):

@@ -37,7 +37,7 @@ def llama(tmp_path_factory):
 
 def test_step_zero_is_the_base_and_factorized_equals_merged(llama):
     _, _, model, cfg = llama
-    spec = LoraSpec(4, 8.0, ALL)
+    spec = LoraSpec(4, 8.0, ALL, 0.0)
     base = nnx.to_pure_dict(nnx.state(model))
     adapters = models.init_adapters(cfg, spec, seed=1)
     assert all(np.all(np.asarray(b) == 0) for _, _, b in lora.pairs(adapters))  # B starts at zero
@@ -56,7 +56,7 @@ def test_step_zero_is_the_base_and_factorized_equals_merged(llama):
 
 def test_many_merges_from_the_pristine_base_equal_one_merge(llama):
     _, _, model, cfg = llama
-    spec = LoraSpec(2, 4.0, ("q", "o", "down"))
+    spec = LoraSpec(2, 4.0, ("q", "o", "down"), 0.0)
     base = jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.to_pure_dict(nnx.state(model)))
     pristine = jax.tree.map(np.asarray, base)
     merge = jax.jit(lambda b, a: lora.merge(b, a, spec.scale))
