@@ -81,7 +81,6 @@ def test_dropout_changes_the_gradient_pass_only_and_is_deterministic():
     for other in (update(1, 0)[1], update(0, 1)[1]):  # another step, another update: other masks
         assert abs(float(other["grad_norm"]) - float(m["grad_norm"])) > 1e-4 * float(m["grad_norm"])
 
-
     # The SFT warm start's step: the same step draws the same masks, the next one others.
     rng = np.random.default_rng(1)
     pairs = [(list(rng.integers(1, 64, 5)), list(rng.integers(1, 64, 8))) for _ in range(8)]
