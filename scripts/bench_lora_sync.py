@@ -52,7 +52,7 @@ def main() -> None:
     root_dir = args.dir or tempfile.mkdtemp(prefix="bench_lora_")
     model, cfg = models.load(cached_path("smollm2"))
     base = nnx.to_pure_dict(nnx.state(model))
-    spec = LoraSpec(args.rank, args.alpha, TARGETS)
+    spec = LoraSpec(args.rank, args.alpha, TARGETS, dropout=0.0)
     start = models.init_adapters(cfg, spec, seed=0)
     dev = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, args.publish_dtype, sharding=dev), base)

@@ -92,7 +92,8 @@ def _lora_spec(kv: KVStore) -> lora.LoraSpec | None:
     if latest is None:
         return None
     m = store.read_manifest(latest)["meta"]["lora"]
-    return lora.LoraSpec(int(m["rank"]), float(m["alpha"]), tuple(m["targets"]))
+    # Dropout is a training-time setting the manifest does not carry: an export is for inference.
+    return lora.LoraSpec(int(m["rank"]), float(m["alpha"]), tuple(m["targets"]), dropout=0.0)
 
 
 def _merged(kv: KVStore, base_target, adapters, spec: lora.LoraSpec):

@@ -6,6 +6,11 @@ Batches are numpy on the host, packed (batching.pack: the model runs on packed r
 the per-sample view) and placed once with the batch sharding before the call; the call itself
 runs under ``jax.transfer_guard("disallow")`` so an accidental host<->device copy inside a
 step fails loudly instead of silently slowing training down.
+
+LoRA adapter dropout (config.lora.dropout) runs in the gradient pass of sft_grads and rl_grads
+only; its masks come from keys that are a pure function of config.seed, the phase, the trainer
+step, the update within the step and the micro-batch (dropout_key), so the state holds no RNG
+and a resumed run draws the same masks.
 """
 
 from __future__ import annotations
@@ -48,6 +53,25 @@ class LearnerSpec:
         return self.ppo_epochs * self.mini_batches
 
 
+# The phases' dropout streams: SFT step i and RL step i draw different masks.
+SFT_PHASE, RL_PHASE = 0, 1
+
+
+def dropout_key(layout: StateLayout, phase: int, step, update=0) -> jax.Array | None:
+    """The adapter-dropout key of one optimizer update (micro-batch i folds in i), or None when
+    the policy has no adapter dropout. ``step`` and ``update`` may be traced ints."""
+    if layout.lora is None or layout.lora.dropout == 0:
+        return None
+    key = jax.random.key(layout.seed)
+    for x in (phase, step, update):
+        key = jax.random.fold_in(key, x)
+    return key
+
+
+def _micro_key(key: jax.Array | None, i: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
+
+
 def _compute_params(params, dtype):
     """The f32 master weights in the compute dtype, inside the jitted step: the forward (and an
     FSDP gather) runs in that dtype while the gradient flows back to the f32 masters."""
@@ -69,12 +93,13 @@ def unpack(x: jax.Array, index: jax.Array, parts: int) -> jax.Array:
 
 
 def _model_forward(graphdef, params, mb, spec: LearnerSpec, compute_dtype, value_graphdef=None,
-                   value_params=None, return_entropy=False, parts=1):
+                   value_params=None, return_entropy=False, parts=1, dropout_key=None):
     """Per-token log-probs of mb['targets'] under softmax(logits / spec.temperature) (and entropy,
     values) without full [B,T,V] logits; f32 logits and log-probs whatever the compute dtype. Runs
-    on the packed rows and returns the per-sample view (``parts``: the micro-batches mb holds)."""
+    on the packed rows and returns the per-sample view (``parts``: the micro-batches mb holds).
+    ``dropout_key``: the adapter-dropout key of a gradient pass (None: no dropout)."""
     model = nnx.merge(graphdef, _compute_params(params, compute_dtype))
-    h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat)
+    h = model.hidden(mb["tokens"], mb["positions"], mb["segment_ids"], remat=spec.remat, dropout_key=dropout_key)
     out = chunked_target_logprobs(h, model.output_weight(), mb["targets"], spec.logprob_chunk,
                                   return_entropy, spec.temperature)
     logp, ent = out if return_entropy else (out, None)
@@ -89,27 +114,29 @@ def _split(batch: dict, m: int, i: int) -> dict:
             for k, v in batch.items()}
 
 
-def _accumulate(loss_and_grad, params, batch: dict, shares: jax.Array):
+def _accumulate(loss_and_grad, params, batch: dict, shares: jax.Array, key: jax.Array | None):
     """Gradients over len(shares) equal row blocks of ``batch`` (micro-batches), block i's scaled
     by ``shares[i]``, its part of the whole batch's loss: the whole batch's gradient with less
-    memory. Returns (grads, [metrics of each block])."""
+    memory; block i's dropout key is ``key`` folded with i. Returns (grads, [metrics of each
+    block])."""
     m = shares.shape[0]
     grads, per = None, []
     for i in range(m):
-        (_, mets), g = loss_and_grad(params, _split(batch, m, i))
+        (_, mets), g = loss_and_grad(params, _split(batch, m, i), _micro_key(key, i))
         g = jax.tree.map(functools.partial(jnp.multiply, shares[i]), g)
         grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
         per.append(mets)
     return grads, per
 
 
-def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, base=None):
+def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, base=None, key=None):
     """Gradients and metrics of the SFT loss (next-token NLL on the answer tokens, batch['mask'];
-    prompt tokens masked out), accumulated over spec.micro_batches by token share."""
+    prompt tokens masked out), accumulated over spec.micro_batches by token share. ``key``: the
+    update's adapter-dropout key (dropout_key), or None."""
 
-    def loss_fn(trainable, mb):
+    def loss_fn(trainable, mb, mb_key):
         logp, _, _ = _model_forward(layout.graphdef, model_params(trainable["model"], base), mb, spec,
-                                    layout.compute_dtype)
+                                    layout.compute_dtype, dropout_key=mb_key)
         mask = mb["mask"].astype(jnp.float32)
         n = jnp.maximum(mask.sum(), 1.0)
         nll = -(logp * mask).sum() / n
@@ -118,34 +145,36 @@ def sft_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, base=Non
     vg = jax.value_and_grad(loss_fn, has_aux=True)
     m = spec.micro_batches
     if m == 1:
-        (_, metrics), grads = vg(params, batch)
+        (_, metrics), grads = vg(params, batch, _micro_key(key, 0))
         return grads, metrics
     shares = rl.token_shares(batch["mask"], m)
-    grads, per = _accumulate(vg, params, batch, shares)
+    grads, per = _accumulate(vg, params, batch, shares, key)
     return grads, rl.combine_micro_metrics(per, shares, shares)
 
 
-def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.RLLoss, base=None):
+def rl_grads(params, batch, *, layout: StateLayout, spec: LearnerSpec, loss: rl.RLLoss, base=None, key=None):
     """Gradients and metrics of the RL loss on a batch with its advantages, accumulated over
     spec.micro_batches: each micro-batch weighs by its share of the loss's normalizer, counted on
     the mask the loss uses (after rl.overlong_filter), so the gradient is the whole batch's for
     every aggregation; metrics are combined as their names say, batch statistics (advantages,
-    engine/trainer mismatch) taken on the whole batch."""
+    engine/trainer mismatch) taken on the whole batch. ``key``: the update's adapter-dropout key
+    (dropout_key), or None; it drops out the current policy's forward only (the proximal and
+    reference log-probs in the batch were computed without it)."""
 
-    def loss_fn(trainable, mb):
+    def loss_fn(trainable, mb, mb_key):
         logp, ent, values = _model_forward(layout.graphdef, model_params(trainable["model"], base), mb, spec,
                                            layout.compute_dtype,
                                            layout.value_graphdef, trainable.get("value"),
-                                           return_entropy=spec.compute_entropy)
+                                           return_entropy=spec.compute_entropy, dropout_key=mb_key)
         return loss(logp, mb, values=values, entropy=ent)
 
     vg = jax.value_and_grad(loss_fn, has_aux=True)
     m = spec.micro_batches
     if m == 1:
-        (_, metrics), grads = vg(params, batch)
+        (_, metrics), grads = vg(params, batch, _micro_key(key, 0))
         return grads, metrics
     loss_shares, token_shares = loss.micro_batch_shares(batch, m)
-    grads, per = _accumulate(vg, params, batch, loss_shares)
+    grads, per = _accumulate(vg, params, batch, loss_shares, key)
     metrics = rl.combine_micro_metrics(per, loss_shares, token_shares, loss.TOKEN_MEANS)
     return grads, {**metrics, **loss.batch_metrics(batch)}
 
@@ -160,7 +189,8 @@ def _apply(state, grads, optimizer, count_step=1):
 
 def sft_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec):
     """One SFT update (sft_grads)."""
-    grads, metrics = sft_grads(state["params"], batch, layout=layout, spec=spec, base=state.get("base"))
+    key = dropout_key(layout, SFT_PHASE, state["step"])
+    grads, metrics = sft_grads(state["params"], batch, layout=layout, spec=spec, base=state.get("base"), key=key)
     metrics["grad_norm"] = optax.tree.norm(grads)
     return _apply(state, grads, optimizer), metrics
 
@@ -169,10 +199,13 @@ def rl_step(state, batch, *, layout: StateLayout, optimizer, spec: LearnerSpec, 
     """One optimizer update on a (mini-)batch whose advantages are already in it (computed on the
     whole admitted batch: rl.with_advantages), the loss accumulated over micro-batches (rl_grads).
     A batch key 'count_step' (a replicated int32: 1 for a batch's last update) says whether it
-    completes a trainer step; without it, it does."""
+    completes a trainer step; without it, it does. A key 'update_index' (the update's number
+    within its trainer step; 0 without it) tells the updates' dropout masks apart."""
     batch = dict(batch)
     count_step = batch.pop("count_step", 1)
-    grads, metrics = rl_grads(state["params"], batch, layout=layout, spec=spec, loss=loss, base=state.get("base"))
+    key = dropout_key(layout, RL_PHASE, state["step"], batch.pop("update_index", 0))
+    grads, metrics = rl_grads(state["params"], batch, layout=layout, spec=spec, loss=loss, base=state.get("base"),
+                              key=key)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["reward_shaped_mean"] = jnp.mean(batch["shaped_rewards"])
     return _apply(state, grads, optimizer, count_step), metrics
@@ -325,7 +358,7 @@ class Learner:
         for i, groups in enumerate(plan):
             rows = group_rows(groups, self.group_size)
             mini = self.pack({k: v[rows] for k, v in inputs.items()})
-            mini.update(rows=rows, count_step=np.int32(i == len(plan) - 1),
+            mini.update(rows=rows, count_step=np.int32(i == len(plan) - 1), update_index=np.int32(i),
                         group_ids=np.repeat(np.arange(len(groups), dtype=np.int32), self.group_size))
             minis.append(mini)
         minis = jax.device_put(minis, self._shardings(minis))

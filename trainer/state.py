@@ -39,6 +39,7 @@ class StateLayout:
     value_graphdef: Any  # the value head's, or None
     shardings: Any  # pytree of NamedSharding matching the state
     compute_dtype: Any  # the forward's dtype (ModelConfig.dtype); params stay float32
+    seed: int  # config.seed, the state's init seed and the root of the LoRA dropout masks
     lora: Any = None  # the models.LoraSpec of a LoRA policy, or None (full fine-tuning)
 
 
@@ -102,7 +103,7 @@ def create_state(model, model_cfg, mesh: jax.sharding.Mesh, optimizer: optax.Gra
     if base is not None:
         state["base"] = base
         shardings["base"] = jax.tree.map(lambda x: x.sharding, base)
-    return state, StateLayout(graphdef, value_graphdef, shardings, model_cfg.jnp_dtype, lora_spec)
+    return state, StateLayout(graphdef, value_graphdef, shardings, model_cfg.jnp_dtype, seed, lora_spec)
 
 
 def abstract_state(state: dict) -> dict:

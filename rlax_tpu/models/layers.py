@@ -105,15 +105,17 @@ class Attention(nnx.Module):
             self.q_norm = RMSNorm(d, cfg.rms_norm_eps, pd, axis="head_dim")
             self.k_norm = RMSNorm(d, cfg.rms_norm_eps, pd, axis="head_dim")
         self.lora_scale = lora.scale if lora is not None else 0.0
+        self.lora_dropout = lora.dropout if lora is not None else 0.0
         lora_lib.add_adapters(self, cfg, lora, rngs, ("q_proj", "k_proj", "v_proj", "o_proj"))
 
-    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-        """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE and q/k norm applied)."""
+    def qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, dropout_key: jax.Array | None = None):
+        """x [B, T, H] -> q [B, T, Hq, D], k, v [B, T, Hkv, D] (RoPE and q/k norm applied).
+        ``dropout_key``: the layer's adapter-dropout key (training's gradient pass only)."""
         dt = x.dtype
 
         def proj(name, bias):
             y = jnp.einsum("bth,hnd->btnd", x, getattr(self, name)[...].astype(dt))
-            extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale)
+            extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale, self.lora_dropout, dropout_key)
             if extra is not None:
                 y = y + extra
             if self.cfg.qkv_bias:
@@ -125,17 +127,17 @@ class Attention(nnx.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
-    def out(self, attn: jax.Array) -> jax.Array:
+    def out(self, attn: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         y = jnp.einsum("btnd,ndh->bth", attn, self.o_proj[...].astype(attn.dtype))
-        extra = lora_lib.adapter_term(self, "o_proj", attn, 2, self.lora_scale)
+        extra = lora_lib.adapter_term(self, "o_proj", attn, 2, self.lora_scale, self.lora_dropout, dropout_key)
         return y if extra is None else y + extra
 
-    def __call__(self, x, cos, sin, segment_ids):
-        q, k, v = self.qkv(x, cos, sin)
+    def __call__(self, x, cos, sin, segment_ids, dropout_key=None):
+        q, k, v = self.qkv(x, cos, sin, dropout_key)
         attn = kernels.flash_attention(
             q, k, v, q_segment_ids=segment_ids, kv_segment_ids=segment_ids, causal=True,
             scale=self.cfg.head_dim**-0.5, impl=self.cfg.attention_impl)
-        return self.out(attn)
+        return self.out(attn, dropout_key)
 
 
 class MLP(nnx.Module):
@@ -145,15 +147,17 @@ class MLP(nnx.Module):
         self.up_proj = param(rngs, (h, i), ("embed", "mlp"), pd)
         self.down_proj = param(rngs, (i, h), ("mlp", "embed"), pd)
         self.lora_scale = lora.scale if lora is not None else 0.0
+        self.lora_dropout = lora.dropout if lora is not None else 0.0
         lora_lib.add_adapters(self, cfg, lora, rngs, ("gate_proj", "up_proj", "down_proj"))
 
-    def _proj(self, name: str, x: jax.Array) -> jax.Array:
+    def _proj(self, name: str, x: jax.Array, dropout_key: jax.Array | None) -> jax.Array:
         y = jnp.einsum("...h,hi->...i", x, getattr(self, name)[...].astype(x.dtype))
-        extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale)
+        extra = lora_lib.adapter_term(self, name, x, 1, self.lora_scale, self.lora_dropout, dropout_key)
         return y if extra is None else y + extra
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self._proj("down_proj", jax.nn.silu(self._proj("gate_proj", x)) * self._proj("up_proj", x))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate, up = self._proj("gate_proj", x, dropout_key), self._proj("up_proj", x, dropout_key)
+        return self._proj("down_proj", jax.nn.silu(gate) * up, dropout_key)
 
 
 class Block(nnx.Module):
@@ -165,6 +169,6 @@ class Block(nnx.Module):
         self.post_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.param_dtype)
         self.mlp = MLP(cfg, rngs, lora)
 
-    def __call__(self, x, cos, sin, segment_ids):
-        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids)
-        return x + self.mlp(self.post_norm(x))
+    def __call__(self, x, cos, sin, segment_ids, dropout_key=None):
+        x = x + self.attn(self.input_norm(x), cos, sin, segment_ids, dropout_key)
+        return x + self.mlp(self.post_norm(x), dropout_key)

@@ -5,6 +5,9 @@ An adapter on a projection W (our head-split layout, input dims then output dims
 the update (alpha / r) * A @ B. A starts random and B at zero, so an adapted model at step 0 is
 the base model exactly. Training runs the factorized form (x W + s (x A) B: no full-size weight
 gradient); inference runs on merged weights W0 + s A @ B, always merged from the pristine base.
+Adapter dropout (PEFT's lora_dropout) drops the adapter branch's input, s * (dropout(x) A) B,
+only when the forward is given a key: the training gradient pass; every other forward and the
+merged weights have none.
 """
 
 from __future__ import annotations
@@ -28,15 +31,19 @@ PROJECTIONS = {"q": ("attn", "q_proj", "self_attn"), "k": ("attn", "k_proj", "se
                "gate": ("mlp", "gate_proj", "mlp"), "up": ("mlp", "up_proj", "mlp"),
                "down": ("mlp", "down_proj", "mlp")}
 A_SUFFIX, B_SUFFIX = "_lora_a", "_lora_b"
+# A fixed number per projection: each one's dropout mask is its layer's key folded with it.
+PROJECTION_INDEX = {v[1]: i for i, v in enumerate(PROJECTIONS.values())}
 
 
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """Rank, scale numerator and targeted projections (config.lora); hashable, jit-static."""
+    """Rank, scale numerator, targeted projections and adapter-input dropout probability
+    (config.lora); hashable, jit-static."""
 
     rank: int
     alpha: float
     targets: tuple[str, ...]
+    dropout: float
 
     @property
     def scale(self) -> float:
@@ -52,7 +59,8 @@ class LoraSpec:
 
         if not section.rank:
             return None
-        return cls(int(section.rank), float(section.alpha), lora_section.target_names(section))
+        return cls(int(section.rank), float(section.alpha), lora_section.target_names(section),
+                   float(section.dropout))
 
 
 def in_out_dims(cfg: ModelConfig, proj: str) -> tuple[tuple, tuple, tuple, tuple]:
@@ -84,13 +92,25 @@ def add_adapters(module: nnx.Module, cfg: ModelConfig, spec: LoraSpec | None, rn
         setattr(module, proj + B_SUFFIX, nnx.LoRAParam(b, out_sharding=(None, *aout), eager_sharding=False))
 
 
-def adapter_term(module: nnx.Module, proj: str, x: jax.Array, n_in: int, scale: float) -> jax.Array | None:
-    """s * (x A) B for the last ``n_in`` dims of x, or None when ``proj`` has no adapter."""
+def dropout(x: jax.Array, rate: float, key: jax.Array) -> jax.Array:
+    """Inverted dropout (torch's and PEFT's): each element zeroed with probability ``rate``, the
+    kept ones scaled by 1 / (1 - rate), so the expectation is x."""
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x * jnp.asarray(1.0 / (1.0 - rate), x.dtype), jnp.zeros((), x.dtype))
+
+
+def adapter_term(module: nnx.Module, proj: str, x: jax.Array, n_in: int, scale: float, rate: float,
+                 key: jax.Array | None) -> jax.Array | None:
+    """s * (x A) B for the last ``n_in`` dims of x, or None when ``proj`` has no adapter. With a
+    ``key`` (the layer's dropout key) and ``rate`` > 0, x is dropped out first (its own mask per
+    projection, as PEFT's per-module dropout); the base branch x W always sees x whole."""
     a = getattr(module, proj + A_SUFFIX, None)
     if a is None:
         return None
     b = getattr(module, proj + B_SUFFIX)
     dt = x.dtype
+    if key is not None and rate > 0:
+        x = dropout(x, rate, jax.random.fold_in(key, PROJECTION_INDEX[proj]))
     xa = jnp.tensordot(x, a[...].astype(dt), axes=n_in)
     return scale * jnp.tensordot(xa, b[...].astype(dt), axes=1)
 
@@ -187,7 +207,7 @@ def save_peft(adapters: dict, spec: LoraSpec, cfg: ModelConfig, out: str, base_m
     os.makedirs(out, exist_ok=True)
     save_file(peft_tensors(adapters, cfg), os.path.join(out, "adapter_model.safetensors"))
     conf = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": spec.rank, "lora_alpha": spec.alpha,
-            "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+            "lora_dropout": spec.dropout, "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "target_modules": sorted(spec.projections()), "init_lora_weights": True,
             "base_model_name_or_path": base_model or None, "inference_mode": True,
             "modules_to_save": None}

@@ -37,19 +37,23 @@ class Transformer(nnx.Module):
         return (self.embed if self.cfg.tie_embeddings else self.lm_head)[...]
 
     # -- entry points ---------------------------------------------------------------------
-    def hidden(self, tokens, positions=None, segment_ids=None, *, remat: bool = False) -> jax.Array:
+    def hidden(self, tokens, positions=None, segment_ids=None, *, remat: bool = False,
+               dropout_key: jax.Array | None = None) -> jax.Array:
         """Final-normed hidden states [B, T, H] in the compute dtype. ``remat``: recompute each
-        layer's activations in the backward pass (less memory, about a third more compute)."""
+        layer's activations in the backward pass (less memory, about a third more compute).
+        ``dropout_key``: drop out the LoRA adapters' inputs (LoraSpec.dropout; layer i's masks
+        from fold_in(key, i)); None, the default, is every forward but training's gradient pass."""
         tokens = jnp.asarray(tokens, jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
         cos, sin = rope_cos_sin(self.cfg, positions)
         x = self._embed(tokens)
-        for block in self.layers:
-            if remat:
-                x = nnx.remat(lambda b, *a: b(*a))(block, x, cos, sin, segment_ids)
+        for i, block in enumerate(self.layers):
+            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
+            if remat:  # the masks are a pure function of the key: the recompute draws the same
+                x = nnx.remat(lambda b, *a: b(*a))(block, x, cos, sin, segment_ids, key)
             else:
-                x = block(x, cos, sin, segment_ids)
+                x = block(x, cos, sin, segment_ids, key)
         return self.norm(x)
 
     def logits(self, hidden: jax.Array) -> jax.Array:

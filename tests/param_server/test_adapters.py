@@ -15,7 +15,7 @@ from param_server.adapters import AdapterPublisher, AdapterReader, BaseMismatchE
 from rlax_tpu import models
 from rlax_tpu.models import LoraSpec, ModelConfig, lora
 
-SPEC = LoraSpec(2, 4.0, ("q", "v", "down"))
+SPEC = LoraSpec(2, 4.0, ("q", "v", "down"), 0.0)
 CFG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
                   head_dim=8, rope_theta=10000.0, rope_scaling=None, rms_norm_eps=1e-6, qkv_bias=False,
                   qk_norm=False, tie_embeddings=True, max_position_embeddings=64, arch="llama",

@@ -19,7 +19,7 @@ from tests.helpers.hf_models import forward, hf_logits, left_padded_batch, make_
 from trainer.checkpointing import Checkpointer
 from trainer.export import export
 
-SPEC = LoraSpec(4, 8.0, ("q", "k", "v", "o", "gate", "up", "down"))
+SPEC = LoraSpec(4, 8.0, ("q", "k", "v", "o", "gate", "up", "down"), 0.0)
 
 
 def test_lora_run_exports_merged_hf_and_peft_adapter(tmp_path):

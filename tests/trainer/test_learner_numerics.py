@@ -130,8 +130,8 @@ class _TokenLM(nnx.Module):
         self.embed = nnx.Param(jax.random.normal(k1, (VOCAB, 16)) * 0.5)
         self.pos = nnx.Param(jax.random.normal(k2, (SEQ, 16)) * 0.1)
 
-    def hidden(self, tokens, positions, segment_ids, *, remat=False):
-        del segment_ids, remat
+    def hidden(self, tokens, positions, segment_ids, *, remat=False, dropout_key=None):
+        del segment_ids, remat, dropout_key
         return self.embed[...][tokens] + self.pos[...][positions]
 
     def output_weight(self):
@@ -140,7 +140,7 @@ class _TokenLM(nnx.Module):
 
 def _token_lm():
     graphdef, st = nnx.split(_TokenLM(0))
-    return StateLayout(graphdef, None, None, jnp.float32), {"model": nnx.to_pure_dict(st)}
+    return StateLayout(graphdef, None, None, jnp.float32, seed=0), {"model": nnx.to_pure_dict(st)}
 
 
 def _rl_batch(c, host, m: int):

@@ -15,14 +15,14 @@ from trainer.learner import Learner, LearnerSpec
 from trainer.optim import make_optimizer
 from trainer.state import abstract_state, create_state
 
-SPEC = LoraSpec(2, 4.0, ("q", "k", "v", "o", "gate", "up", "down"))
+SPEC = LoraSpec(2, 4.0, ("q", "k", "v", "o", "gate", "up", "down"), 0.0)
 
 
-def _lora_learner(c, mesh):
+def _lora_learner(c, mesh, lora_spec=SPEC):
     model_cfg = ModelConfig.from_config(c.model)
     model = models.init(model_cfg, 0, mesh=mesh)
     optimizer, _ = make_optimizer(c.trainer)
-    state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False, lora_spec=SPEC)
+    state, layout = create_state(model, model_cfg, mesh, optimizer, seed=0, with_value_head=False, lora_spec=lora_spec)
     spec = LearnerSpec(micro_batches=c.trainer.micro_batches, logprob_chunk=c.model.logprob_chunk,
                        remat=False, compute_entropy=True, temperature=c.inference.temperature,
                        ppo_epochs=1, mini_batches=1, pack_len=c.trainer.pack_len)

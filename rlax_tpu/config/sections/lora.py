@@ -18,6 +18,12 @@ def defaults() -> ml_collections.ConfigDict:
     # Projections that get an adapter, comma-separated among q, k, v, o (attention) and gate, up,
     # down (MLP); 'all' is all seven.
     c.targets = "all"
+    # Dropout probability on each adapter's input (PEFT's lora_dropout: s * (dropout(x) A) B,
+    # inverted scaling 1 / (1 - p)), in the training gradient pass only: never in the proximal,
+    # reference or engine log-probs, evaluation or merged weights. Masks come from config.seed,
+    # the step, the update and the micro-batch. On-policy the PPO ratio is then no longer exactly
+    # 1 (the differentiated forward is a dropped-out one); 0 = off.
+    c.dropout = 0.0
     return c
 
 
@@ -33,6 +39,9 @@ def validate(c: ml_collections.ConfigDict, config: ml_collections.ConfigDict) ->
     require(isinstance(c.rank, int) and not isinstance(c.rank, bool) and c.rank >= 0, "lora.rank",
             f"must be a non-negative int (0 = off), got {c.rank!r}")
     positive(SECTION, c, "alpha")
+    p = c.dropout
+    require(isinstance(p, (int, float)) and not isinstance(p, bool) and 0 <= p < 1, "lora.dropout",
+            f"must be a probability in [0, 1), got {p!r}")
     require(isinstance(c.targets, str), "lora.targets", f"must be a string, got {c.targets!r}")
     if c.targets.strip() != "all":
         names = [t.strip() for t in c.targets.split(",") if t.strip()]
