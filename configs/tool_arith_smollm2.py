@@ -9,8 +9,9 @@ model's own chat template, then GRPO (clip-higher, token-mean loss, truncated IS
 4821 * 377?'), too large for a 135M model to do in its head, with a `python` tool run in the
 sandbox; the answer ('#### N') is checked exactly. The SFT episodes are the environment's
 reference turns (a Python call, then the answer) with the tool's actual replies, laid out as
-the rollouts are (environment tokens carry no loss). ~10 minutes on 2 CPU cores; what it gave
-(SFT raised held-out pass@1 from 0% to 8%, RL then got no reward signal) is in docs/envs.md.
+the rollouts are (environment tokens carry no loss). ~10 minutes on 2 CPU cores; seed 0 gave
+held-out pass@1 (24 problems x 4 at T=1) 0% before SFT, 27.1% after SFT, 50.0% after 8 RL steps
+(docs/envs.md).
 Variant 'smoke': a few steps and tiny sizes for tests (which replace the model).
 """
 
