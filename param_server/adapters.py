@@ -42,14 +42,17 @@ class BaseMismatchError(BadVersionError):
     or whose LoRA settings differ from the reader's."""
 
 
+def as_stored(params: Any, publish_dtype: str) -> Any:
+    """``params`` as the store holds them: floating leaves cast to the publish dtype."""
+    def cast(x):
+        return x.astype(publish_dtype) if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x
+
+    return jax.tree.map(cast, params)
+
+
 def host_hash(params: Any, publish_dtype: str) -> str:
     """The content hash of ``params`` as the store holds them (floating leaves in the publish dtype)."""
-    def stored(x):
-        if jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
-            x = x.astype(publish_dtype)
-        return np.asarray(x)
-
-    return lora.content_hash(jax.tree.map(stored, params))
+    return lora.content_hash(jax.tree.map(np.asarray, as_stored(params, publish_dtype)))
 
 
 def spec_meta(spec: lora.LoraSpec) -> dict:

@@ -97,14 +97,9 @@ class _Chunk:
     def _read_direct(self, lo: int, hi: int) -> bool:
         """One O_DIRECT request for the segment (rounded up to whole blocks); False where the
         file system refuses O_DIRECT (the reader then reads through the page cache)."""
+        fd = None
         try:
             fd = self._open(os.O_DIRECT)
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            self.reader.direct = False
-            return False
-        try:
             n = os.preadv(fd, [memoryview(self.buf)[lo:min(-(-hi // BLOCK) * BLOCK, len(self.buf))]], lo)
         except OSError as e:
             if e.errno != errno.EINVAL:
@@ -112,7 +107,8 @@ class _Chunk:
             self.reader.direct = False
             return False
         finally:
-            os.close(fd)
+            if fd is not None:
+                os.close(fd)
         if n != hi - lo:
             raise self._error("has a chunk of the wrong size")
         return True

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from param_server import ParamStore
-from param_server.adapters import AdapterPublisher
+from param_server.adapters import AdapterPublisher, as_stored
 from rlax_tpu import canary, rl, run_meta, sharding, store_layout
 from rlax_tpu import tasks as tasks_lib
 from rlax_tpu.config import ConfigError
@@ -160,12 +160,10 @@ class Trainer:
         as both are stored (publish dtype), by the same merge the readers run."""
         if self.adapters is None:
             return model_params
-        dtype = jax.numpy.dtype(self.config.store.publish_dtype)
-        stored = functools.partial(jax.tree.map, lambda x: x.astype(dtype)
-                                   if jax.numpy.issubdtype(x.dtype, jax.numpy.floating) else x)
+        dtype = self.config.store.publish_dtype
         if self._merge is None:
             self._merge = jax.jit(functools.partial(lora.merge, scale=self.layout.lora.scale))
-        return self._merge(stored(self._base), stored(model_params))
+        return self._merge(as_stored(self._base, dtype), as_stored(model_params, dtype))
 
     def _publish_async(self, params, step: int) -> None:
         if self._publish is not None:
